@@ -1,0 +1,5 @@
+import sys
+
+from datatailor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The `datatailor` command line: parse, load, call. No logic lives here.
+
+Exit codes: 0 success; 2 a user error (bad file, recipe, key, unreachable server) or a run stopped
+by one; 3 the run stopped because its budget is spent (re-run with a larger budget to continue);
+130 interrupted (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from datatailor.errors import UserError
+
+app = typer.Typer(
+    name="datatailor",
+    help="Tailor instruction-tuning data to a target task and model (CodecLM, REFED, CoachLM, TeaMs-RL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    from datatailor import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"datatailor.commands.{info.name}")
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        return 2
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted: re-run the same command to resume", err=True)
+        return 130
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`datatailor run`, `datatailor validate`, `datatailor export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from datatailor.errors import UserError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("validate")(validate)
+    app.command("export")(export)
+
+
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory. Re-running with the same --out resumes."),
+    force: bool = typer.Option(False, "--force", help="Discard an existing run of a different recipe in --out."),
+    budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Override the recipe's budget.max_usd."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Override the recipe's budget.max_tokens."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress on stderr."),
+) -> int:
+    """Run a recipe. Prints where the data went and what it cost.
+
+    Exit 0 when complete, 3 when the budget ran out (raise it and re-run to continue), 2 when a
+    server or input problem stopped the run, 130 on Ctrl-C (re-run to resume).
+    """
+    from datatailor.llm.usage import Budget
+    from datatailor.recipe import load_recipe
+    from datatailor.runner import run_recipe_sync
+
+    r = load_recipe(recipe)
+    if budget_usd is not None or budget_tokens is not None:
+        b = r.budget or Budget()
+        r.budget = Budget(
+            max_usd=budget_usd if budget_usd is not None else b.max_usd,
+            max_tokens=budget_tokens if budget_tokens is not None else b.max_tokens,
+        )
+    result = run_recipe_sync(r, out, force=force, show_progress=progress)
+    total = result.usage.get("run", {}).get("all", {})
+    summary = (
+        f"{result.status}: {result.records} records in {out / 'data.jsonl'}, {result.failures} in failures.jsonl | "
+        f"this run: {total.get('requests', 0)} requests, {total.get('cache_hits', 0)} cache hits, "
+        f"{total.get('prompt_tokens', 0) + total.get('completion_tokens', 0)} tokens, ${total.get('cost_usd', 0.0):.4f}"
+    )
+    if result.status == "complete":
+        typer.echo(summary)
+        return 0
+    typer.secho(f"{result.status}: {result.message}", err=True, fg="yellow")
+    typer.echo(f"checkpoints kept in {out}; re-run the same command to continue", err=True)
+    return 3 if result.status == "budget_exhausted" else 2
+
+
+def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")) -> int:
+    """Check a recipe without spending anything: fields, roles, templates, input file, keys, local models."""
+    from datatailor.validate import validate_recipe
+
+    report = validate_recipe(recipe)
+    for line in report.lines:
+        typer.echo(line)
+    if report.problems:
+        for problem in report.problems:
+            typer.secho(f"problem: {problem}", err=True, fg="red")
+        raise UserError(f"{recipe}: {len(report.problems)} problem(s) found")
+    typer.secho("ok: the recipe is valid", fg="green")
+    return 0
+
+
+def export(
+    source: Path = typer.Argument(..., help="A run directory or a dataset file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (.jsonl, .json or .parquet)."),
+    format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | sharegpt | openai | datatailor"),
+) -> int:
+    """Export a run's data (or any dataset datatailor can read) to a training format."""
+    from datatailor.io import export_records, read_records
+
+    path = source / "data.jsonl" if source.is_dir() and (source / "data.jsonl").exists() else source
+    if source.is_dir() and (source / "manifest.json").exists() and not (source / "data.jsonl").exists():
+        raise UserError(f"{source}: the run is not complete yet (no data.jsonl); re-run it first")
+    records = read_records(path)
+    n = export_records(records, out, format)
+    typer.echo(f"wrote {n} records to {out} ({format})")
+    return 0

@@ -1,0 +1,361 @@
+"""Reading and writing datasets.
+
+Reads JSONL, JSON (a list, or an object holding one list), Parquet and HF `datasets` folders, and
+detects the row format: Alpaca, ShareGPT, OpenAI messages, CoachLM expert revisions, and plain
+`instruction` / `prompt` / `question` / `text` / `turns` rows. Errors name the file and line.
+Writes are atomic: a temp file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from datatailor.errors import UserError
+from datatailor.records import Record, stable_hash
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[TextIO]:
+    """Open a temp file beside `path`; on success, fsync and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding="utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_open(path) as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False, sort_keys=False)
+        fh.write("\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_records(path: str | Path, records: Iterable[Record]) -> int:
+    return write_jsonl(path, (r.model_dump(mode="json") for r in records))
+
+
+# ----------------------------------------------------------------------------- raw reading
+
+
+def read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-blank line; a bad line raises UserError naming file and line."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def read_json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+        else:
+            data = [data]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects")
+    for i, row in enumerate(data, 1):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
+
+
+def read_parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: cannot read Parquet: {exc}") from None
+    for i, row in enumerate(table.to_pylist(), 1):
+        yield i, row
+
+
+def read_hf_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise UserError(f"{path}: reading an HF datasets folder needs the `datasets` package (pip install 'datatailor[hf]')") from None
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: cannot load HF datasets folder: {exc}") from None
+    if hasattr(ds, "keys"):  # a DatasetDict: take "train", else the first split
+        split = "train" if "train" in ds else next(iter(ds.keys()))
+        ds = ds[split]
+    for i, row in enumerate(ds, 1):
+        yield i, dict(row)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"input not found: {p}")
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
+            return read_hf_rows(p)
+        raise UserError(f"{p}: a folder is read only when it is an HF `datasets` folder (save_to_disk)")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return read_jsonl_rows(p)
+    if suffix == ".json":
+        return read_json_rows(p)
+    if suffix == ".parquet":
+        return read_parquet_rows(p)
+    # Unknown extension: sniff the first non-blank character.
+    head = p.read_text(encoding="utf-8", errors="replace").lstrip()[:1]
+    if head == "[":
+        return read_json_rows(p)
+    if head == "{":
+        return read_jsonl_rows(p)
+    raise UserError(f"{p}: unknown file type (use .jsonl, .json, .parquet or an HF datasets folder)")
+
+
+# ----------------------------------------------------------------------------- row formats
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _from_alpaca(row: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": row["instruction"], "input": row.get("input"), "response": row.get("output")}
+
+
+def _from_instruction(row: dict[str, Any]) -> dict[str, Any]:
+    # Self-Instruct / Alpaca seed rows keep their first instance as input/output.
+    instances = row.get("instances")
+    if isinstance(instances, list) and instances and isinstance(instances[0], dict):
+        first = instances[0]
+        return {"instruction": row["instruction"], "input": first.get("input"), "response": first.get("output")}
+    response = row.get("response", row.get("reference response", row.get("answer")))
+    return {"instruction": row["instruction"], "input": row.get("input"), "response": response}
+
+
+def _from_coachlm(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "instruction": row["Raw Instruction"],
+        "input": row.get("Raw Input"),
+        "response": row.get("Raw Response"),
+        "metadata": {
+            "revised_instruction": row.get("Revised Instruction"),
+            "revised_input": row.get("Revised Input"),
+            "revised_response": row.get("Revised Response"),
+        },
+    }
+
+
+def _chat_turns(turns: list[Any], role_key: str, text_key: str, user: set[str], bot: set[str]) -> dict[str, Any]:
+    system = ""
+    first_user: str | None = None
+    reply: str | None = None
+    for t in turns:
+        if not isinstance(t, dict):
+            raise ValueError("each turn must be an object")
+        role, text = str(t.get(role_key, "")).lower(), _text(t.get(text_key))
+        if role == "system" and first_user is None:
+            system = text
+        elif role in user and first_user is None:
+            first_user = text
+        elif role in bot and first_user is not None and reply is None:
+            reply = text
+    if first_user is None:
+        raise ValueError("no user turn")
+    meta: dict[str, Any] = {"system": system} if system else {}
+    if len(turns) > (3 if system else 2):
+        meta["turns"] = turns
+    return {"instruction": first_user, "response": reply, "metadata": meta}
+
+
+def _from_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    return _chat_turns(row["conversations"], "from", "value", {"human", "user"}, {"gpt", "assistant", "bot", "model"})
+
+
+def _from_messages(row: dict[str, Any]) -> dict[str, Any]:
+    return _chat_turns(row["messages"], "role", "content", {"user"}, {"assistant"})
+
+
+def _from_turns(row: dict[str, Any]) -> dict[str, Any]:
+    turns = row["turns"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("`turns` must be a non-empty list")
+    meta = {"turns": turns} if len(turns) > 1 else {}
+    return {"instruction": _text(turns[0]), "metadata": meta}
+
+
+def _from_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": row["prompt"], "response": row.get("completion", row.get("response"))}
+
+
+def _from_question(row: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": row["question"], "response": row.get("answer")}
+
+
+def _from_text(row: dict[str, Any]) -> dict[str, Any]:
+    return {"instruction": row["text"], "response": row.get("response")}
+
+
+# Checked in order; the first whose keys are present wins.
+FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]]] = {
+    "datatailor": (("id", "instruction", "lineage"), lambda r: r),
+    "coachlm": (("Raw Instruction",), _from_coachlm),
+    "sharegpt": (("conversations",), _from_sharegpt),
+    "openai": (("messages",), _from_messages),
+    "alpaca": (("instruction", "output"), _from_alpaca),
+    "instruction": (("instruction",), _from_instruction),
+    "turns": (("turns",), _from_turns),
+    "prompt": (("prompt",), _from_prompt),
+    "question": (("question",), _from_question),
+    "text": (("text",), _from_text),
+}
+
+_CONSUMED = {
+    "instruction", "input", "output", "response", "instances", "conversations", "messages", "turns",
+    "prompt", "completion", "question", "answer", "text", "reference response",
+    "Raw Instruction", "Raw Input", "Raw Response", "Revised Instruction", "Revised Input", "Revised Response",
+}
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    for name, (keys, _) in FORMATS.items():
+        if all(k in row for k in keys):
+            return name
+    raise ValueError(
+        "unrecognised row: expected Alpaca (instruction/input/output), ShareGPT (conversations), "
+        f"OpenAI (messages), or one of instruction/prompt/question/text/turns; found keys {sorted(row)[:8]}"
+    )
+
+
+def row_to_record(row: dict[str, Any], fmt: str | None = None) -> Record:
+    fmt = fmt or detect_format(row)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+    if fmt == "datatailor":
+        return Record.model_validate(row)
+    keys, convert = FORMATS[fmt]
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise ValueError(f"format {fmt!r} needs field(s) {missing}")
+    fields = convert(row)
+    instruction = _text(fields.get("instruction")).strip()
+    if not instruction:
+        raise ValueError("empty instruction")
+    metadata = {k: v for k, v in row.items() if k not in _CONSUMED}
+    metadata.update(fields.get("metadata") or {})
+    response = fields.get("response")
+    return Record.new(
+        instruction=instruction,
+        input=_text(fields.get("input")).strip(),
+        response=_text(response) if response is not None else None,
+        metadata=metadata,
+    )
+
+
+def read_records(path: str | Path, fmt: str | None = None, limit: int | None = None) -> list[Record]:
+    """Load a dataset as records. Ids are stable; a repeated row gets a numbered id, never a clash."""
+    p = Path(path)
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    for lineno, row in read_rows(p):
+        try:
+            record = row_to_record(row, fmt)
+        except (ValueError, KeyError, TypeError) as exc:
+            where = "line" if p.suffix.lower() in (".jsonl", ".ndjson") else "item"
+            raise UserError(f"{p}:{lineno}: {where} {lineno}: {exc}") from None
+        except Exception as exc:  # pydantic ValidationError on a datatailor-format row
+            raise UserError(f"{p}:{lineno}: invalid record: {str(exc).splitlines()[0]}") from None
+        n = seen.get(record.id, 0)
+        seen[record.id] = n + 1
+        if n:
+            record = record.model_copy(update={"id": stable_hash(record.id, n)})
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    return records
+
+
+# ----------------------------------------------------------------------------- export formats
+
+
+def to_alpaca(r: Record) -> dict[str, Any]:
+    return {"instruction": r.instruction, "input": r.input, "output": r.response or ""}
+
+
+def to_sharegpt(r: Record) -> dict[str, Any]:
+    return {"id": r.id, "conversations": [{"from": "human", "value": r.prompt}, {"from": "gpt", "value": r.response or ""}]}
+
+
+def to_openai(r: Record) -> dict[str, Any]:
+    messages = []
+    if system := r.metadata.get("system"):
+        messages.append({"role": "system", "content": system})
+    messages += [{"role": "user", "content": r.prompt}, {"role": "assistant", "content": r.response or ""}]
+    return {"messages": messages}
+
+
+EXPORTERS: dict[str, Callable[[Record], dict[str, Any]]] = {
+    "alpaca": to_alpaca,
+    "sharegpt": to_sharegpt,
+    "openai": to_openai,
+    "datatailor": lambda r: r.model_dump(mode="json"),
+}
+
+
+def export_records(records: Iterable[Record], path: str | Path, fmt: str) -> int:
+    if fmt not in EXPORTERS:
+        raise UserError(f"unknown export format {fmt!r} (known: {', '.join(EXPORTERS)})")
+    convert = EXPORTERS[fmt]
+    p = Path(path)
+    rows = [convert(r) for r in records]
+    if p.suffix.lower() == ".json":
+        write_json(p, rows)
+        return len(rows)
+    if p.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tmp = p.with_name(f".{p.name}.tmp")
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, p)
+        return len(rows)
+    return write_jsonl(p, rows)

@@ -1,0 +1,72 @@
+"""The request/response types every backend speaks, and the Backend protocol.
+
+A backend turns one `CompletionRequest` into one `Completion`. It owns transport concerns only:
+connections, admission (concurrency, backpressure), transport retries and timeouts. Caching,
+usage, budget and structured-output repair live in `llm.models.RoleModel`, above every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(BaseModel):
+    """Sampling parameters of one call. Every field takes part in the cache key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message]
+    sampling: Sampling = Field(default_factory=Sampling)
+    # A JSON schema the reply must follow; backends with native constraints enforce it.
+    json_schema: dict[str, Any] | None = None
+
+
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One model behind one async interface."""
+
+    # True when the backend constrains output to `json_schema` itself (grammar, guided decoding).
+    native_json_schema: bool
+
+    async def complete(self, request: CompletionRequest) -> Completion: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TokenLogprobs(BaseModel):
+    """Per-token log-likelihood of a given response under a model (membership-inference input)."""
+
+    tokens: list[str]
+    logprobs: list[float]
+
+    @property
+    def mean_nll(self) -> float:
+        return -sum(self.logprobs) / max(1, len(self.logprobs))

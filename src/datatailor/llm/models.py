@@ -1,0 +1,268 @@
+"""The model facade: what stages call. One `RoleModel` per recipe role.
+
+It hides, from the code that generates: the request cache, usage and budget accounting, the
+per-model concurrency limit, structured output (native constraint, else parse → repair → re-ask),
+and recording of real exchanges for offline replay. Transport retries and backpressure live in
+the backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from datatailor.errors import LLMCallFailure, ParseFailure, UserError
+from datatailor.llm.base import Backend, Completion, CompletionRequest, Message, Sampling
+from datatailor.llm.cache import RequestCache, cache_key, request_key
+from datatailor.llm.config import ModelConfig
+from datatailor.llm.structured import parse_model, schema_instructions
+from datatailor.llm.usage import UsageLedger
+from datatailor.prompts import Prompt, load_prompt
+from datatailor.records import LineageEvent, derive_seed
+
+T = TypeVar("T")
+
+
+@dataclass
+class Generation(Generic[T]):
+    """A finished call: the final reply text, its parsed value, and what the whole exchange cost."""
+
+    text: str
+    value: T
+    role: str
+    model: str
+    template_hash: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1
+    cached: bool = False
+
+    def event(self, stage: str, decision: str | None = None, reason: str | None = None, **details: Any) -> LineageEvent:
+        return LineageEvent(
+            stage=stage,
+            role=self.role,
+            model=self.model,
+            template_hash=self.template_hash,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            decision=decision,
+            reason=reason,
+            details=details,
+        )
+
+
+def _price(config: Any, prompt_tokens: int, completion_tokens: int) -> float:
+    return (prompt_tokens * config.price_per_mtok_in + completion_tokens * config.price_per_mtok_out) / 1e6
+
+
+class RoleModel:
+    """A recipe role bound to a backend, with cache, usage, budget and structured output."""
+
+    def __init__(
+        self,
+        role: str,
+        config: Any,
+        backend: Backend,
+        cache: RequestCache | None,
+        ledger: UsageLedger,
+        semaphore: asyncio.Semaphore | None = None,
+    ):
+        self.role = role
+        self.config = config
+        self.backend = backend
+        self.cache = cache
+        self.ledger = ledger
+        self._semaphore = semaphore or asyncio.Semaphore(config.max_concurrency)
+        self._record_lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.config.model
+
+    def sampling(self, seed_key: Any = None, **overrides: Any) -> Sampling:
+        base = self.config.sampling().model_dump()
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if seed_key is not None and base.get("seed") is not None:
+            base["seed"] = derive_seed(base["seed"], seed_key)
+        return Sampling.model_validate(base)
+
+    async def generate(
+        self,
+        prompt: Prompt | str | None = None,
+        variables: dict[str, Any] | None = None,
+        *,
+        messages: list[Message] | None = None,
+        schema: type[BaseModel] | None = None,
+        parse: Callable[[str], T] | None = None,
+        seed_key: Any = None,
+        **sampling: Any,
+    ) -> Generation[Any]:
+        """Render `prompt` with `variables` (or send `messages`), call the model, parse the reply.
+
+        `schema` asks for JSON matching a pydantic model; `parse` is a plain-text parser that raises
+        ValueError. A reply that does not parse is re-asked `max_parse_retries` times with the error;
+        after that the call raises `ParseFailure`.
+        """
+        if isinstance(prompt, str):
+            prompt = load_prompt(prompt)
+        if prompt is not None:
+            messages = prompt.render(**(variables or {}))
+        if not messages:
+            raise ValueError("generate() needs a prompt or messages")
+        template_hash = prompt.hash if prompt is not None else None
+        json_schema = schema.model_json_schema() if schema is not None else None
+        if json_schema is not None and not self.backend.native_json_schema:
+            last = messages[-1]
+            messages = messages[:-1] + [
+                Message(
+                    role=last.role,
+                    content=f"{last.content}\n\nReply with one JSON value only, following this JSON schema:\n{schema_instructions(json_schema)}",
+                )
+            ]
+        request = CompletionRequest(
+            messages=list(messages), sampling=self.sampling(seed_key, **sampling), json_schema=json_schema
+        )
+
+        total_in = total_out = 0
+        all_cached = True
+        error = ""
+        completion: Completion | None = None
+        attempts = self.config.max_parse_retries + 1
+        for attempt in range(1, attempts + 1):
+            completion, cached = await self._complete(request, template_hash)
+            all_cached &= cached
+            total_in += completion.prompt_tokens
+            total_out += completion.completion_tokens
+            try:
+                if schema is not None:
+                    value: Any = parse_model(completion.text, schema)
+                elif parse is not None:
+                    value = parse(completion.text)
+                else:
+                    value = completion.text
+            except ValueError as exc:
+                error = str(exc)
+                request = self._reask(request, completion.text, error, schema is not None)
+                continue
+            return Generation(
+                text=completion.text,
+                value=value,
+                role=self.role,
+                model=self.name,
+                template_hash=template_hash,
+                prompt_tokens=total_in,
+                completion_tokens=total_out,
+                attempts=attempt,
+                cached=all_cached,
+            )
+        snippet = (completion.text if completion else "")[:160].replace("\n", "\\n")
+        raise ParseFailure(
+            f"{self.role} ({self.name}): reply did not parse after {attempts} attempt(s): {error}; "
+            f"last reply began {snippet!r}"
+        )
+
+    def _reask(self, request: CompletionRequest, reply: str, error: str, wants_json: bool) -> CompletionRequest:
+        repair = load_prompt("repair.j2").render(error=error, wants_json=wants_json)[-1].content
+        return request.model_copy(
+            update={
+                "messages": request.messages
+                + [Message(role="assistant", content=reply), Message(role="user", content=repair)]
+            }
+        )
+
+    async def _complete(self, request: CompletionRequest, template_hash: str | None) -> tuple[Completion, bool]:
+        key = cache_key(self.config.identity(), request, template_hash) if self.cache is not None else None
+        if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
+            self.ledger.record_cache_hit(self.role)
+            return hit, True
+        self.ledger.check_budget()
+        async with self._semaphore:
+            try:
+                completion = await self.backend.complete(request)
+            except LLMCallFailure:
+                self.ledger.record_failure(self.role)
+                raise
+        cost = _price(self.config, completion.prompt_tokens, completion.completion_tokens)
+        self.ledger.record_request(self.role, completion.prompt_tokens, completion.completion_tokens, cost)
+        if key is not None:
+            self.cache.put(key, completion)  # type: ignore[union-attr]
+        if self.config.record_to:
+            self._record(request_key(request), request, completion)
+        return completion, False
+
+    def _record(self, key: str, request: CompletionRequest, completion: Completion) -> None:
+        line = json.dumps(
+            {"key": key, "request": request.model_dump(), "completion": completion.model_dump()},
+            ensure_ascii=False,
+        )
+        with self._record_lock:
+            path = Path(self.config.record_to)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+
+def _backend_key(config: Any) -> str:
+    skip = {"temperature", "top_p", "max_tokens", "seed", "price_per_mtok_in", "price_per_mtok_out",
+            "max_parse_retries", "record_to"}
+    return json.dumps({k: v for k, v in config.model_dump().items() if k not in skip}, sort_keys=True)
+
+
+def build_backend(config: Any, base_dir: Path | None = None) -> Backend:
+    """Create the backend for a model entry. Imports are lazy: optional extras stay optional."""
+    name = config.backend
+    if name == "scripted":
+        from datatailor.llm.scripted import ScriptedBackend
+
+        return ScriptedBackend(config, base_dir=base_dir)
+    if name == "openai":
+        from datatailor.llm.openai import OpenAIBackend
+
+        return OpenAIBackend(config)
+    if name == "llamacpp":
+        from datatailor.llm.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(config)
+    if name == "hf":
+        from datatailor.llm.hf import HFBackend
+
+        return HFBackend(config)
+    raise UserError(f"unknown backend {name!r}")
+
+
+@dataclass
+class ModelPool:
+    """The recipe's roles, built lazily; roles with identical backend settings share one backend."""
+
+    configs: dict[str, ModelConfig]
+    ledger: UsageLedger
+    cache: RequestCache | None = None
+    base_dir: Path | None = None
+    _roles: dict[str, RoleModel] = field(default_factory=dict)
+    _backends: dict[str, tuple[Backend, asyncio.Semaphore]] = field(default_factory=dict)
+
+    def role(self, name: str) -> RoleModel:
+        if name in self._roles:
+            return self._roles[name]
+        if name not in self.configs:
+            known = ", ".join(sorted(self.configs)) or "none"
+            raise UserError(f"no model for role {name!r} in the recipe's `models` (defined: {known})")
+        config = self.configs[name]
+        key = _backend_key(config)
+        if key not in self._backends:
+            self._backends[key] = (build_backend(config, self.base_dir), asyncio.Semaphore(config.max_concurrency))
+        backend, semaphore = self._backends[key]
+        self._roles[name] = RoleModel(name, config, backend, self.cache, self.ledger, semaphore)
+        return self._roles[name]
+
+    async def aclose(self) -> None:
+        for backend, _ in self._backends.values():
+            await backend.aclose()
+        self._backends.clear()
+        self._roles.clear()

@@ -1,0 +1,197 @@
+"""Parsing model replies: JSON with repair, and the plain-text formats the papers' prompts use.
+
+Every parser raises `ValueError` with a short reason when the text does not parse; the model facade
+turns that into a re-ask and, finally, a typed `parse_error` failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+
+
+def extract_json(text: str) -> Any:
+    """Find and load the JSON value in a reply, repairing the usual damage.
+
+    Handles code fences, prose around the value, trailing commas, smart quotes, Python literals and
+    a value cut off at the end (closes open strings, arrays and objects).
+    """
+    candidates: list[str] = []
+    fenced = _FENCE.findall(text)
+    candidates.extend(fenced)
+    start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+    if start >= 0:
+        candidates.append(text[start:])
+    candidates.append(text)
+    last_error = "no JSON value found"
+    for cand in candidates:
+        cand = cand.strip()
+        if not cand:
+            continue
+        for attempt in (cand, _repair(cand)):
+            try:
+                value, _ = json.JSONDecoder().raw_decode(attempt)
+                return value
+            except json.JSONDecodeError as exc:
+                last_error = f"invalid JSON: {exc.msg} at char {exc.pos}"
+    raise ValueError(last_error)
+
+
+def _repair(text: str) -> str:
+    s = text.replace("\u201c", '"').replace("\u201d", '"').replace("\u2019", "'")
+    s = re.sub(r",\s*([}\]])", r"\1", s)
+    s = re.sub(r"\bTrue\b", "true", s)
+    s = re.sub(r"\bFalse\b", "false", s)
+    s = re.sub(r"\bNone\b", "null", s)
+    return _close_truncated(s)
+
+
+def _close_truncated(s: str) -> str:
+    """Close strings, arrays and objects left open by a reply that was cut off."""
+    stack: list[str] = []
+    in_str = escape = False
+    for ch in s:
+        if in_str:
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and stack:
+            stack.pop()
+    out = s + ('"' if in_str else "")
+    out = re.sub(r",\s*$", "", out)
+    out = re.sub(r':\s*$', ": null", out)
+    return out + "".join(reversed(stack))
+
+
+def parse_model(text: str, schema: type[T]) -> T:
+    """Parse a reply into a pydantic model, with JSON repair."""
+    value = extract_json(text)
+    try:
+        return schema.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise ValueError(f"JSON does not match the schema: {loc}: {first['msg']}") from None
+
+
+_ITEM = re.compile(r"^\s*(?:(?:\d+|[a-zA-Z])[\.\):]|[-*\u2022]|\(\d+\)|#\d+[:.]?)\s+(.*\S)\s*$")
+
+
+def parse_numbered_list(text: str, min_items: int = 1) -> list[str]:
+    """Items of a numbered or bulleted list ("1. …", "2) …", "- …"); continuation lines are joined."""
+    items: list[str] = []
+    for line in text.splitlines():
+        m = _ITEM.match(line)
+        if m:
+            items.append(m.group(1).strip())
+        elif items and line.strip() and not line.lstrip().startswith("#"):
+            # A wrapped line continues the previous item.
+            if line.startswith((" ", "\t")):
+                items[-1] = f"{items[-1]} {line.strip()}"
+    items = [i for i in items if i]
+    if len(items) < min_items:
+        raise ValueError(f"expected a list of at least {min_items} items, found {len(items)}")
+    return items
+
+
+_NUM = r"(-?\d+(?:\.\d+)?)"
+_PAIR = re.compile(rf"^\s*(?:scores?\s*[:=]\s*)?\[?\(?\s*{_NUM}\s*(?:/\s*10)?\s*(?:,|;|\s|/|and)\s*{_NUM}")
+
+
+def parse_score_pair(text: str, low: float = 1, high: float = 10) -> tuple[float, float]:
+    """Two scores from the first line that has them: "8 7", "8, 7", "Scores: 8/10, 7/10", "[8, 7]"."""
+    for line in text.strip().splitlines():
+        line = line.strip().strip("*`")
+        if not line:
+            continue
+        m = _PAIR.match(line)
+        if m:
+            a, b = float(m.group(1)), float(m.group(2))
+            if not (low <= a <= high and low <= b <= high):
+                raise ValueError(f"scores out of range {low}-{high}: {a}, {b}")
+            return a, b
+        nums = re.findall(_NUM, line)
+        labelled = re.findall(r"assistant\s*\d\s*[:=-]\s*" + _NUM, line, re.IGNORECASE)
+        if len(labelled) == 2:
+            a, b = float(labelled[0]), float(labelled[1])
+            if low <= a <= high and low <= b <= high:
+                return a, b
+        if len(nums) == 2 and len(line) < 40:
+            a, b = float(nums[0]), float(nums[1])
+            if low <= a <= high and low <= b <= high:
+                return a, b
+    raise ValueError("no line with two scores found")
+
+
+def parse_single_score(text: str, low: float = 0, high: float = 5) -> float:
+    """The first number in range on the reply's first lines ("Score: 4.5", "4", "4/5")."""
+    for line in text.strip().splitlines()[:5]:
+        for num in re.findall(_NUM, line):
+            value = float(num)
+            if low <= value <= high:
+                return value
+    raise ValueError(f"no score between {low} and {high} found")
+
+
+_USE_CASE = re.compile(r"^\s*[*#\-]*\s*(?:use[\s_-]*case|task)\s*[*]*\s*[:\-]\s*(.+)$", re.IGNORECASE)
+_SKILLS = re.compile(r"^\s*[*#\-]*\s*(?:skills?|knowledge)\s*[*]*\s*[:\-]\s*(.*)$", re.IGNORECASE)
+
+
+def parse_use_case_skills(text: str, max_skills: int = 3) -> tuple[str, list[str]]:
+    """CodecLM encoder output: "Use case: …" (or "Task: …") and "Skills: a, b, c".
+
+    Skills may be comma/semicolon separated or listed on the following bullet lines.
+    """
+    use_case: str | None = None
+    skills: list[str] = []
+    lines = text.strip().splitlines()
+    for i, line in enumerate(lines):
+        if use_case is None and (m := _USE_CASE.match(line)):
+            use_case = m.group(1).strip().strip("*").strip().rstrip(".")
+            continue
+        if m := _SKILLS.match(line):
+            rest = m.group(1).strip()
+            if rest:
+                skills.extend(re.split(r"\s*[,;]\s*|\s+and\s+", rest))
+            else:
+                for follow in lines[i + 1 :]:
+                    item = _ITEM.match(follow)
+                    if not item:
+                        break
+                    skills.append(item.group(1))
+            break
+    if not use_case:
+        raise ValueError("no 'Use case:' line found")
+    cleaned: list[str] = []
+    for s in skills:
+        s = s.strip().strip("*.").strip()
+        if s and s.lower() not in (c.lower() for c in cleaned):
+            cleaned.append(s)
+    if not cleaned:
+        raise ValueError("no 'Skills:' found")
+    return normalise_label(use_case), [normalise_label(s) for s in cleaned[:max_skills]]
+
+
+def normalise_label(label: str) -> str:
+    """Lower-case, single-spaced, without quotes or a trailing period."""
+    return re.sub(r"\s+", " ", label.strip().strip("\"'`").rstrip(".")).lower()
+
+
+def schema_instructions(schema: dict[str, Any]) -> str:
+    """A compact description of a JSON schema, for prompts of backends without native constraints."""
+    return json.dumps(schema, separators=(",", ":"))

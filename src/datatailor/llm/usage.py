@@ -1,0 +1,96 @@
+"""Usage per role (requests, cache hits, tokens, $) and the recipe's budget."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from datatailor.errors import BudgetExhausted
+
+
+class RoleUsage(BaseModel):
+    requests: int = 0
+    cache_hits: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, other: "RoleUsage") -> "RoleUsage":
+        return RoleUsage(
+            requests=self.requests + other.requests,
+            cache_hits=self.cache_hits + other.cache_hits,
+            failed_requests=self.failed_requests + other.failed_requests,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cost_usd=round(self.cost_usd + other.cost_usd, 10),
+        )
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Budget(BaseModel):
+    """Spending limits of a recipe. Counted over every invocation of the same run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_usd: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+
+
+class UsageLedger:
+    """Counts usage per role for this invocation, on top of what earlier invocations spent."""
+
+    def __init__(self, previous: dict[str, RoleUsage] | None = None, budget: Budget | None = None):
+        self.previous = dict(previous or {})
+        self.run: dict[str, RoleUsage] = {}
+        self.budget = budget or Budget()
+
+    def _role(self, role: str) -> RoleUsage:
+        return self.run.setdefault(role, RoleUsage())
+
+    def record_request(self, role: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+        u = self._role(role)
+        u.requests += 1
+        u.prompt_tokens += prompt_tokens
+        u.completion_tokens += completion_tokens
+        u.cost_usd = round(u.cost_usd + cost, 10)
+
+    def record_failure(self, role: str) -> None:
+        self._role(role).failed_requests += 1
+
+    def record_cache_hit(self, role: str) -> None:
+        self._role(role).cache_hits += 1
+
+    def total(self) -> dict[str, RoleUsage]:
+        roles = sorted(set(self.previous) | set(self.run))
+        return {r: self.previous.get(r, RoleUsage()).add(self.run.get(r, RoleUsage())) for r in roles}
+
+    def spent(self) -> tuple[float, int]:
+        t = self.total().values()
+        return sum(u.cost_usd for u in t), sum(u.tokens for u in t)
+
+    def check_budget(self) -> None:
+        """Raise BudgetExhausted when a limit is reached; called before every new (uncached) call."""
+        usd, tokens = self.spent()
+        b = self.budget
+        if b.max_usd is not None and usd >= b.max_usd:
+            raise BudgetExhausted(f"budget reached: ${usd:.4f} of ${b.max_usd:.4f} spent")
+        if b.max_tokens is not None and tokens >= b.max_tokens:
+            raise BudgetExhausted(f"budget reached: {tokens} of {b.max_tokens} tokens spent")
+
+    def as_json(self) -> dict:
+        def dump(d: dict[str, RoleUsage]) -> dict:
+            per_role = {r: u.model_dump() for r, u in sorted(d.items())}
+            summed = RoleUsage()
+            for u in d.values():
+                summed = summed.add(u)
+            return {"roles": per_role, "all": summed.model_dump()}
+
+        return {"run": dump(self.run), "total": dump(self.total())}
+
+    @staticmethod
+    def previous_from_json(data: dict) -> dict[str, RoleUsage]:
+        roles = (data.get("total") or {}).get("roles") or {}
+        return {r: RoleUsage.model_validate(u) for r, u in roles.items()}

@@ -1,0 +1,162 @@
+"""Recipes: YAML files naming models by role, an input, and a list of stages. Validated by pydantic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from datatailor.errors import UserError
+from datatailor.llm.config import ModelConfig
+from datatailor.llm.usage import Budget
+from datatailor.stages import StageConfig, load_all
+
+ExportFormat = Literal["alpaca", "sharegpt", "openai"]
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="A JSONL/JSON/Parquet file or an HF `datasets` folder.")
+    format: str | None = Field(None, description="Force a format instead of detecting it.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N records.")
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    formats: list[ExportFormat] = Field(
+        default_factory=list, description="Also export data.jsonl as these formats (data.<format>.jsonl)."
+    )
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    input: InputSpec | None = None
+    stages: list[Any] = Field(min_length=1)
+    budget: Budget | None = None
+    budget_pairs: int | None = Field(None, ge=1, description="Data budget: how many pairs to aim for.")
+    seed: int = 0
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    cache: str | bool = Field(True, description="true: the user cache; false: none; a path: that SQLite file.")
+    # Set by `load_recipe`: the folder relative paths are resolved against. Not part of the YAML.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shorthand(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stage_configs(cls, v: Any) -> list[StageConfig]:
+        if not isinstance(v, list):
+            raise ValueError("`stages` must be a list")
+        registry = load_all()
+        out: list[StageConfig] = []
+        for i, raw in enumerate(v):
+            if not isinstance(raw, dict) or "type" not in raw:
+                raise ValueError(f"stage {i}: each stage needs a `type`")
+            kind = raw["type"]
+            if kind not in registry:
+                known = ", ".join(sorted(registry))
+                raise ValueError(f"stage {i}: unknown type {kind!r} (known: {known})")
+            try:
+                out.append(registry[kind].Config.model_validate(raw))
+            except ValidationError as exc:
+                raise ValueError(f"stage {i} ({kind}): {_first_error(exc)}") from None
+        return out
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> "Recipe":
+        names: set[str] = set()
+        for i, stage in enumerate(self.stages):
+            name = stage.name or stage.type
+            if name in names:
+                raise ValueError(f"stage {i}: name {name!r} is used twice; give one a `name`")
+            names.add(name)
+            for fld, role in stage.role_fields().items():
+                if role not in self.models:
+                    known = ", ".join(sorted(self.models)) or "none"
+                    raise ValueError(f"stage {i} ({stage.type}): {fld} {role!r} is not a model in `models` (defined: {known})")
+        return self
+
+    def stage_name(self, i: int) -> str:
+        s = self.stages[i]
+        return s.name or s.type
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def content_hash(self) -> str:
+        """Identity of the work a recipe describes. The budget is left out, so it can be raised to continue."""
+        data = self.model_dump(mode="json", exclude={"budget", "base_dir"})
+        data["stages"] = [s.model_dump(mode="json") for s in self.stages]
+        if self.input is not None:
+            data["input_sha256"] = file_digest(self.resolve(self.input.path))
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"base_dir"})
+        data["stages"] = [s.model_dump(mode="json") for s in self.stages]
+        return data
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode())
+            h.update(f.read_bytes())
+    elif path.is_file():
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: a recipe must be a YAML mapping with `models`, `input` and `stages`")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, source)) from None
+    recipe.base_dir = base_dir or Path.cwd()
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise UserError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    return parse_recipe(data, str(p), p.resolve().parent)

@@ -1,0 +1,94 @@
+"""Records: the unit every stage reads and writes, with the lineage of who touched it and why."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """A short, stable hex digest of JSON-serialisable parts (ids, cache keys, seeds)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:length]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed derived from stable parts, so random choices do not depend on scheduling order."""
+    return int(stable_hash(*parts, length=8), 16) & 0x7FFFFFFF
+
+
+class LineageEvent(BaseModel):
+    """One stage's touch on a record: which model it used, what it cost and what it decided."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    role: str | None = None
+    model: str | None = None
+    template_hash: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    decision: str | None = None
+    reason: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Record(BaseModel):
+    """An instruction-response pair (or a seed, or a metadata entry) moving through a recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    instruction: str = ""
+    input: str = ""
+    response: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    parents: list[str] = Field(default_factory=list)
+    lineage: list[LineageEvent] = Field(default_factory=list)
+
+    @staticmethod
+    def make_id(instruction: str, input: str = "", *salt: Any) -> str:
+        return stable_hash(instruction, input, *salt)
+
+    @classmethod
+    def new(
+        cls,
+        instruction: str,
+        input: str = "",
+        response: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        id: str | None = None,
+    ) -> "Record":
+        return cls(
+            id=id or cls.make_id(instruction, input),
+            instruction=instruction,
+            input=input,
+            response=response,
+            metadata=dict(metadata or {}),
+        )
+
+    def child(self, key: Any, **changes: Any) -> "Record":
+        """A new record derived from this one; its id is a stable hash of the parent id and `key`."""
+        data = self.model_dump()
+        data.update(changes)
+        data["id"] = stable_hash(self.id, key)
+        data["parents"] = [self.id]
+        data["lineage"] = [e.model_dump() for e in self.lineage]
+        return Record.model_validate(data)
+
+    def with_event(self, event: LineageEvent, **changes: Any) -> "Record":
+        """A copy of this record with `changes` applied and `event` appended to its lineage."""
+        updated = self.model_copy(update=changes, deep=True)
+        updated.lineage.append(event)
+        return updated
+
+    @property
+    def prompt(self) -> str:
+        """The instruction and its input as one prompt text, Alpaca style."""
+        return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, sort_keys=False)

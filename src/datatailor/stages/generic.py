@@ -1,0 +1,106 @@
+"""Generic stages: `respond` (answer each instruction) and `generate` (a template → a field)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import Field, create_model
+
+from datatailor.errors import RecordFailure
+from datatailor.prompts import load_prompt
+from datatailor.records import Record
+from datatailor.stages.base import MapStage, StageConfig, register
+
+
+def record_variables(record: Record) -> dict[str, Any]:
+    """What a template sees of a record."""
+    return {
+        "id": record.id,
+        "instruction": record.instruction,
+        "input": record.input,
+        "response": record.response,
+        "prompt": record.prompt,
+        "metadata": record.metadata,
+    }
+
+
+class RespondConfig(StageConfig):
+    type: Literal["respond"] = "respond"
+    role: str = Field("strong", description="Model role that answers.")
+    template: str = Field("respond.j2", description="Prompt template (packaged name or path).")
+    overwrite: bool = Field(True, description="Replace an existing response (false: keep it and skip the call).")
+    max_tokens: int | None = Field(None, description="Override the model's max_tokens for this stage.")
+
+
+@register("respond")
+class Respond(MapStage[RespondConfig]):
+    """Answer each record's instruction (and input) with a model role."""
+
+    Config = RespondConfig
+
+    async def process(self, record: Record) -> list[Record]:
+        if record.response and not self.config.overwrite:
+            return [record]
+        prompt = load_prompt(self.config.template, self.ctx.base_dir)
+        gen = await self.ctx.model(self.config.role).generate(
+            prompt, record_variables(record), seed_key=(self.name, record.id), max_tokens=self.config.max_tokens
+        )
+        text = gen.text.strip()
+        if not text:
+            raise RecordFailure(f"{self.config.role} returned an empty response", kind="empty_response")
+        return [record.with_event(gen.event(self.name, decision="responded"), response=text)]
+
+
+_TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "list[str]": list[str]}
+
+
+class GenerateConfig(StageConfig):
+    type: Literal["generate"] = "generate"
+    role: str = "strong"
+    template: str = Field(description="Prompt template (packaged name or path); sees the record's fields and `vars`.")
+    output: str = Field(
+        "response",
+        description="Where the result goes: instruction, input, response, or metadata.<key>.",
+        pattern=r"^(instruction|input|response|metadata\.[A-Za-z_][A-Za-z0-9_]*)$",
+    )
+    schema_fields: dict[str, Literal["str", "int", "float", "bool", "list[str]"]] | None = Field(
+        None, description="Ask for JSON with these fields (structured output); the object is stored."
+    )
+    vars: dict[str, Any] = Field(default_factory=dict, description="Extra template variables.")
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@register("generate")
+class Generate(MapStage[GenerateConfig]):
+    """Render a template for each record and store the model's text (or JSON object) in a field."""
+
+    Config = GenerateConfig
+
+    def __init__(self, config: GenerateConfig, ctx: Any):
+        super().__init__(config, ctx)
+        self.schema = None
+        if config.schema_fields:
+            self.schema = create_model(
+                "GeneratedFields", **{k: (_TYPES[t], ...) for k, t in config.schema_fields.items()}
+            )
+
+    async def process(self, record: Record) -> list[Record]:
+        prompt = load_prompt(self.config.template, self.ctx.base_dir)
+        gen = await self.ctx.model(self.config.role).generate(
+            prompt,
+            {**record_variables(record), "vars": self.config.vars},
+            schema=self.schema,
+            seed_key=(self.name, record.id),
+            max_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+        )
+        value: Any = gen.value.model_dump() if self.schema is not None else gen.text.strip()
+        event = gen.event(self.name, decision="generated", field=self.config.output)
+        if self.config.output.startswith("metadata."):
+            key = self.config.output.split(".", 1)[1]
+            return [record.with_event(event, metadata={**record.metadata, key: value})]
+        if not isinstance(value, str):
+            value = json.dumps(value, ensure_ascii=False)
+        return [record.with_event(event, **{self.config.output: value})]

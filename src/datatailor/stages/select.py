@@ -1,0 +1,83 @@
+"""Selection stages: exact and near-duplicate removal (MinHash LSH)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from datasketch import MinHash, MinHashLSH
+from pydantic import Field
+
+from datatailor.records import LineageEvent, Record
+from datatailor.stages.base import BatchResult, BatchStage, StageConfig, register
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def dedup_text(record: Record, on: str) -> str:
+    if on == "instruction":
+        return record.instruction
+    if on == "response":
+        return record.response or ""
+    if on == "pair":
+        return f"{record.prompt}\n{record.response or ''}"
+    return record.prompt
+
+
+def normalise(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def shingles(text: str, n: int) -> set[str]:
+    words = normalise(text).split()
+    if len(words) < n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+class DedupConfig(StageConfig):
+    type: Literal["dedup"] = "dedup"
+    on: Literal["instruction", "prompt", "response", "pair"] = Field(
+        "prompt", description="Which text is compared: instruction, instruction+input, response, or all."
+    )
+    exact: bool = Field(True, description="Drop exact duplicates (after lower-casing and collapsing punctuation).")
+    near: bool = Field(True, description="Drop near duplicates by MinHash LSH.")
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description="Estimated Jaccard similarity that counts as near-duplicate.")
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_words: int = Field(3, ge=1, le=10)
+
+
+@register("dedup")
+class Dedup(BatchStage[DedupConfig]):
+    """Keep the first of each group of exact or near-duplicate records; drop the rest with a reason."""
+
+    Config = DedupConfig
+
+    async def process_all(self, records: list[Record]) -> BatchResult:
+        cfg = self.config
+        kept: list[Record] = []
+        rejected: dict[str, tuple[str, str]] = {}
+        exact_seen: dict[str, str] = {}
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        for record in records:
+            text = dedup_text(record, cfg.on)
+            key = normalise(text)
+            if cfg.exact and key in exact_seen:
+                rejected[record.id] = ("duplicate", f"exact duplicate of {exact_seen[key]}")
+                continue
+            if lsh is not None:
+                mh = MinHash(num_perm=cfg.num_perm, seed=1)
+                for sh in shingles(text, cfg.shingle_words):
+                    mh.update(sh.encode("utf-8"))
+                hits = lsh.query(mh)
+                if hits:
+                    first = min(hits, key=lambda h: int(h.split(":", 1)[0]))
+                    rejected[record.id] = (
+                        "near_duplicate",
+                        f"near duplicate (Jaccard ≥ {cfg.threshold}) of {first.split(':', 1)[1]}",
+                    )
+                    continue
+                lsh.insert(f"{len(kept)}:{record.id}", mh)
+            exact_seen.setdefault(key, record.id)
+            kept.append(record.with_event(LineageEvent(stage=self.name, decision="kept", reason="no earlier duplicate")))
+        return BatchResult(outputs=kept, rejected=rejected)
