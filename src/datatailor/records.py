@@ -92,3 +92,22 @@ class Record(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, sort_keys=False)
+
+
+FIELD_PATTERN = r"^(instruction|input|prompt|response|metadata\.[A-Za-z_][A-Za-z0-9_]*)$"
+
+
+def read_field(record: Record, path: str) -> Any:
+    """Value of `instruction`, `input`, `prompt`, `response` or `metadata.<key>`."""
+    if path.startswith("metadata."):
+        return record.metadata.get(path.split(".", 1)[1])
+    return getattr(record, path)
+
+
+def field_update(record: Record, path: str, value: Any) -> dict[str, Any]:
+    """The `changes` dict that sets `path` to `value` (for Record.with_event / model_copy)."""
+    if path.startswith("metadata."):
+        return {"metadata": {**record.metadata, path.split(".", 1)[1]: value}}
+    if path == "prompt":
+        raise ValueError("`prompt` is derived from instruction and input; it cannot be written")
+    return {path: value}

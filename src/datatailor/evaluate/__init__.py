@@ -1,0 +1,1 @@
+"""Evaluation: pairwise judging, win-rate metrics, data quality, diversity, contamination, privacy."""

@@ -1,0 +1,55 @@
+"""`judge.pairwise`: score two answers to one question on 1–10 in both orders; keep the raw scores."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from datatailor.errors import Rejected
+from datatailor.evaluate.judge import SCORES_ONLY, judge_pair
+from datatailor.records import FIELD_PATTERN, Record, field_update, read_field
+from datatailor.stages.base import MapStage, StageConfig, register
+
+
+class PairwiseJudgeConfig(StageConfig):
+    type: Literal["judge.pairwise"] = "judge.pairwise"
+    role: str = Field("judge", description="Model role that judges.")
+    question: str = Field("prompt", pattern=FIELD_PATTERN, description="Field holding the question.")
+    a: str = Field("response", pattern=FIELD_PATTERN, description="Field holding answer A.")
+    b: str = Field("metadata.reference", pattern=FIELD_PATTERN, description="Field holding answer B.")
+    rule: Literal["mean", "strict", "lenient"] = Field(
+        "strict", description="mean: average both orders; strict: win both orders (CodecLM); lenient: AlpaGasus."
+    )
+    template: str = Field(SCORES_ONLY, description="Judge prompt template; must ask for two scores on the first line.")
+    output: str = Field("metadata.judge", pattern=FIELD_PATTERN, description="Where the scores and verdict go.")
+    temperature: float | None = Field(0.0, description="Judge temperature (the papers use 0).")
+
+
+@register("judge.pairwise")
+class PairwiseJudge(MapStage[PairwiseJudgeConfig]):
+    """Judge answer A against answer B; stores both orders' raw scores, means, verdict and consistency."""
+
+    Config = PairwiseJudgeConfig
+
+    async def process(self, record: Record) -> list[Record]:
+        cfg = self.config
+        texts = {f: read_field(record, f) for f in (cfg.question, cfg.a, cfg.b)}
+        missing = [f for f, v in texts.items() if not v]
+        if missing:
+            raise Rejected(f"nothing to judge: empty field(s) {', '.join(missing)}", kind="missing_field")
+        scores, gens = await judge_pair(
+            self.ctx.model(cfg.role),
+            texts[cfg.question],
+            texts[cfg.a],
+            texts[cfg.b],
+            template=cfg.template,
+            seed_key=(self.name, record.id),
+            base_dir=self.ctx.base_dir,
+            temperature=cfg.temperature,
+        )
+        summary = scores.summary(cfg.rule)
+        event = gens[0].event(self.name, decision=f"verdict:{summary['verdict']}", reason=f"{cfg.rule} rule", **summary)
+        event.prompt_tokens += gens[1].prompt_tokens
+        event.completion_tokens += gens[1].completion_tokens
+        return [record.with_event(event, **field_update(record, cfg.output, summary))]
