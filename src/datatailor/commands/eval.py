@@ -1,0 +1,158 @@
+"""`datatailor eval`, `datatailor rate`, `datatailor diversity`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from datatailor.errors import UserError
+
+MODEL_HELP = "local:NAME | llamacpp:PATH | hf:MODEL[+ADAPTER] | openai:MODEL[@BASE_URL] | role:NAME"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("rate")(rate_command)
+    app.command("diversity")(diversity_command)
+
+
+def _budget(budget_usd: float | None, budget_tokens: int | None):
+    from datatailor.llm.usage import Budget
+
+    if budget_usd is None and budget_tokens is None:
+        return None
+    return Budget(max_usd=budget_usd, max_tokens=budget_tokens)
+
+
+def _exit_code(status: str, message: str, out: Path) -> int:
+    typer.secho(f"{status}: {message}", err=True, fg="yellow")
+    typer.echo(f"checkpoints kept in {out}; re-run the same command to continue", err=True)
+    return 3 if status == "budget_exhausted" else 2
+
+
+def eval_command(
+    testset: str = typer.Option(..., "--testset", "-t", help="vicuna80 | selfinstruct252 | mtbench | coachlm150 | alpacaeval:PATH | PATH"),
+    out: Path = typer.Option(..., "--out", "-o", help="Evaluation folder (re-running with the same --out resumes)."),
+    candidate: Optional[str] = typer.Option(None, "--candidate", help=f"Model under test: {MODEL_HELP}."),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", help=f"Model to compare against ({MODEL_HELP}), or 'stored' for the test set's reference answers."
+    ),
+    judge: Optional[str] = typer.Option(None, "--judge", help=f"Judge model: {MODEL_HELP}."),
+    models: Optional[Path] = typer.Option(
+        None, "--models", "-m", help="YAML with models by role (a recipe, or role: entry); roles candidate/reference/judge."
+    ),
+    rule: str = typer.Option("strict", "--rule", help="Headline aggregation rule: strict (CodecLM CRR) | lenient | mean."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items."),
+    judge_template: Optional[str] = typer.Option(None, "--judge-template", help="Pairwise judge prompt (.j2)."),
+    respond_template: Optional[str] = typer.Option(None, "--respond-template", help="Answering prompt (.j2)."),
+    seed: int = typer.Option(0, "--seed"),
+    budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Stop starting model calls after this many $."),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Stop starting model calls after this many tokens."),
+    force: bool = typer.Option(False, "--force", help="Discard an earlier evaluation with other settings in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> int:
+    """Answer a test set with a candidate and a reference model, judge each pair in both orders, and
+    report CodecLM's CRR (strict rule) and CoachLM's WR1/WR2/QS with W/T/L in OUT/eval.json and eval.md.
+
+    Models come from shorthand flags or from --models (roles candidate, reference, judge); a flag wins.
+    Shorthands: local:gemma-3-270m (packaged GGUF, llama.cpp); llamacpp:model.gguf; hf:DIR or
+    hf:local:gemma-3-270m+ADAPTER_DIR (transformers + PEFT adapter, e.g. from `datatailor train`);
+    openai:gpt-4o-mini or openai:MODEL@http://127.0.0.1:8000/v1; role:strong (a role of the --models file).
+    --reference stored uses the test set's own reference answers (items without one are skipped).
+
+    Exit 0 when complete, 3 when the budget ran out (raise it and re-run), 2 on a user or server error.
+    """
+    from datatailor.evaluate.evaluation import EvalPlan, run_eval
+    from datatailor.evaluate.modelspec import load_models_file, resolve_role
+    from datatailor.evaluate.testsets import resolve_testset
+
+    if rule not in ("strict", "lenient", "mean"):
+        raise UserError(f"--rule {rule!r}: expected strict, lenient or mean")
+    cwd = Path.cwd()
+    roles = load_models_file(models) if models else {}
+    cand = resolve_role("candidate", candidate, roles, cwd)
+    jdg = resolve_role("judge", judge, roles, cwd)
+    stored = reference is not None and reference.strip().lower() == "stored"
+    ref = None if stored else resolve_role("reference", reference, roles, cwd)
+    ts = resolve_testset(testset)
+    plan = EvalPlan(testset=ts, candidate=cand, judge=jdg, reference=ref, rule=rule, limit=limit, seed=seed,  # type: ignore[arg-type]
+                    budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
+    if judge_template:
+        plan.judge_template = judge_template
+    if respond_template:
+        plan.respond_template = respond_template
+    if stored and ts.n_references < len(ts.records):
+        typer.echo(f"note: {ts.n_references} of {len(ts.records)} items of {ts.name} have a stored reference; only those are evaluated", err=True)
+    result, summary = run_eval(plan, out, force=force, show_progress=progress)
+    if summary is None:
+        return _exit_code(result.status, result.message, out)
+    m = summary["metrics"]
+    from datatailor.evaluate.metrics import percent
+
+    typer.echo(
+        f"{ts.name}: {summary['judged']} of {summary['items']} judged | {rule}: W/T/L {m['wins']}/{m['ties']}/{m['losses']} | "
+        f"CRR {percent(m['crr'])} % | WR1 {percent(m['wr1'])} % | WR2 {percent(m['wr2'])} % | QS {percent(m['qs'])} % | "
+        f"position consistency {percent(summary['position_consistency'])} % | {out / 'eval.json'}"
+    )
+    return 0
+
+
+def rate_command(
+    data: Path = typer.Argument(..., help="A run directory or a dataset file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Rating folder (default: DATA/quality for a run directory)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help=f"Rating model: {MODEL_HELP}."),
+    models: Optional[Path] = typer.Option(None, "--models", "-m", help="YAML with models by role; the `judge` role is used."),
+    template: Optional[str] = typer.Option(None, "--template", help="Rating prompt (.j2); must ask for a 0-5 score."),
+    budget_usd: Optional[float] = typer.Option(None, "--budget-usd"),
+    budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens"),
+    force: bool = typer.Option(False, "--force"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> int:
+    """Rate every pair 0-5 (AlpaGasus style) and report the mean, the histogram over
+    [0,3.5) [3.5,4) [4,4.5) [4.5,5] and the high-quality share (>= 4.5) in OUT/quality.json."""
+    from datatailor.evaluate.evaluation import data_file, run_rate
+    from datatailor.evaluate.modelspec import load_models_file, resolve_role
+    from datatailor.evaluate.quality import QUALITY_TEMPLATE
+
+    path = data_file(data)
+    if out is None:
+        if not (data.is_dir() and (data / "manifest.json").exists()):
+            raise UserError("--out is required when DATA is a file")
+        out = data / "quality"
+    cwd = Path.cwd()
+    roles = load_models_file(models) if models else {}
+    jdg = resolve_role("judge", judge, roles, cwd)
+    result, summary = run_rate(path, jdg, out, force=force, show_progress=progress, template=template or QUALITY_TEMPLATE,
+                               budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
+    if summary is None:
+        return _exit_code(result.status, result.message, out)
+    mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"
+    hq = summary["high_quality_share"]
+    typer.echo(
+        f"rated {summary['n']} pairs | mean {mean} | high quality (>= 4.5) "
+        f"{'n/a' if hq is None else f'{100 * hq:.1f} %'} | histogram {summary['histogram']} | {out / 'quality.json'}"
+    )
+    return 0
+
+
+def diversity_command(
+    data: Path = typer.Argument(..., help="A run directory or a dataset file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the figures to this JSON file."),
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Mean pairwise embedding distance (all-MiniLM-L6-v2)."),
+    sample: int = typer.Option(200, "--sample", min=2, help="Instructions sampled for the ROUGE-L self-similarity."),
+) -> int:
+    """Distinct-1/2, mean pairwise embedding distance, ROUGE-L self-similarity and lengths of a dataset."""
+    from datatailor.evaluate.diversity import diversity_report, minilm_embedder
+    from datatailor.evaluate.evaluation import data_file
+    from datatailor.io import read_records, write_json
+
+    records = read_records(data_file(data))
+    report = diversity_report(records, minilm_embedder() if embeddings else None, rouge_sample=sample)
+    payload = report.model_dump()
+    if out is not None:
+        write_json(out, payload)
+    typer.echo(json.dumps(payload, indent=2))
+    return 0

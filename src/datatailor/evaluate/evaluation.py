@@ -1,0 +1,244 @@
+"""`datatailor eval` and `datatailor rate` as engine runs.
+
+An evaluation is a recipe built in code and run by the ordinary runner, so it gets the request
+cache, checkpoints/resume, progress, usage and budget like any other run:
+
+    answer-reference  generate (respond.j2) → metadata.reference   (skipped with stored references)
+    answer-candidate  respond (respond.j2)  → response
+    judge             judge.pairwise: response (A) vs metadata.reference (B), both orders, temperature 0
+
+The evaluation folder (`--out`) holds::
+
+    testset.jsonl  the items evaluated (the recipe's input)
+    run/           the engine's run directory (manifest, usage, checkpoints, data.jsonl, failures.jsonl)
+    eval.json      W/T/L and CRR/WR1/WR2/QS under every rule, judge consistency, usage
+    eval.md        the same as a table
+
+The candidate is side A, so a verdict "a" is a candidate win. The headline rule is `strict`
+(CodecLM's CRR); WR1/WR2/QS are reported under the same rule, and every rule's table is kept.
+A comparison whose judge reply never parsed is a failure row, not a tie: it is left out of N and
+counted under `failures`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datatailor.errors import UserError
+from datatailor.evaluate.judge import SCORES_ONLY, Rule
+from datatailor.evaluate.metrics import evaluate_scores, metric_table, percent, scores_from_summary, wtl_from_scores
+from datatailor.evaluate.modelspec import describe_model
+from datatailor.evaluate.quality import QUALITY_TEMPLATE, stored_scores, summarize_quality
+from datatailor.evaluate.testsets import TestSet, describe, write_testset
+from datatailor.io import read_jsonl_rows, read_records, write_json
+from datatailor.llm.usage import Budget
+from datatailor.recipe import Recipe, parse_recipe
+from datatailor.records import Record
+from datatailor.runner import RunResult, run_recipe_sync
+
+RESPOND_TEMPLATE = "respond.j2"
+JUDGE_OUTPUT = "metadata.judge"
+
+
+@dataclass
+class EvalPlan:
+    """Everything `datatailor eval` needs; the CLI only fills this in."""
+
+    testset: TestSet
+    candidate: Any
+    judge: Any
+    reference: Any | None = None  # None: use the test set's stored reference answers
+    rule: Rule = "strict"
+    respond_template: str = RESPOND_TEMPLATE
+    judge_template: str = SCORES_ONLY
+    limit: int | None = None
+    seed: int = 0
+    budget: Budget | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def stored_reference(self) -> bool:
+        return self.reference is None
+
+    def items(self) -> list[Record]:
+        records = self.testset.with_references() if self.stored_reference else list(self.testset.records)
+        if self.stored_reference and not records:
+            raise UserError(
+                f"test set {self.testset.name} has no stored reference answers; pass --reference MODEL instead of 'stored'"
+            )
+        return records[: self.limit] if self.limit else records
+
+
+def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
+    models = {"candidate": plan.candidate, "judge": plan.judge}
+    stages: list[dict[str, Any]] = []
+    if not plan.stored_reference:
+        models["reference"] = plan.reference
+        stages.append(
+            {"type": "generate", "name": "answer-reference", "role": "reference", "template": plan.respond_template,
+             "output": "metadata.reference"}
+        )
+    stages.append({"type": "respond", "name": "answer-candidate", "role": "candidate", "template": plan.respond_template})
+    stages.append(
+        {"type": "judge.pairwise", "name": "judge", "role": "judge", "a": "response", "b": "metadata.reference",
+         "rule": plan.rule, "template": plan.judge_template, "output": JUDGE_OUTPUT, "temperature": 0.0}
+    )
+    data = {
+        "name": f"eval-{plan.testset.name}",
+        "models": {role: cfg.model_dump(mode="json") for role, cfg in models.items()},
+        "input": str(input_path),
+        "stages": stages,
+        "seed": plan.seed,
+        "budget": plan.budget.model_dump() if plan.budget else None,
+    }
+    return parse_recipe(data, source=f"eval recipe ({plan.testset.name})", base_dir=plan.base_dir)
+
+
+def run_eval(plan: EvalPlan, out: Path, *, force: bool = False, show_progress: bool | None = None) -> tuple[RunResult, dict[str, Any] | None]:
+    """Run (or resume) an evaluation in `out`; write eval.json/eval.md when it completes."""
+    records = plan.items()
+    out.mkdir(parents=True, exist_ok=True)
+    input_path = out / "testset.jsonl"
+    write_testset(TestSet(plan.testset.name, plan.testset.source, records), input_path)
+    recipe = build_eval_recipe(plan, input_path)
+    result = run_recipe_sync(recipe, out / "run", force=force, show_progress=show_progress)
+    if result.status != "complete":
+        return result, None
+    summary = summarize_eval(out / "run", plan, n_items=len(records))
+    write_json(out / "eval.json", summary)
+    (out / "eval.md").write_text(render_eval_md(summary), encoding="utf-8")
+    return result, summary
+
+
+def _failure_kinds(run_dir: Path) -> dict[str, int]:
+    path = run_dir / "failures.jsonl"
+    if not path.is_file():
+        return {}
+    return dict(Counter(f"{row['stage']}:{row['kind']}" for _, row in read_jsonl_rows(path)))
+
+
+def _usage(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "usage.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("total", {}) if path.is_file() else {}
+
+
+def summarize_eval(run_dir: Path, plan: EvalPlan, n_items: int) -> dict[str, Any]:
+    """eval.json: every metric from the judged records of a finished evaluation run."""
+    judged = [r for r in read_records(run_dir / "data.jsonl") if isinstance(r.metadata.get("judge"), dict)]
+    scores = [scores_from_summary(r.metadata["judge"]) for r in judged]
+    overall = evaluate_scores(scores)
+    by_category: dict[str, Any] = {}
+    for category in sorted({str(r.metadata.get("category")) for r in judged if r.metadata.get("category")}):
+        mine = [s for r, s in zip(judged, scores) if str(r.metadata.get("category")) == category]
+        by_category[category] = metric_table(wtl_from_scores(mine, plan.rule))
+    return {
+        "kind": "datatailor-eval",
+        "testset": describe(plan.testset),
+        "items": n_items,
+        "judged": len(scores),
+        "failures": _failure_kinds(run_dir),
+        "rule": plan.rule,
+        "metrics": overall["by_rule"][plan.rule],
+        "position_consistency": overall["position_consistency"],
+        "flip_rate": overall["flip_rate"],
+        "by_rule": overall["by_rule"],
+        "by_category": by_category,
+        "models": {
+            "candidate": describe_model(plan.candidate),
+            "reference": "stored" if plan.stored_reference else describe_model(plan.reference),
+            "judge": describe_model(plan.judge),
+        },
+        "judge_template": plan.judge_template,
+        "usage": _usage(run_dir),
+        "run_dir": "run",
+    }
+
+
+def render_eval_md(s: dict[str, Any]) -> str:
+    m = s["metrics"]
+    ref = s["models"]["reference"]
+    ref_text = "stored reference answers" if ref == "stored" else f"{ref['backend']}:{ref['model']}"
+    cand = s["models"]["candidate"]
+    lines = [
+        f"# Evaluation on {s['testset']['name']}",
+        "",
+        f"Candidate `{cand['backend']}:{cand['model']}` against {ref_text}; judge "
+        f"`{s['models']['judge']['backend']}:{s['models']['judge']['model']}`, both orders, temperature 0.",
+        f"{s['judged']} of {s['items']} items judged" + (f"; failures: {s['failures']}" if s["failures"] else "") + ".",
+        "",
+        "| rule | W | T | L | N | CRR % | WR1 % | WR2 % | QS % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rule, t in s["by_rule"].items():
+        mark = " (headline)" if rule == s["rule"] else ""
+        lines.append(
+            f"| {rule}{mark} | {t['wins']} | {t['ties']} | {t['losses']} | {t['n']} | {percent(t['crr'])} | "
+            f"{percent(t['wr1'])} | {percent(t['wr2'])} | {percent(t['qs'])} |"
+        )
+    lines += [
+        "",
+        f"Judge position consistency: {percent(s['position_consistency'])} % of comparisons gave the same verdict in "
+        f"both orders; the winner flipped in {percent(s['flip_rate'])} %.",
+        "",
+        f"Headline ({s['rule']} rule): CRR {percent(m['crr'])} %, WR1 {percent(m['wr1'])} %, WR2 {percent(m['wr2'])} %, "
+        f"QS {percent(m['qs'])} % (W/T/L {m['wins']}/{m['ties']}/{m['losses']}).",
+    ]
+    if s["by_category"]:
+        lines += ["", "| category | W | T | L | CRR % |", "|---|---|---|---|---|"]
+        for cat, t in s["by_category"].items():
+            lines.append(f"| {cat} | {t['wins']} | {t['ties']} | {t['losses']} | {percent(t['crr'])} |")
+    usage = s.get("usage", {}).get("all", {})
+    if usage:
+        lines += ["", f"Model calls: {usage.get('requests', 0)} requests, {usage.get('cache_hits', 0)} cache hits, "
+                  f"${usage.get('cost_usd', 0.0):.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- quality rating
+
+
+def build_rate_recipe(data_path: Path, judge: Any, *, template: str = QUALITY_TEMPLATE, seed: int = 0,
+                      budget: Budget | None = None, base_dir: Path | None = None) -> Recipe:
+    data = {
+        "name": "quality-rating",
+        "models": {"judge": judge.model_dump(mode="json")},
+        "input": str(data_path),
+        "stages": [{"type": "quality.rate", "name": "rate", "role": "judge", "template": template}],
+        "seed": seed,
+        "budget": budget.model_dump() if budget else None,
+    }
+    return parse_recipe(data, source="rating recipe", base_dir=base_dir or Path.cwd())
+
+
+def data_file(source: Path) -> Path:
+    """The dataset of a run directory (its data.jsonl), or the file itself."""
+    if source.is_dir() and (source / "manifest.json").exists():
+        data = source / "data.jsonl"
+        if not data.exists():
+            raise UserError(f"{source}: the run is not complete yet (no data.jsonl); re-run it first")
+        return data
+    return source
+
+
+def run_rate(data_path: Path, judge: Any, out: Path, *, force: bool = False, show_progress: bool | None = None,
+             **recipe_options: Any) -> tuple[RunResult, dict[str, Any] | None]:
+    """Rate every pair of a dataset 0–5; write quality.json into `out` (the run itself goes to out/run)."""
+    recipe = build_rate_recipe(data_path.resolve(), judge, **recipe_options)
+    result = run_recipe_sync(recipe, out / "run", force=force, show_progress=show_progress)
+    if result.status != "complete":
+        return result, None
+    rated = read_records(out / "run" / "data.jsonl")
+    summary = {
+        "kind": "datatailor-quality",
+        "data": str(data_path),
+        "judge": describe_model(judge),
+        **summarize_quality(stored_scores(rated)).model_dump(),
+        "failures": _failure_kinds(out / "run"),
+        "usage": _usage(out / "run"),
+    }
+    write_json(out / "quality.json", summary)
+    return result, summary

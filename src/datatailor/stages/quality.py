@@ -1,0 +1,54 @@
+"""`quality.rate`: an AlpaGasus-style 0–5 rating of each pair, stored in `metadata.quality`.
+
+With `min_score` it is also AlpaGasus's filter: pairs rated below it are dropped with the score as
+the reason (AlpaGasus kept pairs rated ≥ 4.5).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from datatailor.errors import Rejected
+from datatailor.evaluate.quality import QUALITY_TEMPLATE, SCORE_MAX, SCORE_MIN, rate_pair
+from datatailor.records import Record
+from datatailor.stages.base import MapStage, StageConfig, register
+
+
+class QualityRateConfig(StageConfig):
+    type: Literal["quality.rate"] = "quality.rate"
+    role: str = Field("judge", description="Model role that rates.")
+    template: str = Field(QUALITY_TEMPLATE, description="Rating prompt; must ask for a 0-5 score on the first lines.")
+    key: str = Field("quality", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Store the score in metadata.<key>.")
+    min_score: float | None = Field(
+        None, ge=SCORE_MIN, le=SCORE_MAX, description="Drop pairs rated below this (AlpaGasus used 4.5); none: keep all."
+    )
+    temperature: float | None = Field(0.0, description="Rater temperature.")
+    max_tokens: int | None = Field(None, description="Override the model's max_tokens for the rating.")
+
+
+@register("quality.rate")
+class QualityRate(MapStage[QualityRateConfig]):
+    """Rate each pair 0–5 for accuracy and helpfulness; optionally drop low-rated pairs."""
+
+    Config = QualityRateConfig
+
+    async def process(self, record: Record) -> list[Record]:
+        cfg = self.config
+        if not record.response:
+            raise Rejected("nothing to rate: the pair has no response", kind="missing_field")
+        gen = await rate_pair(
+            self.ctx.model(cfg.role),
+            record,
+            template=cfg.template,
+            seed_key=(self.name, record.id),
+            base_dir=self.ctx.base_dir,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+        )
+        score = float(gen.value)
+        if cfg.min_score is not None and score < cfg.min_score:
+            raise Rejected(f"quality score {score:g} is below min_score {cfg.min_score:g}", kind="low_quality")
+        event = gen.event(self.name, decision="rated", reason=f"score {score:g}", score=score, reply=gen.text.strip()[:500])
+        return [record.with_event(event, metadata={**record.metadata, cfg.key: score})]
