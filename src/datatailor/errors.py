@@ -13,6 +13,8 @@ Three families, handled differently by the runner:
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DatatailorError(Exception):
     """Base class of every error datatailor raises on purpose."""
@@ -27,10 +29,13 @@ class RecordFailure(DatatailorError):
 
     kind: str = "error"
 
-    def __init__(self, message: str, kind: str | None = None):
+    def __init__(self, message: str, kind: str | None = None, record: Any = None):
         super().__init__(message)
         if kind is not None:
             self.kind = kind
+        # Optional: the input record with the lineage of what was tried, shown in the failure row
+        # instead of the bare input (same id), so a dropped row explains itself.
+        self.record = record
 
 
 class Rejected(RecordFailure):

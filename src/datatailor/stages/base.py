@@ -57,6 +57,9 @@ class StageContext:
     base_dir: Path
     recipe: Any = None
     shared: dict[str, Any] = field(default_factory=dict)
+    # This stage's checkpoint folder (outputs.jsonl, failures.jsonl): finalize() may read its own
+    # failure rows from it, e.g. to report on dropped records after a resume.
+    checkpoint_dir: Path | None = None
 
     def model(self, role: str) -> RoleModel:
         return self.models.role(role)

@@ -1,0 +1,265 @@
+"""CodecLM run report: why pairs were kept or dropped, per iteration, and what the data covers.
+
+Written by `codec.contrastive` when it finishes, into the run directory:
+
+* `codec_report.json`  the numbers;
+* `codec_report.md`    the same as short tables;
+* `codec_report.html`  a self-contained page (inline CSS bars, no scripts).
+
+Inputs: the kept records (their `metadata.codec` summary), the stage's failure rows (their records carry the
+same summary for what was tried), and `metadata.jsonl` (the pool, with the seeds behind each entry).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from datatailor.io import atomic_open, write_json
+from datatailor.records import Record
+
+REPORT_JSON = "codec_report.json"
+REPORT_MD = "codec_report.md"
+REPORT_HTML = "codec_report.html"
+
+# G lies in [-9, 9] on a 1–10 scale; one bin per point.
+GAP_EDGES = list(range(-9, 10))
+
+
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a missing file is an empty list (a torn last line is skipped)."""
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def gap_histogram(gaps: list[float]) -> list[dict[str, Any]]:
+    """Counts of G per unit bin [a, a+1); the last bin also holds G = 9."""
+    counts = [0] * (len(GAP_EDGES) - 1)
+    for g in gaps:
+        i = min(max(int((g - GAP_EDGES[0]) // 1), 0), len(counts) - 1)
+        counts[i] += 1
+    return [{"from": GAP_EDGES[i], "to": GAP_EDGES[i + 1], "count": c} for i, c in enumerate(counts)]
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _coverage(entries: list[dict[str, Any]], pairs: list[Record]) -> dict[str, Any]:
+    seed_uc: Counter[str] = Counter()
+    seed_sk: Counter[str] = Counter()
+    pool_uc: Counter[str] = Counter()
+    pool_sk: Counter[str] = Counter()
+    for e in entries:
+        pool_uc[e["use_case"]] += 1
+        pool_sk.update(e["skills"])
+        if e.get("origin") in ("seed", "given"):
+            weight = max(1, len(e.get("seeds") or []))
+            seed_uc[e["use_case"]] += weight
+            for s in e["skills"]:
+                seed_sk[s] += weight
+    gen_uc: Counter[str] = Counter()
+    gen_sk: Counter[str] = Counter()
+    for r in pairs:
+        if r.metadata.get("use_case"):
+            gen_uc[r.metadata["use_case"]] += 1
+        gen_sk.update(r.metadata.get("skills") or [])
+
+    def covered(seed: Counter[str], gen: Counter[str]) -> dict[str, Any]:
+        hit = sorted(k for k in seed if gen[k])
+        return {
+            "seed": len(seed),
+            "covered": len(hit),
+            "share": _share(len(hit), len(seed)),
+            "missing": sorted(k for k in seed if not gen[k]),
+            "only_generated": sorted(k for k in gen if k not in seed),
+        }
+
+    return {
+        "seed_use_cases": dict(seed_uc.most_common()),
+        "seed_skills": dict(seed_sk.most_common()),
+        "pool_use_cases": dict(pool_uc.most_common()),
+        "pool_skills": dict(pool_sk.most_common()),
+        "generated_use_cases": dict(gen_uc.most_common()),
+        "generated_skills": dict(gen_sk.most_common()),
+        "use_cases": covered(seed_uc, gen_uc),
+        "skills": covered(seed_sk, gen_sk),
+    }
+
+
+def build_codec_report(
+    kept: list[Record],
+    dropped: list[dict[str, Any]],
+    pool: list[dict[str, Any]],
+    *,
+    threshold: float,
+    max_iterations: int,
+    budget_pairs: int | None,
+    pool_requested: int | None = None,
+) -> dict[str, Any]:
+    """The report's numbers. `dropped` are the contrastive stage's failure rows."""
+    passed = [r for r in kept if not r.metadata.get("codec", {}).get("below_threshold")]
+    kept_below = [r for r in kept if r.metadata.get("codec", {}).get("below_threshold")]
+    histories: list[list[dict[str, Any]]] = [r.metadata.get("codec", {}).get("history", []) for r in kept]
+    failure_kinds: Counter[str] = Counter()
+    for row in dropped:
+        failure_kinds[row.get("kind", "error")] += 1
+        summary = ((row.get("record") or {}).get("metadata") or {}).get("codec") or {}
+        histories.append(summary.get("history", []))
+    n_instructions = len(kept) + len(dropped)
+
+    iterations: list[dict[str, Any]] = []
+    for i in range(1, max_iterations + 1):
+        entered = sum(1 for h in histories if len(h) >= i)
+        scored = sum(1 for h in histories if len(h) >= i and h[i - 1].get("G") is not None)
+        kept_i = [r for r in passed if r.metadata["codec"]["iteration"] == i]
+        iterations.append({
+            "iteration": i,
+            "entered": entered,
+            "scored": scored,
+            "kept": len(kept_i),
+            "kept_strong": sum(1 for r in kept_i if r.metadata["codec"]["kept"] == "strong"),
+            "kept_target": sum(1 for r in kept_i if r.metadata["codec"]["kept"] == "target"),
+            "kept_share": _share(len(kept_i), scored),
+            "data_share": _share(len(kept_i), len(passed)),
+        })
+    all_gaps = [step["G"] for h in histories for step in h if step.get("G") is not None]
+    final_gaps = [h[-1]["G"] for h in histories if h and h[-1].get("G") is not None]
+    return {
+        "budget_pairs": budget_pairs,
+        "instructions": n_instructions,
+        "kept": len(kept),
+        "kept_above_threshold": len(passed),
+        "kept_strong": sum(1 for r in passed if r.metadata["codec"]["kept"] == "strong"),
+        "kept_target": sum(1 for r in passed if r.metadata["codec"]["kept"] == "target"),
+        "kept_below_threshold": len(kept_below),
+        "budget_met": (len(kept) >= budget_pairs) if budget_pairs else None,
+        "dropped": dict(sorted(failure_kinds.items())),
+        "threshold": threshold,
+        "max_iterations": max_iterations,
+        "pool_size": len(pool),
+        "pool_requested": pool_requested,
+        "pool_origins": dict(Counter(e.get("origin", "seed") for e in pool)),
+        "iterations": iterations,
+        "gap_histogram": {"all_scored": gap_histogram(all_gaps), "final": gap_histogram(final_gaps)},
+        "gap_count": {"all_scored": len(all_gaps), "final": len(final_gaps)},
+        "coverage": _coverage(pool, kept),
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    budget = report["budget_pairs"]
+    lines = [
+        "# CodecLM report",
+        "",
+        f"- Instructions filtered: **{report['instructions']}**; kept **{report['kept']}**"
+        + (f" of a data budget of {budget}" + ("" if report["budget_met"] else " (budget not met: filtering dropped the rest)") if budget else ""),
+        f"- Kept with the strong answer (G > {report['threshold']}): {report['kept_strong']}; with the target answer "
+        f"(G < -{report['threshold']}): {report['kept_target']}; kept below the threshold (flag): {report['kept_below_threshold']}",
+        f"- Dropped: " + (", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"),
+        f"- Metadata pool: {report['pool_size']} entries"
+        + (f" (requested {report['pool_requested']})" if report.get("pool_requested") is not None else "")
+        + (", " + ", ".join(f"{k} {v}" for k, v in report["pool_origins"].items()) if report["pool_origins"] else ""),
+        "",
+        "## Per iteration",
+        "",
+        "| iteration | entered | scored | kept | strong | target | kept share | data share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for it in report["iterations"]:
+        lines.append(
+            f"| {it['iteration']} | {it['entered']} | {it['scored']} | {it['kept']} | {it['kept_strong']} | "
+            f"{it['kept_target']} | {_pct(it['kept_share'])} | {_pct(it['data_share'])} |"
+        )
+    lines += ["", "kept share = kept at this iteration / scored at it; data share = kept at it / all kept above θ.", ""]
+    lines += ["## Gap G = S(strong) − S(target)", "", "| G from | to | all scored | final |", "|---|---|---|---|"]
+    for a, b in zip(report["gap_histogram"]["all_scored"], report["gap_histogram"]["final"]):
+        if a["count"] or b["count"]:
+            lines.append(f"| {a['from']} | {a['to']} | {a['count']} | {b['count']} |")
+    cov = report["coverage"]
+    lines += ["", "## Coverage of the seeds' metadata by the kept data", ""]
+    for label, key in (("Use cases", "use_cases"), ("Skills", "skills")):
+        c = cov[key]
+        lines.append(
+            f"- {label}: {c['covered']} of {c['seed']} covered ({_pct(c['share'])}); "
+            f"missing: {', '.join(c['missing']) or 'none'}; only in generated data: {len(c['only_generated'])}"
+        )
+    lines += ["", "| use case | seeds | pool entries | kept pairs |", "|---|---|---|---|"]
+    names = list(dict.fromkeys([*cov["seed_use_cases"], *cov["pool_use_cases"], *cov["generated_use_cases"]]))
+    for n in names:
+        lines.append(
+            f"| {n} | {cov['seed_use_cases'].get(n, 0)} | {cov['pool_use_cases'].get(n, 0)} | {cov['generated_use_cases'].get(n, 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _bars(rows: list[tuple[str, int]]) -> str:
+    top = max((c for _, c in rows), default=0) or 1
+    out = []
+    for label, count in rows:
+        width = round(100 * count / top)
+        out.append(
+            f"<tr><td>{html.escape(label)}</td><td class=n>{count}</td>"
+            f"<td class=bar><div style='width:{width}%'></div></td></tr>"
+        )
+    return "<table class=bars>" + "".join(out) + "</table>"
+
+
+def render_html(report: dict[str, Any], markdown: str) -> str:
+    it_rows = "".join(
+        f"<tr><td>{it['iteration']}</td><td>{it['entered']}</td><td>{it['scored']}</td><td>{it['kept']}</td>"
+        f"<td>{_pct(it['kept_share'])}</td><td>{_pct(it['data_share'])}</td></tr>"
+        for it in report["iterations"]
+    )
+    gaps = [(f"[{b['from']}, {b['to']})", b["count"]) for b in report["gap_histogram"]["all_scored"]]
+    cov = report["coverage"]
+    summary = html.escape(markdown.split("## Per iteration")[0].replace("# CodecLM report", "").strip())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>CodecLM report</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}}
+table{{border-collapse:collapse;margin:.5rem 0 1.5rem}} td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
+.bars td.bar{{width:24rem}} .bars td.bar div{{background:#4a7bd0;height:.8rem}} td.n{{text-align:right}}
+pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}}
+</style></head><body>
+<h1>CodecLM report</h1>
+<pre>{summary}</pre>
+<h2>Per iteration</h2>
+<table><tr><th>iteration</th><th>entered</th><th>scored</th><th>kept</th><th>kept share</th><th>data share</th></tr>{it_rows}</table>
+<h2>Gap G = S(strong) − S(target), every scored iteration (threshold ±{report['threshold']})</h2>
+{_bars(gaps)}
+<h2>Use cases: seeds vs kept pairs</h2>
+<h3>seeds</h3>{_bars(list(cov['seed_use_cases'].items()))}
+<h3>kept pairs</h3>{_bars(list(cov['generated_use_cases'].items()))}
+<h2>Skills: seeds vs kept pairs</h2>
+<h3>seeds</h3>{_bars(list(cov['seed_skills'].items()))}
+<h3>kept pairs</h3>{_bars(list(cov['generated_skills'].items()))}
+</body></html>
+"""
+
+
+def write_codec_report(out_dir: Path, **inputs: Any) -> dict[str, Any]:
+    """Build the report and write its three files into `out_dir`; returns the numbers."""
+    report = build_codec_report(**inputs)
+    markdown = render_markdown(report)
+    write_json(out_dir / REPORT_JSON, report)
+    with atomic_open(out_dir / REPORT_MD) as fh:
+        fh.write(markdown)
+    with atomic_open(out_dir / REPORT_HTML) as fh:
+        fh.write(render_html(report, markdown))
+    return report

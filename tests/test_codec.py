@@ -1,0 +1,506 @@
+"""CodecLM stages on scripted models: every branch of Contrastive Filtering, metadata-only mode, budget sizing,
+determinism, lineage and the report.
+
+The scripted world: a seed "[uc=<use case>|sk=<a>,<b>] …" encodes to that use case and those skills. Use cases
+steer the outcome of the contrastive loop because decoded instructions mention their use case:
+
+* hard      the target answers badly: G = +7 at iteration 1 → kept with the strong answer;
+* flip      the strong model answers badly: G = −7 → kept with the target answer;
+* late      both answer well until the instruction is improved once: kept at iteration 2;
+* easy      both always answer well: G = 0 → below threshold after every iteration;
+* judgefail the judge never gives two numbers → parse_error after the re-asks.
+
+A seed containing GARBLE never encodes (parse_error at codec.encode).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datatailor.errors import UserError
+from datatailor.llm.base import CompletionRequest
+from datatailor.recipe import Recipe, parse_recipe
+from datatailor.records import Record
+from datatailor.runner import RunResult, run_recipe_sync
+from datatailor.stages.codec import (
+    clean_skill,
+    instructions_per_entry,
+    load_given_entries,
+    metadata_id,
+    parse_rewritten,
+    parse_rubrics_actions,
+)
+
+# ----------------------------------------------------------------------------- the scripted world
+
+REPAIR_PREFIX = "I could not read your previous reply"
+
+
+def _original(request: CompletionRequest) -> str:
+    """The request's own last user message, skipping re-ask turns."""
+    for m in reversed(request.messages):
+        if m.role == "user" and not m.content.startswith(REPAIR_PREFIX):
+            return m.content
+    return ""
+
+
+def _quality(answer: str) -> int:
+    m = re.search(r"QUALITY=(\d+)", answer)
+    return int(m.group(1)) if m else 5
+
+
+def strong(request: CompletionRequest) -> str:
+    system = request.messages[0].content if request.messages[0].role == "system" else ""
+    prompt = _original(request)
+    if "analyst of the requests" in system:
+        seed = prompt.split("Request:\n", 1)[1]
+        if "GARBLE" in seed:
+            return "This request is hard to classify."
+        m = re.search(r"\[uc=([^|\]]+)\|sk=([^\]]+)\]", seed)
+        assert m, seed
+        label = "Task" if "TASKLABEL" in seed else "Use case"
+        return f"{label}: {m.group(1)}\nSkills: {m.group(2).replace(',', ', ')}"
+    if prompt.startswith("Write ") and "Use case the requests must serve" in prompt:
+        n = int(re.match(r"Write (\d+)", prompt).group(1))
+        use_case = re.search(r"must serve: (.+)", prompt).group(1)
+        skills = re.search(r"to answer them: (.+)", prompt).group(1)
+        return "\n".join(f"{i + 1}. Task {i + 1} about {use_case} needing {skills}." for i in range(n))
+    if "rubrics for rating" in prompt:
+        n = int(re.search(r"write (\d+) rubrics", prompt).group(1))
+        rubrics = "\n".join(f"{i + 1}. Rubric {i + 1}: depth level {i + 1}" for i in range(n))
+        actions = "\n".join(f"{i + 1}. Add requirement {i + 1}" for i in range(n))
+        return f"Rubrics:\n{rubrics}\nActions:\n{actions}"
+    if "Make the request below harder" in prompt:
+        instruction = prompt.split("Request:\n", 1)[1].split("\n\nNew request:")[0]
+        action = prompt.split("change described here:\n", 1)[1].split("\n", 1)[0]
+        return f"New request: {instruction} (harder: {action.lower()})"
+    if "Compare how well each assistant" in prompt:
+        if "judgefail" in prompt:
+            return "Both answers have merit."
+        a = prompt.split("<<< Answer of Assistant 1 >>>\n", 1)[1].split("\n<<< End", 1)[0]
+        b = prompt.split("<<< Answer of Assistant 2 >>>\n", 1)[1].split("\n<<< End", 1)[0]
+        return f"{_quality(a)} {_quality(b)}"
+    if "careful, helpful assistant" in system:
+        return "Strong answer. QUALITY=2" if "flip" in prompt else "Strong answer. QUALITY=9"
+    raise AssertionError(f"strong model: unexpected prompt {prompt[:120]!r}")
+
+
+def target(request: CompletionRequest) -> str:
+    prompt = _original(request)
+    if "flip" in prompt:
+        return "Target answer. QUALITY=9"
+    if "easy" in prompt or "judgefail" in prompt:
+        return "Target answer. QUALITY=9"
+    if "late" in prompt:
+        return "Target answer. QUALITY=2" if "(harder" in prompt else "Target answer. QUALITY=8"
+    return "Target answer. QUALITY=2"
+
+
+MODELS = {
+    "strong": {"backend": "scripted", "model": "scripted-strong", "handler": "tests.test_codec:strong"},
+    "target": {"backend": "scripted", "model": "scripted-target", "handler": "tests.test_codec:target"},
+}
+
+SEEDS = [
+    "[uc=hard|sk=proof writing,algebra] Prove that the sum of two even numbers is even.",
+    "[uc=flip|sk=small talk] Say hello to a new colleague.",
+    "[uc=late|sk=trip planning,budgeting] Plan a weekend in Lisbon.",
+    "[uc=easy|sk=spelling] Spell the word necessary. TASKLABEL",
+    "GARBLE seed that the encoder cannot read",
+]
+
+
+def seed_rows(texts: list[str]) -> list[dict[str, str]]:
+    return [{"instruction": t} for t in texts]
+
+
+def make(tmp_path: Path, stages: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None, **fields: Any) -> Recipe:
+    data: dict[str, Any] = {"models": MODELS, "stages": stages, **fields}
+    if rows is not None:
+        path = tmp_path / "seeds.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        data["input"] = str(path)
+    return parse_recipe(data, "test-codec", tmp_path)
+
+
+def run(recipe: Recipe, out: Path) -> RunResult:
+    return run_recipe_sync(recipe, out, show_progress=False)
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def stage_rows(out: Path, index: int, name: str, file: str = "outputs.jsonl") -> list[dict[str, Any]]:
+    return rows(out / "stages" / f"{index:02d}-{name}" / file)
+
+
+PIPELINE = [
+    {"type": "codec.encode"},
+    {"type": "codec.augment", "pool_size": 4},
+    {"type": "codec.rubrics"},
+    {"type": "codec.decode"},
+    {"type": "codec.contrastive"},
+]
+
+
+# ----------------------------------------------------------------------------- the full pipeline from seeds
+
+
+@pytest.fixture
+def seeds_run(tmp_path: Path) -> tuple[Path, RunResult]:
+    recipe = make(tmp_path, PIPELINE, seed_rows(SEEDS), budget_pairs=8, cache=False)
+    out = tmp_path / "out"
+    return out, run(recipe, out)
+
+
+def test_every_branch_of_contrastive_filtering(seeds_run: tuple[Path, RunResult]) -> None:
+    out, result = seeds_run
+    assert result.status == "complete"
+    data = rows(out / "data.jsonl")
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for r in data:
+        by_case.setdefault(r["metadata"]["use_case"], []).append(r)
+    # Four seed entries (hard, flip, late, easy), no room to augment: k = ceil(8 / 4) = 2 per entry.
+    assert {k: len(v) for k, v in by_case.items()} == {"hard": 2, "flip": 2, "late": 2}
+    for r in by_case["hard"]:
+        codec = r["metadata"]["codec"]
+        assert (codec["kept"], codec["iteration"], codec["G"]) == ("strong", 1, 7.0)
+        assert r["response"] == "Strong answer. QUALITY=9"
+        assert r["metadata"]["action_chain"] == []
+    for r in by_case["flip"]:
+        codec = r["metadata"]["codec"]
+        assert (codec["kept"], codec["iteration"], codec["G"]) == ("target", 1, -7.0)
+        assert r["response"] == "Target answer. QUALITY=9"
+    for r in by_case["late"]:
+        codec = r["metadata"]["codec"]
+        assert (codec["kept"], codec["iteration"], codec["G"]) == ("strong", 2, 7.0)
+        assert [h["G"] for h in codec["history"]] == [1.0, 7.0]
+        assert len(r["metadata"]["action_chain"]) == 1
+        step = r["metadata"]["action_chain"][0]
+        assert step["action"].startswith("Add requirement") and step["rubric"].startswith("Rubric")
+        assert "(harder: add requirement" in r["instruction"]
+        assert step["from"] in r["instruction"]
+
+    failures = rows(out / "failures.jsonl")
+    kinds = sorted((f["stage"], f["kind"]) for f in failures)
+    assert kinds == [("codec.contrastive", "below_threshold")] * 2 + [("codec.encode", "parse_error")]
+    for f in failures:
+        if f["kind"] == "below_threshold":
+            codec = f["record"]["metadata"]["codec"]
+            assert [h["G"] for h in codec["history"]] == [0.0, 0.0, 0.0, 0.0]
+            assert len(f["record"]["metadata"]["action_chain"]) == 3
+            assert "G = +0.00, +0.00, +0.00, +0.00" in f["message"]
+
+
+def test_encoder_accepts_task_label_and_garbled_seed_is_a_parse_failure(seeds_run: tuple[Path, RunResult]) -> None:
+    out, _ = seeds_run
+    encoded = [r for row in stage_rows(out, 0, "codec.encode") for r in row["records"]]
+    easy = next(r for r in encoded if "TASKLABEL" in r["instruction"])
+    assert easy["metadata"]["use_case"] == "easy" and easy["metadata"]["skills"] == ["spelling"]
+    garbled = next(f for f in rows(out / "failures.jsonl") if f["stage"] == "codec.encode")
+    assert garbled["kind"] == "parse_error"
+    assert "3 attempt(s)" in garbled["message"]  # the first ask and two re-asks
+
+
+def test_lineage_of_a_kept_pair(seeds_run: tuple[Path, RunResult]) -> None:
+    out, _ = seeds_run
+    late = next(r for r in rows(out / "data.jsonl") if r["metadata"]["use_case"] == "late")
+    md = late["metadata"]
+    assert md["entry_id"] == metadata_id("late", ["trip planning", "budgeting"])
+    assert md["rubrics"] and len(md["actions"]) == 4
+    codec = md["codec"]
+    assert codec["scores"] == {
+        "strong_shown_first": {"strong": 9.0, "target": 2.0},
+        "target_shown_first": {"strong": 9.0, "target": 2.0},
+        "mean_strong": 9.0,
+        "mean_target": 2.0,
+        "position_consistent": True,
+    }
+    assert codec["strong_response"] == "Strong answer. QUALITY=9"
+    assert codec["target_response"] == "Target answer. QUALITY=2"
+    stages = [e["stage"] + ":" + (e["decision"] or "") for e in late["lineage"]]
+    assert stages[:4] == ["codec.encode:encoded", "codec.augment:pooled", "codec.rubrics:rubrics", "codec.decode:decoded"]
+    scored = [e for e in late["lineage"] if e["decision"] == "scored"]
+    assert [e["details"]["G"] for e in scored] == [1.0, 7.0]
+    assert scored[-1]["details"]["strong_shown_first"] == {"strong": 9.0, "target": 2.0}
+    assert any(e["decision"] == "improved" and e["details"]["iteration"] == 2 for e in late["lineage"])
+    assert late["lineage"][-1]["decision"] == "kept:strong"
+
+
+def test_metadata_pool_file_names_the_seeds(seeds_run: tuple[Path, RunResult]) -> None:
+    out, _ = seeds_run
+    pool = rows(out / "metadata.jsonl")
+    assert len(pool) == 4 and {p["origin"] for p in pool} == {"seed"}
+    seeds = {r["id"]: r["instruction"] for row in stage_rows(out, 0, "codec.encode") for r in row["records"]}
+    for entry in pool:
+        (seed_id,) = entry["seeds"]
+        assert f"[uc={entry['use_case']}|" in seeds[seed_id]
+        assert entry["use_case_seeds"] == [seed_id]
+        assert set(entry["skill_seeds"]) == set(entry["skills"])
+
+
+def test_report_counts(seeds_run: tuple[Path, RunResult]) -> None:
+    out, _ = seeds_run
+    report = json.loads((out / "codec_report.json").read_text())
+    assert (out / "codec_report.md").read_text().startswith("# CodecLM report")
+    assert "<html>" in (out / "codec_report.html").read_text()
+    assert report["instructions"] == 8 and report["kept"] == 6
+    assert (report["kept_strong"], report["kept_target"], report["kept_below_threshold"]) == (4, 2, 0)
+    assert report["dropped"] == {"below_threshold": 2}
+    assert report["budget_pairs"] == 8 and report["budget_met"] is False
+    it = {i["iteration"]: i for i in report["iterations"]}
+    assert (it[1]["entered"], it[1]["kept"], it[1]["data_share"]) == (8, 4, round(4 / 6, 4))
+    assert (it[2]["entered"], it[2]["kept"], it[2]["kept_share"]) == (4, 2, 0.5)
+    assert (it[3]["entered"], it[4]["entered"], it[4]["kept"]) == (2, 2, 0)
+    hist = {b["from"]: b["count"] for b in report["gap_histogram"]["all_scored"]}
+    # G: hard 2 × +7; late 2 × (+1, +7); easy 2 × 4 × 0; flip 2 × −7 — 16 scored iterations.
+    assert (hist[7], hist[1], hist[0], hist[-7]) == (4, 2, 8, 2)
+    assert report["gap_count"] == {"all_scored": 16, "final": 8}
+    cov = report["coverage"]
+    assert cov["use_cases"]["seed"] == 4 and cov["use_cases"]["missing"] == ["easy"]
+    assert cov["generated_use_cases"] == {"hard": 2, "flip": 2, "late": 2}
+
+
+# ----------------------------------------------------------------------------- flags, failures, modes
+
+
+def test_keep_below_threshold_keeps_the_flagged_pairs(tmp_path: Path) -> None:
+    stages = [dict(s) for s in PIPELINE]
+    stages[-1] = {"type": "codec.contrastive", "keep_below_threshold": True, "max_iterations": 2}
+    recipe = make(tmp_path, stages, seed_rows(SEEDS[3:4]), budget_pairs=2)
+    out = tmp_path / "out"
+    assert run(recipe, out).status == "complete"
+    data = rows(out / "data.jsonl")
+    assert len(data) == 2
+    for r in data:
+        codec = r["metadata"]["codec"]
+        assert codec["below_threshold"] is True and codec["kept"] == "strong" and codec["iteration"] == 2
+        assert r["lineage"][-1]["reason"].endswith("kept by keep_below_threshold")
+    report = json.loads((out / "codec_report.json").read_text())
+    assert report["kept_below_threshold"] == 2 and report["kept_above_threshold"] == 0
+    assert not (out / "failures.jsonl").read_text().strip()
+
+
+def test_unparseable_judge_output_is_a_parse_failure_with_its_trace(tmp_path: Path) -> None:
+    recipe = make(tmp_path, PIPELINE, seed_rows(["[uc=judgefail|sk=anything] Judge me."]), budget_pairs=1)
+    out = tmp_path / "out"
+    assert run(recipe, out).status == "complete"
+    assert rows(out / "data.jsonl") == []
+    (failure,) = rows(out / "failures.jsonl")
+    assert (failure["stage"], failure["kind"]) == ("codec.contrastive", "parse_error")
+    assert "did not parse after 3 attempt(s)" in failure["message"]
+    # The failure row shows what was tried: both answers were given before the judge failed.
+    decisions = [e["decision"] for e in failure["record"]["lineage"] if e["stage"] == "codec.contrastive"]
+    assert decisions == ["answered", "answered"]
+    usage = json.loads((out / "usage.json").read_text())["run"]["roles"]["strong"]
+    # encode 1 + rubrics 1 + decode 1 + strong answer 1 + judge 2 orders × 3 attempts
+    assert usage["requests"] == 10
+
+
+def test_metadata_only_mode(tmp_path: Path) -> None:
+    meta_file = tmp_path / "metadata.yaml"
+    meta_file.write_text(
+        "- use_case: hard\n  skills: [Chess Openings, endgame study]\n"
+        "- use_case: Flip\n  skills: [poetry]\n",
+        encoding="utf-8",
+    )
+    stages = [
+        {"type": "codec.metadata", "file": "metadata.yaml", "entries": [{"use_case": "late", "skills": ["travel"]}]},
+        {"type": "codec.augment", "pool_size": 6},
+        {"type": "codec.rubrics"},
+        {"type": "codec.decode"},
+        {"type": "codec.contrastive"},
+    ]
+    recipe = make(tmp_path, stages, budget_pairs=6)
+    out = tmp_path / "out"
+    assert run(recipe, out).status == "complete"
+    pool = rows(out / "metadata.jsonl")
+    assert len(pool) == 6
+    given = [p for p in pool if p["origin"] == "given"]
+    assert {p["use_case"] for p in given} == {"hard", "flip", "late"}  # labels normalised
+    assert any(p["skills"] == ["chess openings", "endgame study"] for p in given)
+    for p in pool:
+        if p["origin"] == "augmented":
+            assert p["use_case_seeds"] and all(p["skill_seeds"][s] for s in p["skills"])
+            assert set(p["seeds"]) <= {g["id"] for g in given}
+    data = rows(out / "data.jsonl")
+    assert len(data) == 6  # k = 1 per entry; hard, flip and late all pass
+    assert all(r["metadata"]["codec"]["kept"] in ("strong", "target") for r in data)
+
+
+def test_metadata_file_errors_name_file_and_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "meta.yaml"
+    bad.write_text("- use_case: x\n  skills: []\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"meta.yaml: entry 1: skills"):
+        load_given_entries(bad)
+    with pytest.raises(UserError, match="file not found"):
+        load_given_entries(tmp_path / "missing.yaml")
+    with pytest.raises(UserError, match="entries"):
+        make(tmp_path, [{"type": "codec.metadata"}])
+
+
+def test_budget_sizing_gives_an_equal_k_per_entry(tmp_path: Path) -> None:
+    assert instructions_per_entry(2000, 200, None) == 10
+    assert instructions_per_entry(7, 3, None) == 3
+    assert instructions_per_entry(2, 5, None) == 1
+    assert instructions_per_entry(None, 5, 4) == 4
+    with pytest.raises(UserError, match="budget_pairs"):
+        instructions_per_entry(None, 5, None)
+    stages = [
+        {"type": "codec.metadata", "entries": [{"use_case": "hard", "skills": ["a", "b", "c"]}]},
+        {"type": "codec.augment", "pool_size": 3, "max_skills": 2},
+        {"type": "codec.decode"},
+    ]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages, budget_pairs=7), out).status == "complete"
+    data = rows(out / "data.jsonl")
+    per_entry: dict[str, int] = {}
+    for r in data:
+        per_entry[r["metadata"]["entry_id"]] = per_entry.get(r["metadata"]["entry_id"], 0) + 1
+    assert sorted(per_entry.values()) == [3, 3, 3]
+    assert {r["lineage"][-1]["details"]["requested"] for r in data} == {3}
+    overridden = [dict(s) for s in stages]
+    overridden[-1] = {"type": "codec.decode", "instructions_per_entry": 2}
+    out2 = tmp_path / "out2"
+    assert run(make(tmp_path, overridden, budget_pairs=7), out2).status == "complete"
+    assert len(rows(out2 / "data.jsonl")) == 6
+    with pytest.raises(UserError, match="budget_pairs"):
+        run(make(tmp_path, stages), tmp_path / "out3")
+
+
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:
+    stages = [dict(s) for s in PIPELINE]
+    stages[1] = {"type": "codec.augment", "pool_size": 10}
+    seeds = seed_rows(SEEDS[:4])
+
+    def data_bytes(seed: int, name: str) -> bytes:
+        folder = tmp_path / name
+        folder.mkdir()
+        out = folder / "out"
+        assert run(make(folder, stages, seeds, budget_pairs=10, seed=seed, cache=False), out).status == "complete"
+        return (out / "data.jsonl").read_bytes() + (out / "metadata.jsonl").read_bytes()
+
+    first, again, other = data_bytes(1, "a"), data_bytes(1, "b"), data_bytes(2, "c")
+    assert first == again
+    assert first != other
+
+
+def test_augment_mixes_and_matches_without_duplicates(tmp_path: Path) -> None:
+    stages = [
+        {"type": "codec.metadata", "entries": [
+            {"use_case": "u1", "skills": ["s1", "s2"]},
+            {"use_case": "u2", "skills": ["s3"]},
+        ]},
+        {"type": "codec.augment", "pool_size": 100},
+    ]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages), out).status == "complete"
+    pool = rows(out / "metadata.jsonl")
+    # 2 use cases × (3 + 3 + 1) non-empty subsets of ≤ 3 of the 3 skills = 14 distinct entries at most.
+    assert len(pool) == 14
+    assert len({p["id"] for p in pool}) == 14
+    assert all(1 <= len(p["skills"]) <= 3 and len(set(p["skills"])) == len(p["skills"]) for p in pool)
+    assert [p["origin"] for p in pool[:2]] == ["given", "given"]
+
+
+def test_improve_stage_follows_a_sampled_action(tmp_path: Path) -> None:
+    stages = [
+        {"type": "codec.metadata", "entries": [{"use_case": "hard", "skills": ["algebra"]}]},
+        {"type": "codec.rubrics", "count": 3},
+        {"type": "codec.decode", "instructions_per_entry": 2},
+        {"type": "codec.improve"},
+    ]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages), out).status == "complete"
+    data = rows(out / "data.jsonl")
+    assert len(data) == 2
+    for r in data:
+        (step,) = r["metadata"]["action_chain"]
+        assert step["action"] in r["metadata"]["actions"] and len(r["metadata"]["actions"]) == 3
+        assert r["instruction"].startswith(step["from"]) and "(harder:" in r["instruction"]
+        assert r["lineage"][-1]["decision"] == "improved"
+    usage = json.loads((out / "usage.json").read_text())["run"]["roles"]["strong"]
+    assert usage["requests"] == 1 + 1 + 2  # rubrics once per entry, decode once, two rewrites
+
+
+def test_rubrics_are_computed_once_per_entry_even_on_instructions(tmp_path: Path) -> None:
+    stages = [
+        {"type": "codec.metadata", "entries": [{"use_case": "hard", "skills": ["algebra"]}]},
+        {"type": "codec.decode", "instructions_per_entry": 3},
+        {"type": "codec.rubrics"},
+    ]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages, cache=False), out).status == "complete"
+    data = rows(out / "data.jsonl")
+    assert len(data) == 3 and all(len(r["metadata"]["actions"]) == 4 for r in data)
+    usage = json.loads((out / "usage.json").read_text())["run"]["roles"]["strong"]
+    assert usage["requests"] == 2  # one decode, one rubric call shared by the three instructions
+    assert sum(1 for r in data if r["lineage"][-1]["details"].get("shared_call")) == 2
+
+
+def test_select_trims_to_exactly_the_budget(tmp_path: Path) -> None:
+    stages = [
+        {"type": "codec.metadata", "entries": [
+            {"use_case": "hard", "skills": ["algebra"]},
+            {"use_case": "flip", "skills": ["poetry"]},
+        ]},
+        {"type": "codec.rubrics"},
+        {"type": "codec.decode", "instructions_per_entry": 3},
+        {"type": "codec.contrastive"},
+        {"type": "codec.select"},
+    ]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages, budget_pairs=3), out).status == "complete"
+    data = rows(out / "data.jsonl")
+    assert len(data) == 3
+    assert {r["metadata"]["use_case"] for r in data} == {"hard", "flip"}  # spread keeps both entries
+    trimmed = [f for f in rows(out / "failures.jsonl") if f["kind"] == "over_budget"]
+    assert len(trimmed) == 3
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def test_parse_rubrics_actions_layouts() -> None:
+    sections = "Rubrics:\n1. r one\n2. r two\n\nActions:\n1. a one\n2. a two\n3. a three"
+    assert parse_rubrics_actions(sections, 2) == (["r one", "r two"], ["a one", "a two"])
+    labelled = "1. Rubric: clarity\n   Action: add a constraint\n2. Rubric: depth\n   Action: ask for proof"
+    assert parse_rubrics_actions(labelled, 4) == (["clarity", "depth"], ["add a constraint", "ask for proof"])
+    flat = "1. r1\n2. r2\n3. a1\n4. a2"
+    assert parse_rubrics_actions(flat, 2) == (["r1", "r2"], ["a1", "a2"])
+    bold = "**Rubrics:**\n- r1\n**Actions:**\n- a1"
+    assert parse_rubrics_actions(bold, 4) == (["r1"], ["a1"])
+    with pytest.raises(ValueError, match="no actions"):
+        parse_rubrics_actions("I think these are hard.", 4)
+
+
+def test_small_parsers() -> None:
+    assert clean_skill("Python knowledge") == "python"
+    assert clean_skill("writing skills") == "writing"
+    assert clean_skill("knowledge") == "knowledge"
+    assert parse_rewritten('New request: "Do X twice."') == "Do X twice."
+    assert parse_rewritten("**Improved instruction:** Do Y") == "Do Y"
+    with pytest.raises(ValueError):
+        parse_rewritten("New request:   ")
+
+
+def test_contrastive_without_actions_fails_clearly(tmp_path: Path) -> None:
+    rows_ = [{"instruction": "easy question", "use_case": "easy", "skills": ["x"]}]
+    stages = [{"type": "codec.contrastive"}]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages, rows_), out).status == "complete"
+    (failure,) = rows(out / "failures.jsonl")
+    assert failure["kind"] == "missing_actions" and "codec.rubrics" in failure["message"]
+
+
+def test_record_ids_are_stable_and_distinct(seeds_run: tuple[Path, RunResult]) -> None:
+    out, _ = seeds_run
+    data = [Record.model_validate(r) for r in rows(out / "data.jsonl")]
+    assert len({r.id for r in data}) == len(data)
+    assert all(r.parents for r in data)
