@@ -131,8 +131,8 @@ class StageCheckpoint:
         self._fail_fh.close()
 
 
-def _failure_row(record: Record, stage: str, kind: str, message: str) -> dict[str, Any]:
-    return {"id": record.id, "stage": stage, "kind": kind, "message": message, "record": record.model_dump(mode="json")}
+def _failure_row(record: Record, stage: str, kind: str, message: str, shown: Record | None = None) -> dict[str, Any]:
+    return {"id": record.id, "stage": stage, "kind": kind, "message": message, "record": (shown or record).model_dump(mode="json")}
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -222,6 +222,7 @@ class Runner:
             with self.progress:
                 for index, config in enumerate(self.recipe.stages):
                     name = self.recipe.stage_name(index)
+                    checkpoint_dir = self.out / "stages" / f"{index:02d}-{_safe(name)}"
                     ctx = StageContext(
                         models=pool,
                         stage_name=name,
@@ -230,9 +231,10 @@ class Runner:
                         base_dir=self.recipe.base_dir,
                         recipe=self.recipe,
                         shared=shared,
+                        checkpoint_dir=checkpoint_dir,
                     )
                     stage = STAGES[config.type](config, ctx)
-                    checkpoint = StageCheckpoint(self.out / "stages" / f"{index:02d}-{_safe(name)}")
+                    checkpoint = StageCheckpoint(checkpoint_dir)
                     try:
                         records, summary = await self._run_stage(stage, checkpoint, records)
                     finally:
@@ -345,7 +347,8 @@ class Runner:
                 self._stop = abort
             return
         except RecordFailure as failure:
-            cp.add_failure(_failure_row(record, name, failure.kind, str(failure)))
+            shown = failure.record if isinstance(failure.record, Record) and failure.record.id == record.id else None
+            cp.add_failure(_failure_row(record, name, failure.kind, str(failure), shown))
             self.progress.advance(name, failed=True)
             return
         except UserError:
