@@ -278,14 +278,19 @@ def row_to_record(row: dict[str, Any], fmt: str | None = None) -> Record:
         raise ValueError(f"format {fmt!r} needs field(s) {missing}")
     fields = convert(row)
     instruction = _text(fields.get("instruction")).strip()
-    if not instruction:
-        raise ValueError("empty instruction")
+    input_text = _text(fields.get("input")).strip()
     metadata = {k: v for k, v in row.items() if k not in _CONSUMED}
     metadata.update(fields.get("metadata") or {})
+    if not instruction and input_text:
+        # Real data has rows whose whole task sits in the input field (e.g. 2 of CoachLM's 2,301).
+        instruction, input_text = input_text, ""
+        metadata["repaired"] = "empty instruction: the input was used as the instruction"
+    if not instruction:
+        raise ValueError("empty instruction")
     response = fields.get("response")
     return Record.new(
         instruction=instruction,
-        input=_text(fields.get("input")).strip(),
+        input=input_text,
         response=_text(response) if response is not None else None,
         metadata=metadata,
     )

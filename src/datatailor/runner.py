@@ -48,6 +48,7 @@ from datatailor.stages import STAGES, BatchStage, MapStage, Stage, StageContext
 STATUS_COMPLETE = "complete"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_BUDGET = "budget_exhausted"
+STATUS_RUNNING = "running"
 
 
 @dataclass
@@ -184,14 +185,14 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         return previous
 
-    def _write_manifest(self, status: str, message: str, stages: list[dict[str, Any]], previous: dict[str, Any], started: str) -> None:
+    def _write_manifest(self, status: str, message: str, stages: list[dict[str, Any]], previous: dict[str, Any], started: str, count: bool = True) -> None:
         manifest = {
             "recipe_name": self.recipe.name,
             "recipe_hash": self.recipe.content_hash(),
             "status": status,
             "message": message,
             "stages": stages,
-            "invocations": int(previous.get("invocations", 0)) + 1,
+            "invocations": int(previous.get("invocations", 0)) + int(count),
             "first_started_at": previous.get("first_started_at", started),
             "started_at": started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -202,9 +203,13 @@ class Runner:
     # -- main -------------------------------------------------------------------
 
     async def run(self) -> RunResult:
+        # Read the input first: a bad input file must fail before anything in --out is touched.
+        records = self._load_input()
         previous = self._prepare_dir()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(self.out / "recipe.json", self.recipe.to_json())
+        # "running" marks the folder as ours at once; a killed run leaves it so, and is resumed.
+        self._write_manifest(STATUS_RUNNING, "in progress (if no process is running, it was killed: re-run to resume)", [], previous, started, count=False)
         usage_path = self.out / "usage.json"
         prev_usage = UsageLedger.previous_from_json(json.loads(usage_path.read_text())) if usage_path.exists() else {}
         ledger = UsageLedger(prev_usage, self.recipe.budget)
@@ -214,7 +219,6 @@ class Runner:
         pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir)
         self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))])
 
-        records = self._load_input()
         stage_summaries: list[dict[str, Any]] = []
         status, message = STATUS_COMPLETE, ""
         shared: dict[str, Any] = {}

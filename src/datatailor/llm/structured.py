@@ -110,31 +110,34 @@ def parse_numbered_list(text: str, min_items: int = 1) -> list[str]:
 
 
 _NUM = r"(-?\d+(?:\.\d+)?)"
-_PAIR = re.compile(rf"^\s*(?:scores?\s*[:=]\s*)?\[?\(?\s*{_NUM}\s*(?:/\s*10)?\s*(?:,|;|\s|/|and)\s*{_NUM}")
+_PAIR = re.compile(rf"^\s*(?:scores?\s*[:=]\s*)?\[?\(?\s*{_NUM}\s*(?:/\s*10)?\s*(?:,|;|\s|/|and)\s*{_NUM}", re.IGNORECASE)
+
+
+_LABELLED = re.compile(r"assistant\s*([12])\s*(?:'s)?\s*(?:score)?\s*[:=-]\s*" + _NUM, re.IGNORECASE)
 
 
 def parse_score_pair(text: str, low: float = 1, high: float = 10) -> tuple[float, float]:
-    """Two scores from the first line that has them: "8 7", "8, 7", "Scores: 8/10, 7/10", "[8, 7]"."""
+    """Two scores: "8 7", "8, 7", "Scores: 8/10, 7/10", "[8, 7]", or "Assistant 1: 8" / "Assistant 2: 7"."""
+
+    def checked(a: float, b: float) -> tuple[float, float]:
+        if not (low <= a <= high and low <= b <= high):
+            raise ValueError(f"scores out of range {low}-{high}: {a}, {b}")
+        return a, b
+
+    labelled = {m.group(1): float(m.group(2)) for m in _LABELLED.finditer(text)}
     for line in text.strip().splitlines():
         line = line.strip().strip("*`")
-        if not line:
+        if not line or _LABELLED.search(line):
             continue
         m = _PAIR.match(line)
         if m:
-            a, b = float(m.group(1)), float(m.group(2))
-            if not (low <= a <= high and low <= b <= high):
-                raise ValueError(f"scores out of range {low}-{high}: {a}, {b}")
-            return a, b
-        nums = re.findall(_NUM, line)
-        labelled = re.findall(r"assistant\s*\d\s*[:=-]\s*" + _NUM, line, re.IGNORECASE)
-        if len(labelled) == 2:
-            a, b = float(labelled[0]), float(labelled[1])
-            if low <= a <= high and low <= b <= high:
-                return a, b
+            return checked(float(m.group(1)), float(m.group(2)))
+        # "Assistant 1"/"Assistant 2" are names, not scores.
+        nums = re.findall(_NUM, re.sub(r"assistant\s*[12]", "", line, flags=re.IGNORECASE))
         if len(nums) == 2 and len(line) < 40:
-            a, b = float(nums[0]), float(nums[1])
-            if low <= a <= high and low <= b <= high:
-                return a, b
+            return checked(float(nums[0]), float(nums[1]))
+    if set(labelled) == {"1", "2"}:
+        return checked(labelled["1"], labelled["2"])
     raise ValueError("no line with two scores found")
 
 
@@ -149,7 +152,7 @@ def parse_single_score(text: str, low: float = 0, high: float = 5) -> float:
 
 
 _USE_CASE = re.compile(r"^\s*[*#\-]*\s*(?:use[\s_-]*case|task)\s*[*]*\s*[:\-]\s*(.+)$", re.IGNORECASE)
-_SKILLS = re.compile(r"^\s*[*#\-]*\s*(?:skills?|knowledge)\s*[*]*\s*[:\-]\s*(.*)$", re.IGNORECASE)
+_SKILLS = re.compile(r"^\s*[*#\-]*\s*(?:skills?|knowledge)\s*[*]*\s*[:\-]\s*[*]*\s*(.*)$", re.IGNORECASE)
 
 
 def parse_use_case_skills(text: str, max_skills: int = 3) -> tuple[str, list[str]]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from datasketch import MinHash, MinHashLSH
 from pydantic import Field
 
 from datatailor.records import LineageEvent, Record
@@ -54,11 +53,16 @@ class Dedup(BatchStage[DedupConfig]):
     Config = DedupConfig
 
     async def process_all(self, records: list[Record]) -> BatchResult:
+        from datasketch import MinHash, MinHashLSH  # slow to import (pulls scipy): only when used
+
         cfg = self.config
         kept: list[Record] = []
         rejected: dict[str, tuple[str, str]] = {}
         exact_seen: dict[str, str] = {}
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm) if cfg.near else None
+        # Bands tuned for recall; every candidate is then checked against the threshold, so the
+        # extra candidates cost a comparison each but never a wrong drop.
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=(0.05, 0.95)) if cfg.near else None
+        signatures: dict[str, Any] = {}
         for record in records:
             text = dedup_text(record, cfg.on)
             key = normalise(text)
@@ -69,7 +73,7 @@ class Dedup(BatchStage[DedupConfig]):
                 mh = MinHash(num_perm=cfg.num_perm, seed=1)
                 for sh in shingles(text, cfg.shingle_words):
                     mh.update(sh.encode("utf-8"))
-                hits = lsh.query(mh)
+                hits = [h for h in lsh.query(mh) if signatures[h].jaccard(mh) >= cfg.threshold]
                 if hits:
                     first = min(hits, key=lambda h: int(h.split(":", 1)[0]))
                     rejected[record.id] = (
@@ -77,7 +81,9 @@ class Dedup(BatchStage[DedupConfig]):
                         f"near duplicate (Jaccard ≥ {cfg.threshold}) of {first.split(':', 1)[1]}",
                     )
                     continue
-                lsh.insert(f"{len(kept)}:{record.id}", mh)
+                key_in_index = f"{len(kept)}:{record.id}"
+                signatures[key_in_index] = mh
+                lsh.insert(key_in_index, mh)
             exact_seen.setdefault(key, record.id)
             kept.append(record.with_event(LineageEvent(stage=self.name, decision="kept", reason="no earlier duplicate")))
         return BatchResult(outputs=kept, rejected=rejected)

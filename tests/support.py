@@ -1,0 +1,69 @@
+"""Helpers for tests: tiny datasets, recipes built in code, and scripted-model handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from datatailor.llm.base import CompletionRequest
+from datatailor.recipe import Recipe, parse_recipe
+from datatailor.runner import RunResult, run_recipe
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def questions(n: int) -> list[dict[str, str]]:
+    return [{"instruction": f"Question number {i}: explain topic {i} briefly."} for i in range(n)]
+
+
+def echo_model(**extra: Any) -> dict[str, Any]:
+    """A scripted model that answers every prompt with a deterministic echo."""
+    return {
+        "backend": "scripted",
+        "model": "echo",
+        "rules": [{"match": r"Question number (\d+)", "reply": "Answer for {{ m[1] }}."}, {"match": ".*", "reply": "ok"}],
+        **extra,
+    }
+
+
+def make_recipe(tmp_path: Path, stages: list[dict[str, Any]], models: dict[str, Any] | None = None,
+                rows: list[dict[str, Any]] | None = None, **fields: Any) -> Recipe:
+    input_path = write_rows(tmp_path / "input.jsonl", rows if rows is not None else questions(5))
+    data = {
+        "models": models if models is not None else {"strong": echo_model()},
+        "input": str(input_path),
+        "stages": stages,
+        **fields,
+    }
+    return parse_recipe(data, "test-recipe", tmp_path)
+
+
+def run(recipe: Recipe, out: Path, **kwargs: Any) -> RunResult:
+    kwargs.setdefault("show_progress", False)
+    return asyncio.run(run_recipe(recipe, out, **kwargs))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- scripted handlers
+
+
+def flaky_handler(request: CompletionRequest) -> str:
+    """Fails questions whose number is divisible by 3 with a server error, answers the others."""
+    from datatailor.errors import LLMCallFailure
+
+    prompt = request.messages[-1].content
+    if "Question number" in prompt:
+        n = int(prompt.split("Question number ")[1].split(":")[0])
+        if n % 3 == 0:
+            raise LLMCallFailure(f"injected server error for question {n}")
+        return f"Answer for {n}."
+    return "ok"
