@@ -50,11 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         typer.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:
-        typer.echo("interrupted: re-run the same command to resume", err=True)
-        return 130
+        return _interrupted()
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    if result == 130:  # typer turns Ctrl-C into a returned 130 when not in standalone mode
+        return _interrupted()
     return result if isinstance(result, int) else 0
+
+
+def _interrupted() -> int:
+    typer.echo("interrupted: checkpoints are kept; re-run the same command to resume", err=True)
+    return 130
 
 
 def entry() -> None:
