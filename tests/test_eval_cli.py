@@ -175,3 +175,38 @@ def test_rate_needs_out_for_a_file(tmp_path: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n", encoding="utf-8")
     assert run_cli("rate", str(data), "--judge", "local:gemma-3-270m") == 2
+
+
+def test_export_decontaminate_drops_and_reports(tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    rows = [
+        {"instruction": "How can I improve my time management skills?", "output": "Plan your day."},  # Vicuna Q1
+        {"instruction": "Write a limerick about a cat.", "output": "There once was a cat..."},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "train.jsonl"
+    assert main(["export", str(data), "--out", str(out), "--decontaminate", "vicuna80,selfinstruct252"]) == 0
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["instruction"] for r in kept] == ["Write a limerick about a cat."]
+    report = json.loads((tmp_path / "train.decontam.json").read_text())
+    assert report["testsets"] == ["vicuna80", "selfinstruct252"]
+    assert report["flagged_pairs"] == 1 and report["kept"] == 1
+    assert report["dropped"][0]["matches"][0]["item_id"] == "1"
+    assert main(["export", str(data), "--out", str(out), "--decontaminate", "nosuchset"]) == 2
+
+
+def test_model_spec_shorthands(tmp_path: Path) -> None:
+    from datatailor.errors import UserError
+    from datatailor.evaluate.modelspec import parse_model_spec
+
+    local = parse_model_spec("local:gemma-3-270m")
+    assert (local.backend, local.model) == ("llamacpp", "local:gemma-3-270m")
+    hf = parse_model_spec("hf:local:gemma-3-270m+runs/tuned/adapter", base_dir=tmp_path)
+    assert (hf.backend, hf.model, hf.adapter) == ("hf", "local:gemma-3-270m", str(tmp_path / "runs/tuned/adapter"))
+    served = parse_model_spec("openai:qwen@http://127.0.0.1:8080/v1")
+    assert (served.backend, served.base_url, served.api_key_env) == ("openai", "http://127.0.0.1:8080/v1", None)
+    hosted = parse_model_spec("openai:gpt-4o-mini")
+    assert hosted.api_key_env == "OPENAI_API_KEY"
+    for bad in ("gpt-4", "openai:m@ftp://x", "role:strong", "hf:"):
+        with pytest.raises(UserError):
+            parse_model_spec(bad)

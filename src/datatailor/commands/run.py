@@ -74,6 +74,11 @@ def export(
     source: Path = typer.Argument(..., help="A run directory or a dataset file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output file (.jsonl, .json or .parquet)."),
     format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | sharegpt | openai | datatailor"),
+    decontaminate: Optional[str] = typer.Option(
+        None, "--decontaminate", help="Drop pairs overlapping these test sets (comma-separated: vicuna80,selfinstruct252,mtbench,coachlm150, alpacaeval:PATH or a path)."
+    ),
+    decontam_n: int = typer.Option(13, "--decontam-n", min=1, help="Word n-gram length of the overlap check."),
+    decontam_report: Optional[Path] = typer.Option(None, "--decontam-report", help="Where the dropped pairs are listed (default: OUT with suffix .decontam.json)."),
 ) -> int:
     """Export a run's data (or any dataset datatailor can read) to a training format."""
     from datatailor.io import export_records, read_records
@@ -82,6 +87,16 @@ def export(
     if source.is_dir() and (source / "manifest.json").exists() and not (source / "data.jsonl").exists():
         raise UserError(f"{source}: the run is not complete yet (no data.jsonl); re-run it first")
     records = read_records(path)
+    if decontaminate:
+        from datatailor.evaluate.decontam import DecontamSettings
+        from datatailor.evaluate.decontam import decontaminate as drop_overlaps
+        from datatailor.io import write_json
+
+        names = [n.strip() for n in decontaminate.split(",") if n.strip()]
+        records, report = drop_overlaps(records, names, DecontamSettings(n=decontam_n))
+        report_path = decontam_report or out.with_suffix(".decontam.json")
+        write_json(report_path, report)
+        typer.echo(f"decontamination: dropped {len(report['dropped'])} of {report['records']} pairs overlapping {', '.join(names)}; report in {report_path}")
     n = export_records(records, out, format)
     typer.echo(f"wrote {n} records to {out} ({format})")
     return 0

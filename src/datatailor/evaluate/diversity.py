@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from datatailor.errors import UserError
-from datatailor.evaluate.text import ngrams, rouge_l, tokenize
+from datatailor.evaluate.text import ngrams, rouge_l, rouge_tokens, tokenize
 from datatailor.records import Record
 
 Embedder = Callable[[list[str]], Any]
@@ -47,7 +47,7 @@ def rouge_l_self_similarity(texts: Sequence[str], sample: int = 200, pool: int =
     `pool` other texts (also drawn with `seed`). Returns mean, median, the share of texts whose max
     is above 0.7 (Self-Instruct's novelty threshold) and how many comparisons were made.
     """
-    tokens = [tokenize(t) for t in texts]
+    tokens = [rouge_tokens(t) for t in texts]
     n = len(tokens)
     if n < 2:
         return {"mean_max": None, "median_max": None, "share_above_0_7": None, "queries": 0, "pool": 0, "sampled": False}

@@ -1,8 +1,9 @@
 """Text primitives shared by the evaluation modules: word tokens, n-grams, ROUGE-L.
 
-Tokens are lower-cased runs of letters and digits (`\\w+`), like rouge-score's tokenizer but keeping
-non-ASCII letters. ROUGE-L is the F-measure of the longest common subsequence of tokens, as in
-rouge-score without stemming (what Self-Instruct's novelty filter uses). The LCS length is computed
+`tokenize` gives lower-cased runs of letters and digits (`\\w+`, non-ASCII letters kept) for distinct-n
+and decontamination. ROUGE-L uses `rouge_tokens`, rouge-score's own tokenisation (lower-cased
+`[a-z0-9]+`), and is the F-measure of the longest common subsequence of tokens, as in rouge-score
+without stemming (what Self-Instruct's novelty filter uses). The LCS length is computed
 bit-parallel (Allison–Dix / Hyyrö): one big-integer update per token of the second text, so
 comparing thousands of instruction pairs stays fast in pure Python.
 """
@@ -13,10 +14,16 @@ import re
 from collections.abc import Sequence
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Tokens exactly as rouge-score makes them (no stemming)."""
+    return _ROUGE_TOKEN.findall(text.lower())
 
 
 def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -52,4 +59,4 @@ def rouge_l(a: Sequence[str], b: Sequence[str]) -> float:
 
 
 def rouge_l_text(a: str, b: str) -> float:
-    return rouge_l(tokenize(a), tokenize(b))
+    return rouge_l(rouge_tokens(a), rouge_tokens(b))
