@@ -48,9 +48,20 @@ class OpenAIModel(_ModelBase):
     circuit_breaker_failures: int = Field(
         8, ge=1, description="Consecutive transport failures after which the run stops."
     )
-    json_mode: Literal["json_schema", "guided_json", "none"] = Field(
+    retry_backoff_s: float = Field(
+        0.5, gt=0, description="Base of the exponential backoff between retries (full jitter): attempt n waits up to base·2^n."
+    )
+    retry_backoff_max_s: float = Field(20.0, gt=0, description="Longest backoff between two retries.")
+    retry_after_max_s: float = Field(
+        120.0, ge=0, description="Longest server `Retry-After` honoured; a longer one is cut to this."
+    )
+    json_mode: Literal["json_schema", "json_object", "guided_json", "none"] = Field(
         "json_schema",
-        description="How to ask the server for structured output: OpenAI response_format, vLLM guided_json, or not at all.",
+        description=(
+            "How to ask the server for structured output: OpenAI response_format json_schema; "
+            "json_object with a `schema` (llama-cpp-python server, Anyscale/Together style); "
+            "vLLM guided_json; or not at all (the schema goes into the prompt and the reply is parsed)."
+        ),
     )
     extra_body: dict[str, Any] = Field(default_factory=dict)
 
