@@ -210,3 +210,13 @@ def test_model_spec_shorthands(tmp_path: Path) -> None:
     for bad in ("gpt-4", "openai:m@ftp://x", "role:strong", "hf:"):
         with pytest.raises(UserError):
             parse_model_spec(bad)
+    # a `datatailor train` output folder says how to load it
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "train_report.json").write_text(json.dumps(
+        {"use_as": {"backend": "hf", "model": "local:gemma-3-270m", "adapter": str(tuned)}}), encoding="utf-8")
+    trained = parse_model_spec(f"hf:{tuned}")
+    assert (trained.model, trained.adapter) == ("local:gemma-3-270m", str(tuned))
+    (tuned / "train_report.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(UserError, match="use_as"):
+        parse_model_spec(f"hf:{tuned}")

@@ -46,6 +46,8 @@ def eval_command(
     ),
     rule: str = typer.Option("strict", "--rule", help="Headline aggregation rule: strict (CodecLM CRR) | lenient | mean."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N items."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Longest candidate/reference answer (default: each model's max_tokens)."),
+    judge_max_tokens: Optional[int] = typer.Option(None, "--judge-max-tokens", min=1, help="Longest judge reply (the scores come on its first line)."),
     judge_template: Optional[str] = typer.Option(None, "--judge-template", help="Pairwise judge prompt (.j2)."),
     respond_template: Optional[str] = typer.Option(None, "--respond-template", help="Answering prompt (.j2)."),
     seed: int = typer.Option(0, "--seed"),
@@ -75,11 +77,13 @@ def eval_command(
     roles = load_models_file(models) if models else {}
     cand = resolve_role("candidate", candidate, roles, cwd)
     jdg = resolve_role("judge", judge, roles, cwd)
+    if judge_max_tokens is not None:
+        jdg = jdg.model_copy(update={"max_tokens": judge_max_tokens})
     stored = reference is not None and reference.strip().lower() == "stored"
     ref = None if stored else resolve_role("reference", reference, roles, cwd)
     ts = resolve_testset(testset)
     plan = EvalPlan(testset=ts, candidate=cand, judge=jdg, reference=ref, rule=rule, limit=limit, seed=seed,  # type: ignore[arg-type]
-                    budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
+                    answer_max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
     if judge_template:
         plan.judge_template = judge_template
     if respond_template:
@@ -90,12 +94,12 @@ def eval_command(
     if summary is None:
         return _exit_code(result.status, result.message, out)
     m = summary["metrics"]
-    from datatailor.evaluate.metrics import percent
+    from datatailor.evaluate.evaluation import format_percent
 
     typer.echo(
         f"{ts.name}: {summary['judged']} of {summary['items']} judged | {rule}: W/T/L {m['wins']}/{m['ties']}/{m['losses']} | "
-        f"CRR {percent(m['crr'])} % | WR1 {percent(m['wr1'])} % | WR2 {percent(m['wr2'])} % | QS {percent(m['qs'])} % | "
-        f"position consistency {percent(summary['position_consistency'])} % | {out / 'eval.json'}"
+        f"CRR {format_percent(m['crr'])} | WR1 {format_percent(m['wr1'])} | WR2 {format_percent(m['wr2'])} | QS {format_percent(m['qs'])} | "
+        f"position consistency {format_percent(summary['position_consistency'])} | {out / 'eval.json'}"
     )
     return 0
 

@@ -56,6 +56,7 @@ class EvalPlan:
     respond_template: str = RESPOND_TEMPLATE
     judge_template: str = SCORES_ONLY
     limit: int | None = None
+    answer_max_tokens: int | None = None  # None: each answering model's own max_tokens
     seed: int = 0
     budget: Budget | None = None
     base_dir: Path = field(default_factory=Path.cwd)
@@ -80,9 +81,10 @@ def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
         models["reference"] = plan.reference
         stages.append(
             {"type": "generate", "name": "answer-reference", "role": "reference", "template": plan.respond_template,
-             "output": "metadata.reference"}
+             "output": "metadata.reference", "max_tokens": plan.answer_max_tokens}
         )
-    stages.append({"type": "respond", "name": "answer-candidate", "role": "candidate", "template": plan.respond_template})
+    stages.append({"type": "respond", "name": "answer-candidate", "role": "candidate", "template": plan.respond_template,
+                   "max_tokens": plan.answer_max_tokens})
     stages.append(
         {"type": "judge.pairwise", "name": "judge", "role": "judge", "a": "response", "b": "metadata.reference",
          "rule": plan.rule, "template": plan.judge_template, "output": JUDGE_OUTPUT, "temperature": 0.0}
@@ -158,6 +160,10 @@ def summarize_eval(run_dir: Path, plan: EvalPlan, n_items: int) -> dict[str, Any
     }
 
 
+def format_percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{percent(value)} %"
+
+
 def render_eval_md(s: dict[str, Any]) -> str:
     m = s["metrics"]
     ref = s["models"]["reference"]
@@ -181,11 +187,11 @@ def render_eval_md(s: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"Judge position consistency: {percent(s['position_consistency'])} % of comparisons gave the same verdict in "
-        f"both orders; the winner flipped in {percent(s['flip_rate'])} %.",
+        f"Judge position consistency: {format_percent(s['position_consistency'])} of comparisons gave the same verdict in "
+        f"both orders; the winner flipped in {format_percent(s['flip_rate'])}.",
         "",
-        f"Headline ({s['rule']} rule): CRR {percent(m['crr'])} %, WR1 {percent(m['wr1'])} %, WR2 {percent(m['wr2'])} %, "
-        f"QS {percent(m['qs'])} % (W/T/L {m['wins']}/{m['ties']}/{m['losses']}).",
+        f"Headline ({s['rule']} rule): CRR {format_percent(m['crr'])}, WR1 {format_percent(m['wr1'])}, WR2 {format_percent(m['wr2'])}, "
+        f"QS {format_percent(m['qs'])} (W/T/L {m['wins']}/{m['ties']}/{m['losses']}).",
     ]
     if s["by_category"]:
         lines += ["", "| category | W | T | L | CRR % |", "|---|---|---|---|---|"]

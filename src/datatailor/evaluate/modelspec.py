@@ -5,7 +5,8 @@ Shorthands (what `--candidate/--reference/--judge` accept):
     local:NAME                a packaged GGUF (e.g. local:gemma-3-270m) run by llama.cpp
     llamacpp:PATH.gguf        any GGUF file, run by llama.cpp
     hf:MODEL[+ADAPTER]        a transformers model (HF folder, or local:NAME) with an optional PEFT
-                              adapter folder, e.g. hf:local:gemma-3-270m+runs/tuned/adapter
+                              adapter folder, e.g. hf:local:gemma-3-270m+runs/tuned; hf:DIR of a
+                              `datatailor train` output loads what its train_report.json says (base + adapter)
     openai:MODEL[@BASE_URL]   an OpenAI-compatible server (key from $OPENAI_API_KEY; a base URL on
                               127.0.0.1/localhost needs no key)
     role:NAME                 the model of role NAME in the --models file (e.g. role:strong of a recipe)
@@ -17,6 +18,7 @@ are used when no flag names them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -75,6 +77,8 @@ def parse_model_spec(spec: str, models: dict[str, Any] | None = None, base_dir: 
         model, plus, adapter = rest.partition("+")
         if plus and not adapter:
             raise UserError(f"model spec {spec!r}: nothing after '+' (expected an adapter folder)")
+        if not plus and (trained := _trained_model(_path(model, base_dir))) is not None:
+            return trained
         model_ref = model if model.startswith("local:") else str(_path(model, base_dir))
         return HFModel(model=model_ref, adapter=str(_path(adapter, base_dir)) if adapter else None)
     if kind == "openai":
@@ -93,6 +97,18 @@ def parse_model_spec(spec: str, models: dict[str, Any] | None = None, base_dir: 
             raise UserError(f"model spec {spec!r}: no role {rest!r} in the models file (roles: {known})")
         return models[rest]
     raise UserError(f"model spec {spec!r}: unknown kind {kind!r}; expected one of {SHORTHANDS}")
+
+
+def _trained_model(folder: Path) -> Any | None:
+    """The model entry a `datatailor train` output folder describes (its train_report.json `use_as`)."""
+    report = folder / "train_report.json"
+    if not report.is_file():
+        return None
+    try:
+        use_as = json.loads(report.read_text(encoding="utf-8"))["use_as"]
+        return HFModel.model_validate(use_as)
+    except (json.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+        raise UserError(f"{report}: cannot read the trained model's `use_as` entry: {exc}") from None
 
 
 def _path(text: str, base_dir: Path | None) -> Path:
