@@ -220,3 +220,14 @@ def test_model_spec_shorthands(tmp_path: Path) -> None:
     (tuned / "train_report.json").write_text("{}", encoding="utf-8")
     with pytest.raises(UserError, match="use_as"):
         parse_model_spec(f"hf:{tuned}")
+
+
+def test_eval_refuses_a_folder_of_other_items(tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    base = ["eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(out)]
+    assert run_cli(*base, "--limit", "2") == 0
+    before = (out / "testset.jsonl").read_text()
+    assert run_cli(*base, "--limit", "3") == 2
+    assert (out / "testset.jsonl").read_text() == before  # nothing overwritten
+    assert run_cli(*base, "--limit", "3", "--force") == 0
+    assert json.loads((out / "eval.json").read_text())["items"] == 3

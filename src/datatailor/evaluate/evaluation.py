@@ -33,8 +33,8 @@ from datatailor.evaluate.judge import SCORES_ONLY, Rule
 from datatailor.evaluate.metrics import evaluate_scores, metric_table, percent, scores_from_summary, wtl_from_scores
 from datatailor.evaluate.modelspec import describe_model
 from datatailor.evaluate.quality import QUALITY_TEMPLATE, stored_scores, summarize_quality
-from datatailor.evaluate.testsets import TestSet, describe, write_testset
-from datatailor.io import read_jsonl_rows, read_records, write_json
+from datatailor.evaluate.testsets import TestSet, describe
+from datatailor.io import atomic_open, read_jsonl_rows, read_records, write_json
 from datatailor.llm.usage import Budget
 from datatailor.recipe import Recipe, parse_recipe
 from datatailor.records import Record
@@ -103,9 +103,16 @@ def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
 def run_eval(plan: EvalPlan, out: Path, *, force: bool = False, show_progress: bool | None = None) -> tuple[RunResult, dict[str, Any] | None]:
     """Run (or resume) an evaluation in `out`; write eval.json/eval.md when it completes."""
     records = plan.items()
-    out.mkdir(parents=True, exist_ok=True)
     input_path = out / "testset.jsonl"
-    write_testset(TestSet(plan.testset.name, plan.testset.source, records), input_path)
+    new_items = "".join(r.to_json() + "\n" for r in records)
+    if (out / "run" / "manifest.json").exists() and input_path.is_file() and not force:
+        if input_path.read_text(encoding="utf-8") != new_items:
+            raise UserError(
+                f"{out} holds an evaluation of other test items (test set, --limit or references differ); "
+                "use another --out, or --force to discard it"
+            )
+    with atomic_open(input_path) as fh:
+        fh.write(new_items)
     recipe = build_eval_recipe(plan, input_path)
     result = run_recipe_sync(recipe, out / "run", force=force, show_progress=show_progress)
     if result.status != "complete":

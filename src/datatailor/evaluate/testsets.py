@@ -174,13 +174,6 @@ def load_testset_file(path: Path, name: str | None = None) -> TestSet:
     return TestSet(name=name, source=str(path), records=records)
 
 
-def write_testset(testset: TestSet, path: Path) -> None:
-    """Write the items (in datatailor's record format) as a recipe input."""
-    from datatailor.io import write_records
-
-    write_records(path, testset.records)
-
-
 def testset_texts(testset: TestSet) -> list[tuple[str, str]]:
     """(item id, prompt text) of each item: what decontamination compares against."""
     return [(str(r.metadata.get("item_id", r.id)), r.prompt) for r in testset.records]
