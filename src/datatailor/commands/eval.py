@@ -110,6 +110,7 @@ def rate_command(
     judge: Optional[str] = typer.Option(None, "--judge", help=f"Rating model: {MODEL_HELP}."),
     models: Optional[Path] = typer.Option(None, "--models", "-m", help="YAML with models by role; the `judge` role is used."),
     template: Optional[str] = typer.Option(None, "--template", help="Rating prompt (.j2); must ask for a 0-5 score."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Longest rating reply (the score comes first)."),
     budget_usd: Optional[float] = typer.Option(None, "--budget-usd"),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens"),
     force: bool = typer.Option(False, "--force"),
@@ -130,7 +131,7 @@ def rate_command(
     roles = load_models_file(models) if models else {}
     jdg = resolve_role("judge", judge, roles, cwd)
     result, summary = run_rate(path, jdg, out, force=force, show_progress=progress, template=template or QUALITY_TEMPLATE,
-                               budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
+                               max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
     if summary is None:
         return _exit_code(result.status, result.message, out)
     mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"

@@ -215,12 +215,12 @@ def render_eval_md(s: dict[str, Any]) -> str:
 
 
 def build_rate_recipe(data_path: Path, judge: Any, *, template: str = QUALITY_TEMPLATE, seed: int = 0,
-                      budget: Budget | None = None, base_dir: Path | None = None) -> Recipe:
+                      max_tokens: int | None = None, budget: Budget | None = None, base_dir: Path | None = None) -> Recipe:
     data = {
         "name": "quality-rating",
         "models": {"judge": judge.model_dump(mode="json")},
         "input": str(data_path),
-        "stages": [{"type": "quality.rate", "name": "rate", "role": "judge", "template": template}],
+        "stages": [{"type": "quality.rate", "name": "rate", "role": "judge", "template": template, "max_tokens": max_tokens}],
         "seed": seed,
         "budget": budget.model_dump() if budget else None,
     }
