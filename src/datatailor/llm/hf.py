@@ -259,6 +259,7 @@ class HFBackend:
         self._batcher: _MicroBatcher | None = None
         self.load_seconds: float | None = None
         self.conversion_seconds: float | None = None
+        self.batch_sizes: list[int] = []  # rows of each generate() call, for tests and benchmarks
 
     # -- loading
 
@@ -336,6 +337,7 @@ class HFBackend:
             else:
                 encoded.append((i, ids))
         if encoded:
+            self.batch_sizes.append(len(encoded))
             rows = [requests[i].sampling for i, _ in encoded]
             batch = tokenizer.pad({"input_ids": [ids for _, ids in encoded]}, return_tensors="pt", padding=True)
             input_ids = batch["input_ids"].to(self._device)
