@@ -231,3 +231,17 @@ def test_eval_refuses_a_folder_of_other_items(tmp_path: Path) -> None:
     assert (out / "testset.jsonl").read_text() == before  # nothing overwritten
     assert run_cli(*base, "--limit", "3", "--force") == 0
     assert json.loads((out / "eval.json").read_text())["items"] == 3
+
+
+def test_diversity_command(tmp_path: Path) -> None:
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"instruction": "a b c", "output": "x y"}, {"instruction": "a b d", "output": "x"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "div.json"
+    assert main(["diversity", str(data), "--no-embeddings", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 2
+    assert report["distinct_1"] == pytest.approx(4 / 6) and report["distinct_2"] == pytest.approx(3 / 4)
+    assert report["embedding_distance"] is None
+    assert report["response_length"]["mean"] == pytest.approx(1.5)
+    assert main(["diversity", str(tmp_path / "missing.jsonl"), "--no-embeddings"]) == 2

@@ -52,6 +52,8 @@ METHOD_PREFIXES = {
     "refed": "REFED",
     "coach": "CoachLM",
     "teams": "TeaMs-RL",
+    "teamsrl": "TeaMs-RL",
+    "evol": "Evol-Instruct",
     "evolve": "Evol-Instruct",
     "self_instruct": "Self-Instruct",
     "selfinstruct": "Self-Instruct",
@@ -312,6 +314,13 @@ def _contamination_section(runs: list[RunSummary], testsets: list[str]) -> str:
                    "(`datatailor export --decontaminate` drops them).") + table
 
 
+def _model_text(desc: Any) -> str:
+    if desc == "stored":
+        return "stored answers"
+    text = f"{desc['backend']}:{desc['model']}"
+    return text + (f" + {Path(desc['adapter']).name}" if desc.get("adapter") else "")
+
+
 def _eval_label(r: RunSummary, e: dict[str, Any]) -> str:
     return f"{r.label} · {e['testset']['name']}"
 
@@ -334,9 +343,8 @@ def _eval_section(runs: list[RunSummary]) -> str:
     rows = []
     for (r, e), lab in zip(pairs, [_eval_label(r, e) for r, e in pairs]):
         m = e["metrics"]
-        ref = e["models"]["reference"]
         rows.append([
-            lab, f"{e['models']['candidate']['model']}", "stored" if ref == "stored" else ref["model"], e["rule"],
+            lab, _model_text(e["models"]["candidate"]), _model_text(e["models"]["reference"]), e["rule"],
             f"{m['wins']}/{m['ties']}/{m['losses']}", str(m["n"]), percent(m["crr"]), percent(m["wr1"]), percent(m["wr2"]),
             percent(m["qs"]), percent(e.get("position_consistency")),
         ])
