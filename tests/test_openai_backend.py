@@ -207,6 +207,19 @@ async def test_rejected_key_stops_the_run_and_names_the_variable(status: int, mo
     assert "sk-very-secret-value" not in str(info.value)
 
 
+async def test_not_found_stops_the_run_and_points_at_base_url_and_model() -> None:
+    def missing(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(404, json={"error": {"message": "The model `gpt-nope` does not exist"}})
+
+    backend = OpenAIBackend(model_config("http://127.0.0.1:9/v1", model="gpt-nope"), transport=httpx2.MockTransport(missing))
+    try:
+        with pytest.raises(ServerUnavailable, match="check `base_url`.*'gpt-nope'") as info:
+            await backend.complete(ask())
+    finally:
+        await backend.aclose()
+    assert "does not exist" in str(info.value) and backend.stats.attempts == 1
+
+
 def test_missing_key_variable_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DT_TEST_KEY", raising=False)
     with pytest.raises(UserError, match="DT_TEST_KEY"):

@@ -22,6 +22,9 @@ other 4xx (e.g. 400 context length)                    `LLMCallFailure` with the
 row (connection, timeout, 5xx, cut-short body)         last error; every later call fails at once
 =====================================================  =============================================
 
+A missing key variable is a `ServerUnavailable` too (a `UserError` that names the variable), raised
+when the backend is built, so the run stops before any request and resumes once the key is set.
+
 HTTP goes through `httpx2` (pydantic's maintained fork of httpx, which the openai SDK also uses): same
 API as httpx, but its connection pool does not rescan every connection at great cost per request,
 which made httpx 0.28 spend ~4 ms of CPU per request at 32 in flight (benchmarks/RESULTS.md).
@@ -261,7 +264,7 @@ class OpenAIBackend:
         self.config = config
         self.native_json_schema = config.json_mode != "none"
         self.base_url = config.base_url.rstrip("/")
-        self._url = f"{self.base_url}/chat/completions"
+        self._url = httpx2.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env)
@@ -383,6 +386,7 @@ class OpenAIBackend:
             self._trip(f"{self.base_url} refused the API key ({message}); {where}")
         if status == 404:
             self._trip(f"{self.base_url}: {message}; check `base_url` (often ends in /v1) and `model` {self.config.model!r}")
+        self.stats.failed_calls += 1
         raise LLMCallFailure(f"{self.base_url}: {message}")
 
     def _parse(self, response: httpx2.Response, request: CompletionRequest) -> Completion:
