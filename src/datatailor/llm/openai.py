@@ -356,10 +356,10 @@ class OpenAIBackend:
             self.stats.successes += 1
             self.limiter.on_success(latency)
             return completion
-        return self._reject(response)
+        raise self._error_for(response)
 
-    def _reject(self, response: httpx2.Response) -> Completion:
-        """Turn a non-2xx reply into the right exception (this never returns)."""
+    def _error_for(self, response: httpx2.Response) -> Exception:
+        """The exception a non-2xx reply becomes (see the table at the top of this module)."""
         status = response.status_code
         message = f"HTTP {status}: {_server_message(response)}"
         if status in (429, 503):
@@ -371,23 +371,25 @@ class OpenAIBackend:
                 self.stats.http_429 += 1
             else:
                 self.stats.http_503 += 1
-            raise _Retryable(message, transport=status == 503, retry_after=retry_after)
+            return _Retryable(message, transport=status == 503, retry_after=retry_after)
         if status >= 500:
             self.stats.http_5xx += 1
-            raise _Retryable(message)
+            return _Retryable(message)
         self.stats.http_4xx += 1
         if status in (408, 409):  # the server asks us to try again
-            raise _Retryable(message, kind="timeout" if status == 408 else "llm_error", transport=False)
+            return _Retryable(message, kind="timeout" if status == 408 else "llm_error", transport=False)
         self._consecutive_failures = 0
         if status in (401, 403):
             where = f"check the key in ${self.config.api_key_env}" if self.config.api_key_env else (
                 "the server wants a key: set `api_key_env` to the variable that holds it"
             )
-            self._trip(f"{self.base_url} refused the API key ({message}); {where}")
+            return self._open_breaker(f"{self.base_url} refused the API key ({message}); {where}")
         if status == 404:
-            self._trip(f"{self.base_url}: {message}; check `base_url` (often ends in /v1) and `model` {self.config.model!r}")
+            return self._open_breaker(
+                f"{self.base_url}: {message}; check `base_url` (often ends in /v1) and `model` {self.config.model!r}"
+            )
         self.stats.failed_calls += 1
-        raise LLMCallFailure(f"{self.base_url}: {message}")
+        return LLMCallFailure(f"{self.base_url}: {message}")
 
     def _parse(self, response: httpx2.Response, request: CompletionRequest) -> Completion:
         try:
@@ -397,11 +399,17 @@ class OpenAIBackend:
             raise _Retryable(f"HTTP {response.status_code} with a body that is not valid JSON (cut short?)") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices or not isinstance(choices[0], dict):
+            self._consecutive_failures = 0  # it answered, just not with a completion
+            self.stats.failed_calls += 1
             detail = data.get("error", data) if isinstance(data, dict) else data
             raise LLMCallFailure(f"{self.base_url}: reply without choices: {json.dumps(detail)[:300]}")
         choice = choices[0]
         text = (choice.get("message") or {}).get("content") or ""
-        usage = data.get("usage") or {}
+        if isinstance(text, list):  # content parts, as some servers send them
+            text = "".join(str(part.get("text", "")) for part in text if isinstance(part, dict))
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}
         prompt_tokens = usage.get("prompt_tokens")
         completion_tokens = usage.get("completion_tokens")
         if not isinstance(prompt_tokens, int):
@@ -460,15 +468,16 @@ class OpenAIBackend:
             return
         self._consecutive_failures += 1
         if self._consecutive_failures >= self.config.circuit_breaker_failures:
-            self._trip(
+            raise self._open_breaker(
                 f"{self.base_url} looks down: {self._consecutive_failures} requests in a row failed "
                 f"(circuit breaker open); last error: {failure.message}"
             )
 
-    def _trip(self, message: str) -> None:
+    def _open_breaker(self, message: str) -> ServerUnavailable:
+        """Open the circuit breaker (the first reason sticks); every later call fails with it at once."""
         if self._broken is None:
             self._broken = message
-        raise ServerUnavailable(self._broken)
+        return ServerUnavailable(self._broken)
 
     def _check_breaker(self) -> None:
         if self._broken is not None:
