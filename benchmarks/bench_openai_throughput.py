@@ -124,7 +124,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency", type=float, default=0.2, help="mock latency L in seconds (default 0.2)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight C (default 32)")
-    parser.add_argument("--requests", type=int, default=1280, help="requests per measured round (default 1280)")
+    parser.add_argument("--requests", type=int, default=960, help="requests per measured round (default 960)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per client (default 2)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--cpu-requests", type=int, default=1000, help="requests for the CPU-per-request figure")
