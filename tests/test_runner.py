@@ -266,3 +266,17 @@ def test_server_down_stops_the_run_with_interrupted_status(tmp_path: Path) -> No
     result = run(make_recipe(tmp_path, RESPOND, models), tmp_path / "out")
     assert result.status == "interrupted" and "unavailable" in result.message
     assert not (tmp_path / "out/failures.jsonl").exists()  # no record was blamed for the outage
+
+
+def test_user_error_mid_run_leaves_a_resumable_folder(tmp_path: Path) -> None:
+    models = {"strong": {"backend": "scripted", "model": "m", "replay": "missing-recording.jsonl"}}
+    recipe = make_recipe(tmp_path, RESPOND, models)
+    with pytest.raises(UserError, match="replay file not found"):
+        run(recipe, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "replay file not found" in manifest["message"]
+    # once the problem is fixed (the recording appears), the same --out is accepted and completes
+    (tmp_path / "missing-recording.jsonl").write_text("")
+    result = run(recipe, tmp_path / "out")
+    assert result.status == "complete"
+    assert {f["kind"] for f in read_jsonl(tmp_path / "out/failures.jsonl")} == {"no_rule"}

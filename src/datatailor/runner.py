@@ -248,9 +248,12 @@ class Runner:
                         raise self._stop
         except RunAbort as abort:
             status, message = abort.status, str(abort)
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            status, message = STATUS_INTERRUPTED, "interrupted by the user"
-            self._finish(status, message, stage_summaries, previous, started, ledger, None)
+        except BaseException as exc:
+            # Ctrl-C, a user error met mid-run (e.g. a missing model file) or a bug: record why,
+            # keep the checkpoints, and leave the folder resumable by the same command.
+            interrupted = isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError))
+            message = "interrupted by the user" if interrupted else f"stopped by an error: {exc}"
+            self._finish(STATUS_INTERRUPTED, message, stage_summaries, previous, started, ledger, None)
             await pool.aclose()
             raise
         finally:
