@@ -36,6 +36,18 @@ def test_not_a_model_directory_is_a_user_error(tmp_path) -> None:
         asyncio.run(b.complete(_request("hi")))
 
 
+def test_cache_identity_tells_adapters_apart(tmp_path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(b"first")
+    base = HFModel(model=GEMMA).identity()
+    tuned = HFModel(model=GEMMA, adapter=str(adapter)).identity()
+    assert base != tuned
+    weights.write_bytes(b"retrained")  # same folder, new weights: another model for the cache
+    assert HFModel(model=GEMMA, adapter=str(adapter)).identity() != tuned
+
+
 @pytest.fixture(scope="module")
 def backend() -> HFBackend:
     b = HFBackend(HFModel(model=GEMMA, batch_size=4, device="cpu"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -87,6 +88,15 @@ class HFModel(_ModelBase):
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     adapter: str | None = Field(None, description="A PEFT adapter directory to load on top of `model`.")
+
+    def identity(self) -> dict[str, Any]:
+        base = {"backend": "hf", "model": self.model}
+        if self.adapter is None:
+            return base
+        # A base model with an adapter is another model; so is an adapter retrained into the same folder.
+        weights = [p for p in sorted(Path(self.adapter).expanduser().glob("adapter_model.*")) if p.is_file()]
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+        return {**base, "adapter": self.adapter, "adapter_weights": stamp}
 
 
 class ScriptedRule(BaseModel):
