@@ -28,6 +28,7 @@ from datatailor.recipe import Recipe, parse_recipe
 from datatailor.records import Record
 from datatailor.runner import RunResult, run_recipe_sync
 from datatailor.stages.codec import (
+    clean_item,
     clean_skill,
     instructions_per_entry,
     load_given_entries,
@@ -476,11 +477,20 @@ def test_parse_rubrics_actions_layouts() -> None:
     assert parse_rubrics_actions(flat, 2) == (["r1", "r2"], ["a1", "a2"])
     bold = "**Rubrics:**\n- r1\n**Actions:**\n- a1"
     assert parse_rubrics_actions(bold, 4) == (["r1"], ["a1"])
+    # A small model's nested markdown: numbered headings with bulleted, bold-labelled rubric/action lines.
+    nested = (
+        "RUBRICS: Nutrition, Cooking\n\n1. **Request Complexity:**\n   - **Rubric:** Nutrition\n   - **Actions:**\n"
+        "     - **Action:** Add more recipes.\n   - **Reasoning:** It is harder.\n\n2. **Request Difficulty:**\n"
+        "   - **Rubric:** Cooking\n   - **Actions:**\n     - **Action:** Ask for new techniques.\n"
+    )
+    assert parse_rubrics_actions(nested, 4) == (["Nutrition", "Cooking"], ["Add more recipes.", "Ask for new techniques."])
     with pytest.raises(ValueError, match="no actions"):
         parse_rubrics_actions("I think these are hard.", 4)
 
 
 def test_small_parsers() -> None:
+    assert clean_item("**Increase complexity**: ask for two cases") == "Increase complexity: ask for two cases"
+    assert clean_item('"Write a poem about rain."') == "Write a poem about rain."
     assert clean_skill("Python knowledge") == "python"
     assert clean_skill("writing skills") == "writing"
     assert clean_skill("knowledge") == "knowledge"

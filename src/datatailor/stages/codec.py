@@ -148,12 +148,22 @@ def write_pool(out_dir: Path, records: list[Record]) -> None:
 
 _RUBRICS_HEAD = re.compile(r"^\s*[#*\s]*rubrics?\s*[*]*\s*:?\s*[*]*\s*$", re.IGNORECASE)
 _ACTIONS_HEAD = re.compile(r"^\s*[#*\s]*actions?\s*[*]*\s*:?\s*[*]*\s*$", re.IGNORECASE)
-_LABELLED = re.compile(r"^\s*(?:\d+[.):]\s*)?[*]*\s*(rubric|action)\s*\d*\s*[*]*\s*[:\-]\s*(.+)$", re.IGNORECASE)
+_LABELLED = re.compile(
+    r"^\s*(?:[-*\u2022]|\d+[.):])?\s*[*_]*\s*(rubric|action)\s*\d*\s*[*_]*\s*[:\-]\s*[*_]*\s*(.+?)\s*[*_]*\s*$", re.IGNORECASE
+)
+
+
+def clean_item(text: str) -> str:
+    """A list item without markdown emphasis or wrapping quotes ("**Add a step**: …" → "Add a step: …")."""
+    cleaned = re.sub(r"\*\*|__", "", text).strip().strip("*").strip()
+    if len(cleaned) >= 2 and cleaned[0] == cleaned[-1] and cleaned[0] in "\"'":
+        cleaned = cleaned[1:-1].strip()
+    return cleaned
 
 
 def _items(lines: list[str]) -> list[str]:
-    items = parse_numbered_list("\n".join(lines), min_items=0)
-    return [i.strip().strip("*").strip() for i in items if i.strip().strip("*").strip()]
+    items = (clean_item(i) for i in parse_numbered_list("\n".join(lines), min_items=0))
+    return [i for i in items if i]
 
 
 def parse_rubrics_actions(text: str, n: int) -> tuple[list[str], list[str]]:
