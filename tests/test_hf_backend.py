@@ -79,6 +79,19 @@ async def test_concurrent_requests_run_as_one_batch_with_per_row_limits(backend:
 
 
 @pytest.mark.integration
+async def test_a_stop_string_ends_its_row_early(backend: HFBackend) -> None:
+    prompt = "Write a sentence about dogs and cats."
+    stopped, full = await asyncio.gather(
+        backend.complete(_request(prompt, max_tokens=12, temperature=0.0, stop=[" "])),
+        backend.complete(_request(prompt, max_tokens=12, temperature=0.0)),
+    )
+    assert " " in full.text.strip()
+    assert stopped.text == full.text[: full.text.index(" ")]
+    assert stopped.finish_reason == "stop"
+    assert stopped.completion_tokens < full.completion_tokens
+
+
+@pytest.mark.integration
 async def test_a_request_gets_the_same_tokens_alone_and_in_a_batch(backend: HFBackend) -> None:
     target = _request("Tell me about dogs.", max_tokens=8, temperature=0.8, seed=11)
     alone = await backend.complete(target)

@@ -364,17 +364,18 @@ class HFBackend:
 
     def _finish(self, generated: list[int], prompt_tokens: int, sampling: Sampling, eos_ids: set[int]) -> Completion:
         generated = generated[: sampling.max_tokens]
-        ended = next((k for k, t in enumerate(generated) if t in eos_ids), None)
-        if ended is not None:
-            generated = generated[:ended]
-        text = self._tokenizer.decode(generated, skip_special_tokens=True)
+        # A row that ended (EOS, or stopped by `_RowLimits`) is filled with padding while the rest continue.
+        pad = self._tokenizer.pad_token_id
+        end = next((k for k, t in enumerate(generated) if t in eos_ids or t == pad), None)
+        saw_eos = end is not None and generated[end] in eos_ids
+        kept = generated if end is None else generated[:end]
+        text = self._tokenizer.decode(kept, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, sampling.stop)
-        finish = "stop" if ended is not None or stopped else "length"
         return Completion(
             text=text,
             prompt_tokens=prompt_tokens,
-            completion_tokens=len(generated) + (1 if ended is not None else 0),
-            finish_reason=finish,
+            completion_tokens=len(kept) + (1 if saw_eos else 0),
+            finish_reason="stop" if saw_eos or stopped else "length",
         )
 
     async def complete(self, request: CompletionRequest) -> Completion:
