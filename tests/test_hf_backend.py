@@ -48,6 +48,14 @@ def test_cache_identity_tells_adapters_apart(tmp_path) -> None:
     assert HFModel(model=GEMMA, adapter=str(adapter)).identity() != tuned
 
 
+def test_bad_adapter_folders_are_user_errors(tmp_path) -> None:
+    with pytest.raises(UserError, match="not a PEFT adapter directory"):
+        asyncio.run(HFBackend(HFModel(model=GEMMA, adapter=str(tmp_path))).complete(_request("hi")))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="is a PEFT adapter: set `model` to its base model"):
+        asyncio.run(HFBackend(HFModel(model=str(tmp_path))).complete(_request("hi")))
+
+
 @pytest.fixture(scope="module")
 def backend() -> HFBackend:
     b = HFBackend(HFModel(model=GEMMA, batch_size=4, device="cpu"))
@@ -135,3 +143,24 @@ async def test_a_second_backend_loads_the_cached_conversion(backend: HFBackend) 
         assert again.logprobs == pytest.approx(first.logprobs, abs=1e-4)
     finally:
         await other.aclose()
+
+
+@pytest.mark.integration
+async def test_an_adapter_is_applied_on_top(backend: HFBackend, tmp_path) -> None:
+    import peft
+    import torch
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(converted_dir(GEMMA)), dtype=torch.float32)
+    torch.manual_seed(0)
+    # Random (not zero) LoRA weights, so the adapter visibly changes the model.
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    tuned = HFBackend(HFModel(model=GEMMA, adapter=str(tmp_path / "adapter"), device="cpu"))
+    try:
+        with_adapter = await tuned.loglikelihood(QUESTION, "Paris.")
+    finally:
+        await tuned.aclose()
+    without = await backend.loglikelihood(QUESTION, "Paris.")
+    assert with_adapter.tokens == without.tokens
+    assert with_adapter.logprobs != pytest.approx(without.logprobs, abs=1e-3)

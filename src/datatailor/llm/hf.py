@@ -102,6 +102,10 @@ def model_source(model: str) -> tuple[Path, float | None]:
     target = converted_dir(model)
     if target is None:
         path = Path(model).expanduser()
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise UserError(
+                f"hf model {model!r} is a PEFT adapter: set `model` to its base model and `adapter` to this folder"
+            )
         if not (path / "config.json").is_file():
             raise UserError(
                 f"hf model {model!r} is not an HF model directory (no config.json), a .gguf file or a local: name"
@@ -268,16 +272,16 @@ class HFBackend:
         if self._model is not None:
             return self._model, self._tokenizer
         torch, transformers = _imports()
+        adapter = Path(self.config.adapter).expanduser() if self.config.adapter else None
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"hf adapter {self.config.adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
         source, self.conversion_seconds = model_source(self.config.model)
         start = time.perf_counter()
         self._device = pick_device(self.config.device)
         dtype = torch.float32 if self._device == "cpu" else "auto"
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
         model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
-        if self.config.adapter:
-            adapter = Path(self.config.adapter).expanduser()
-            if not (adapter / "adapter_config.json").is_file():
-                raise UserError(f"hf adapter {self.config.adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
+        if adapter is not None:
             try:
                 from peft import PeftModel
             except ImportError:
