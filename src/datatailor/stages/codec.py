@@ -709,8 +709,8 @@ class Contrastive(MapStage[ContrastiveConfig]):
     Per iteration: strong and target answer; the judge scores both in both orders; G = S_strong − S_target
     (means over the orders). |G| > θ: keep (I, strong answer) when G > 0, (I, target answer) when G < 0.
     Otherwise rewrite I with a sampled action and try again, up to `max_iterations` (basic generation is the
-    first). Still within θ at the end: rejected as `below_threshold`, or kept flagged with
-    `keep_below_threshold` (then the better-scored answer is kept, the strong one on a tie).
+    first). Still within θ at the end: rejected as `below_threshold`, or, with `keep_below_threshold`, kept
+    with the strong answer and flagged (`metadata.codec.below_threshold`).
     """
 
     Config = ContrastiveConfig
@@ -723,64 +723,69 @@ class Contrastive(MapStage[ContrastiveConfig]):
             max_tokens=self.config.response_max_tokens,
         )
 
+    async def _improve(self, record: Record, instruction: str, iteration: int, events: list[LineageEvent]) -> tuple[str, dict[str, Any]]:
+        """Rewrite `instruction` by one action sampled from the entry's actions; returns it and the chain step."""
+        cfg = self.config
+        index, action, rubric = pick_action(record, self.ctx.rng(record.id, "action", iteration))
+        gen = await improve_instruction(
+            self.ctx.model(cfg.improver_role), cfg.improve_template, instruction, action,
+            seed_key=(self.name, record.id, iteration, index), base_dir=self.ctx.base_dir,
+            temperature=cfg.improve_temperature,
+        )
+        events.append(gen.event(self.name, decision="improved", iteration=iteration, action=action, rubric=rubric))
+        return gen.value, {"iteration": iteration, "action": action, "rubric": rubric, "from": instruction}
+
+    async def _score(self, record: Record, instruction: str, iteration: int, events: list[LineageEvent]) -> tuple[str, str, PairwiseScores]:
+        """Both answers, judged in both orders: (strong answer, target answer, scores)."""
+        cfg = self.config
+        key = (self.name, record.id, iteration)
+        strong, target = await asyncio.gather(
+            self._answer(cfg.strong_role, instruction, record.input, (*key, "strong")),
+            self._answer(cfg.target_role, instruction, record.input, (*key, "target")),
+        )
+        events.append(strong.event(self.name, decision="answered", iteration=iteration, side="strong"))
+        events.append(target.event(self.name, decision="answered", iteration=iteration, side="target"))
+        strong_text, target_text = strong.text.strip(), target.text.strip()
+        if not strong_text:
+            raise RecordFailure(f"iteration {iteration}: {cfg.strong_role} returned an empty answer", kind="empty_response")
+        question = f"{instruction}\n\n{record.input}" if record.input else instruction
+        scores, judged = await judge_pair(
+            self.ctx.model(cfg.judge_role), question, strong_text, target_text,
+            template=cfg.judge_template, seed_key=key, base_dir=self.ctx.base_dir, temperature=cfg.judge_temperature,
+        )
+        event = judged[0].event(self.name, decision="scored", iteration=iteration, G=scores.gap, **_named_scores(scores))
+        event.prompt_tokens += judged[1].prompt_tokens
+        event.completion_tokens += judged[1].completion_tokens
+        events.append(event)
+        return strong_text, target_text, scores
+
     async def process(self, record: Record) -> list[Record]:
         cfg = self.config
         events: list[LineageEvent] = []
         history: list[dict[str, Any]] = []
         chain: list[dict[str, Any]] = list(record.metadata.get("action_chain", []))
         instruction = record.instruction
-        last: tuple[str, str, PairwiseScores] | None = None
+        strong_text = target_text = ""
         try:
             for iteration in range(1, cfg.max_iterations + 1):
                 step: dict[str, Any] = {"iteration": iteration}
                 if iteration > 1:
-                    index, action, rubric = pick_action(record, self.ctx.rng(record.id, "action", iteration))
-                    gen = await improve_instruction(
-                        self.ctx.model(cfg.improver_role), cfg.improve_template, instruction, action,
-                        seed_key=(self.name, record.id, iteration, index), base_dir=self.ctx.base_dir,
-                        temperature=cfg.improve_temperature,
-                    )
-                    chain.append({"iteration": iteration, "action": action, "rubric": rubric, "from": instruction})
-                    events.append(gen.event(self.name, decision="improved", iteration=iteration, action=action, rubric=rubric))
-                    instruction = gen.value
-                    step.update(action=action, rubric=rubric)
+                    instruction, link = await self._improve(record, instruction, iteration, events)
+                    chain.append(link)
+                    step.update(action=link["action"], rubric=link["rubric"])
                 step["instruction"] = instruction
                 history.append(step)
-                key = (self.name, record.id, iteration)
-                strong, target = await asyncio.gather(
-                    self._answer(cfg.strong_role, instruction, record.input, (*key, "strong")),
-                    self._answer(cfg.target_role, instruction, record.input, (*key, "target")),
-                )
-                events.append(strong.event(self.name, decision="answered", iteration=iteration, side="strong"))
-                events.append(target.event(self.name, decision="answered", iteration=iteration, side="target"))
-                strong_text, target_text = strong.text.strip(), target.text.strip()
-                if not strong_text:
-                    raise RecordFailure(f"iteration {iteration}: {cfg.strong_role} returned an empty answer", kind="empty_response")
-                question = f"{instruction}\n\n{record.input}" if record.input else instruction
-                scores, judged = await judge_pair(
-                    self.ctx.model(cfg.judge_role), question, strong_text, target_text,
-                    template=cfg.judge_template, seed_key=key, base_dir=self.ctx.base_dir,
-                    temperature=cfg.judge_temperature,
-                )
-                gap = scores.gap
-                named = _named_scores(scores)
-                step.update(scores=named, G=gap)
-                judge_event = judged[0].event(self.name, decision="scored", iteration=iteration, G=gap, **named)
-                judge_event.prompt_tokens += judged[1].prompt_tokens
-                judge_event.completion_tokens += judged[1].completion_tokens
-                events.append(judge_event)
-                if abs(gap) > cfg.threshold:
-                    side = "strong" if gap > 0 else "target"
+                strong_text, target_text, scores = await self._score(record, instruction, iteration, events)
+                step.update(scores=_named_scores(scores), G=scores.gap)
+                if abs(scores.gap) > cfg.threshold:
+                    side = "strong" if scores.gap > 0 else "target"
                     return [self._kept(record, instruction, side, strong_text, target_text, history, chain, events, False)]
-                last = (strong_text, target_text, scores)
         except RecordFailure as failure:
             failure.record = self._trace(record, history, chain, events)
             raise
-        assert last is not None  # max_iterations >= 1
-        strong_text, target_text, scores = last
         if cfg.keep_below_threshold:
-            side = "target" if scores.gap < 0 else "strong"
-            return [self._kept(record, instruction, side, strong_text, target_text, history, chain, events, True)]
+            # Within θ neither answer is clearly better; the target's answer is kept only when it clearly wins.
+            return [self._kept(record, instruction, "strong", strong_text, target_text, history, chain, events, True)]
         gaps = ", ".join(f"{h['G']:+.2f}" for h in history)
         events.append(LineageEvent(
             stage=self.name, decision="dropped", reason=f"|G| <= {cfg.threshold} after {len(history)} iteration(s)",
