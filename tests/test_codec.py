@@ -344,6 +344,19 @@ def test_metadata_file_errors_name_file_and_entry(tmp_path: Path) -> None:
         load_given_entries(tmp_path / "missing.yaml")
     with pytest.raises(UserError, match="entries"):
         make(tmp_path, [{"type": "codec.metadata"}])
+    bad_jsonl = tmp_path / "pool.jsonl"
+    bad_jsonl.write_text('{"id": "x", "use_case": "qa", "skills": ["a"]}\n{"id": "y", "use_case": "qa"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"pool.jsonl: entry 2: skills"):
+        load_given_entries(bad_jsonl)
+
+
+def test_a_curated_pool_file_from_an_earlier_run_is_read_back(seeds_run: tuple[Path, RunResult], tmp_path: Path) -> None:
+    out, _ = seeds_run
+    pool = rows(out / "metadata.jsonl")
+    curated = tmp_path / "curated.jsonl"
+    curated.write_text("".join(json.dumps(p) + "\n" for p in pool if p["use_case"] != "easy"), encoding="utf-8")
+    entries = load_given_entries(curated)
+    assert sorted(e.use_case for e in entries) == ["flip", "hard", "late"]
 
 
 def test_budget_sizing_gives_an_equal_k_per_entry(tmp_path: Path) -> None:

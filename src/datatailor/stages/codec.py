@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datatailor.errors import RecordFailure, Rejected, RunAbort, UserError
 from datatailor.evaluate.judge import SCORES_ONLY, PairwiseScores, judge_pair
@@ -258,7 +258,11 @@ class MetadataConfig(StageConfig):
     type: Literal["codec.metadata"] = "codec.metadata"
     entries: list[GivenEntry] = Field(default_factory=list, description="Metadata written by hand.")
     file: str | None = Field(
-        None, description="A YAML/JSON file holding a list of {use_case, skills} (or {entries: [...]}); relative to the recipe."
+        None,
+        description=(
+            "A YAML/JSON file holding a list of {use_case, skills} (or {entries: [...]}), or a metadata.jsonl written "
+            "by an earlier run; relative to the recipe."
+        ),
     )
 
     @model_validator(mode="after")
@@ -272,6 +276,13 @@ def load_given_entries(path: Path) -> list[GivenEntry]:
     """Read hand-written metadata; every mistake names the file and the entry."""
     if not path.is_file():
         raise UserError(f"codec.metadata: file not found: {path}")
+    if path.suffix.lower() == ".jsonl":
+        # A pool written by an earlier run (metadata.jsonl), e.g. after removing unreasonable entries by hand,
+        # the paper's manual sanity check. Only the use case and the skills are read.
+        rows = read_jsonl_rows(path)
+        if not rows:
+            raise UserError(f"{path}: no entries")
+        return [_given_entry(path, i, {"use_case": r.get("use_case"), "skills": r.get("skills")}) for i, r in enumerate(rows)]
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -282,15 +293,16 @@ def load_given_entries(path: Path) -> list[GivenEntry]:
         data = data["entries"]
     if not isinstance(data, list) or not data:
         raise UserError(f"{path}: expected a non-empty list of entries, each with `use_case` and `skills`")
-    entries: list[GivenEntry] = []
-    for i, item in enumerate(data):
-        try:
-            entries.append(GivenEntry.model_validate(item))
-        except Exception as exc:  # pydantic ValidationError: name the entry, not a traceback
-            first = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "(entry)"
-            raise UserError(f"{path}: entry {i + 1}: {loc}: {first['msg']}") from None
-    return entries
+    return [_given_entry(path, i, item) for i, item in enumerate(data)]
+
+
+def _given_entry(path: Path, index: int, item: Any) -> GivenEntry:
+    try:
+        return GivenEntry.model_validate(item)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(entry)"
+        raise UserError(f"{path}: entry {index + 1}: {loc}: {first['msg']}") from None
 
 
 @register("codec.metadata")
