@@ -12,6 +12,7 @@ Prints, for the packaged models of DESIGN.md:
 
     python benchmarks/bench_local_models.py                  # about 3-5 minutes on 2 cores
     python benchmarks/bench_local_models.py --no-conversion  # reuse the cached conversion
+    python benchmarks/bench_local_models.py --only llamacpp --n-threads 1
 
 Timings depend on what else runs on the machine: the script prints the load average beside them.
 """
@@ -63,13 +64,13 @@ def bench_assembly() -> None:
             print(f"assembly  local:{name}: {report.seconds:.1f} s for {size:.0f} MiB (concatenate + sha256); re-check {recheck_ms:.2f} ms")
 
 
-async def bench_llamacpp(max_tokens: int) -> None:
+async def bench_llamacpp(max_tokens: int, n_threads: int | None) -> None:
     from datatailor.llm.llamacpp import LlamaCppBackend
 
     prepare_local_model(QWEN)  # assembly is measured above; keep it out of the load time
-    backend = LlamaCppBackend(LlamaCppModel(model=QWEN, n_ctx=2048))
+    backend = LlamaCppBackend(LlamaCppModel(model=QWEN, n_ctx=2048, n_threads=n_threads))
     await backend.complete(_request("Hi", 1, 0))
-    print(f"llamacpp  {QWEN}: load {backend.load_seconds:.2f} s (n_threads={os.cpu_count()})")
+    print(f"llamacpp  {QWEN}: load {backend.load_seconds:.2f} s (n_threads={n_threads or os.cpu_count()})")
     tokens, start = 0, time.perf_counter()
     for i, prompt in enumerate(PROMPTS):
         tokens += (await backend.complete(_request(prompt, max_tokens, i))).completion_tokens
@@ -123,11 +124,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--no-conversion", action="store_true", help="Do not time a fresh GGUF conversion.")
+    parser.add_argument("--n-threads", type=int, default=None, help="llama.cpp threads (default: all CPUs).")
+    parser.add_argument("--only", choices=["assembly", "llamacpp", "hf"], default=None, help="Run one part only.")
     args = parser.parse_args()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, python {platform.python_version()}, load average {_load()}")
-    bench_assembly()
-    asyncio.run(bench_llamacpp(args.max_tokens))
-    asyncio.run(bench_hf(args.max_tokens, not args.no_conversion))
+    if args.only in (None, "assembly"):
+        bench_assembly()
+    if args.only in (None, "llamacpp"):
+        asyncio.run(bench_llamacpp(args.max_tokens, args.n_threads))
+    if args.only in (None, "hf"):
+        asyncio.run(bench_hf(args.max_tokens, not args.no_conversion))
     print(f"load average at the end: {_load()}")
 
 
