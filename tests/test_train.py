@@ -315,3 +315,30 @@ def test_gemma_lora_lowers_training_loss_and_the_backend_generates():
 
     text = asyncio.run(answer())
     assert "eight" in text.lower(), text
+
+
+def test_cli_merge_saves_a_full_model_the_backend_loads(tmp_path: Path):
+    pytest.importorskip("trl")
+    from datatailor.cli import main
+    from datatailor.llm.base import CompletionRequest, Message, Sampling
+    from datatailor.llm.config import HFModel
+    from datatailor.llm.hf import HFBackend
+    from datatailor.train.sft import read_train_report
+
+    data = write_pairs(tmp_path / "pairs.jsonl", FACTS[:2])
+    out = tmp_path / "merged"
+    assert main(["train", "--data", str(data), "--base", str(tiny_model_dir()), "--out", str(out), "--lora", "--merge",
+                 "--max-steps", "1", "--batch-size", "2", "--threads", "1", "--no-progress"]) == 0
+    report = read_train_report(out)
+    assert report.output_kind == "merged" and report.use_as == {"backend": "hf", "model": str(out.resolve())}
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+
+    async def generate() -> str:
+        backend = HFBackend(HFModel(**report.use_as, device="cpu"))
+        request = CompletionRequest(messages=[Message(role="user", content="Hi")], sampling=Sampling(temperature=0, max_tokens=3))
+        reply = await backend.complete(request)
+        await backend.aclose()
+        return reply.text
+
+    assert isinstance(asyncio.run(generate()), str)
+    assert main(["train", "--data", str(data), "--base", str(tiny_model_dir()), "--out", str(tmp_path / "x"), "--full", "--merge"]) == 2

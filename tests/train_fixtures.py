@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -67,6 +69,7 @@ def tiny_model_dir() -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(tempfile.mkdtemp(prefix="dt-tiny-lm-"))
+    atexit.register(shutil.rmtree, folder, True)
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -93,10 +96,11 @@ def gemma_adapter() -> tuple[Path, Path, Path]:
     from datatailor.train.sft_config import TrainConfig
 
     folder = Path(tempfile.mkdtemp(prefix="dt-gemma-adapter-"))
+    atexit.register(shutil.rmtree, folder, True)
     members = write_pairs(folder / "members.jsonl", FACTS[:4])
     nonmembers = write_pairs(folder / "nonmembers.jsonl", FACTS[4:8])
     config = TrainConfig(
-        epochs=3, learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_length=64, lora_r=8, lora_alpha=16, threads=2
+        epochs=3, learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_length=64, lora_r=8, lora_alpha=16, threads=1
     )
     train_sft(members, "local:gemma-3-270m", folder / "adapter", config, progress=None)
     return folder / "adapter", members, nonmembers

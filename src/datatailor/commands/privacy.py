@@ -13,7 +13,9 @@ def register(app: typer.Typer) -> None:
 
 
 def privacy(
-    model: str = typer.Option(..., "--model", help="The base (with --adapter) or fine-tuned model: HF folder, .gguf or local:NAME."),
+    model: str = typer.Option(
+        ..., "--model", help="The fine-tuned model: a `datatailor train` output folder, or a base (HF folder, .gguf, local:NAME) with --adapter."
+    ),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder written by `datatailor train`."),
     members: Path = typer.Option(..., "--members", help="The training pairs (a run folder or dataset file)."),
     nonmembers: Path = typer.Option(..., "--nonmembers", help="Held-out pairs of the same kind, never trained on."),

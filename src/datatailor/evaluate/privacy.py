@@ -164,6 +164,17 @@ def trained_template(model: str, adapter: str | None) -> str | None:
     return None
 
 
+def _trained_output(model: str, adapter: str | None) -> tuple[str, str | None]:
+    """A `datatailor train` output folder given as the model means what its report's `use_as` says."""
+    from datatailor.train.sft import read_train_report
+
+    if adapter is None and Path(model).is_dir():
+        report = read_train_report(model)
+        if report is not None:
+            return report.use_as["model"], report.use_as.get("adapter")
+    return model, adapter
+
+
 def _load_pairs(source: str | Path, limit: int | None) -> tuple[list[Record], int]:
     from datatailor.train.sft_data import load_pairs
 
@@ -192,6 +203,7 @@ async def amembership_inference(
             f"{len(overlap)} pair(s) appear among both the members ({members}) and the non-members ({nonmembers}); "
             "held-out pairs must not be training pairs"
         )
+    model, adapter = _trained_output(model, adapter)
     template = template or trained_template(model, adapter) or DEFAULT_TEMPLATE
     backend = HFBackend(HFModel(model=model, adapter=adapter, device=device))
     try:

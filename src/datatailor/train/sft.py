@@ -313,13 +313,20 @@ def train_sft(
                 "labels": [e.labels for e in tokenized.examples],
             }
         )
-        trainer = libs.trl.SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[_make_progress_callback(libs, curve, total_steps, progress)],
-        )
+        # The dataset is already prepared; TRL's per-pass progress bars would only clutter our step log.
+        bars_were_on = not libs.datasets.are_progress_bars_disabled()
+        libs.datasets.disable_progress_bars()
+        try:
+            trainer = libs.trl.SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[_make_progress_callback(libs, curve, total_steps, progress)],
+            )
+        finally:
+            if bars_were_on:
+                libs.datasets.enable_progress_bars()
         # With tqdm off, transformers prints every log dict; our callback already prints one line per step.
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
         if progress is not None:

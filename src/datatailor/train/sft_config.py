@@ -116,8 +116,15 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: fp32 on CPU, bf16 on a GPU that supports it, else fp32."
     )
-    device: str = Field("auto", description="`auto`, `cpu`, `cuda`, `cuda:1`, `mps`.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for torch; None keeps torch's default.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="`auto` picks cuda, then mps, then cpu. Select a GPU with CUDA_VISIBLE_DEVICES."
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; None keeps torch's default (all cores). On a CPU busy with other "
+        "work, 1 can be many times faster: idle threads spin-wait for the busy ones.",
+    )
     prompt_template: str = Field(
         "respond.j2",
         description="Template that turns a pair into chat messages. Use the one your eval sends to the model.",
