@@ -140,3 +140,14 @@ def test_seeds_differ_per_call_but_are_stable() -> None:
     role = _role(_CountingBackend())
     a, b = role.sampling(seed_key=("stage", "rec1")), role.sampling(seed_key=("stage", "rec2"))
     assert a.seed != b.seed and a.seed == role.sampling(seed_key=("stage", "rec1")).seed
+
+
+def test_relative_model_paths_resolve_against_the_recipe_folder(tmp_path: Path) -> None:
+    from datatailor.llm.config import HFModel
+    from datatailor.llm.models import _resolve_paths
+
+    (tmp_path / "tuned").mkdir()
+    config = HFModel(model="local:gemma-3-270m", adapter="tuned")
+    resolved = _resolve_paths(config, tmp_path)
+    assert resolved.adapter == str(tmp_path / "tuned") and resolved.model == "local:gemma-3-270m"
+    assert _resolve_paths(HFModel(model="local:gemma-3-270m", adapter="elsewhere"), tmp_path).adapter == "elsewhere"

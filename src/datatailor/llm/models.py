@@ -214,9 +214,25 @@ def _backend_key(config: Any) -> str:
     return json.dumps({k: v for k, v in config.model_dump().items() if k not in skip}, sort_keys=True)
 
 
+def _resolve_paths(config: Any, base_dir: Path | None) -> Any:
+    """Relative model/adapter paths in a recipe are relative to the recipe's folder."""
+    if base_dir is None:
+        return config
+    updates: dict[str, str] = {}
+    for field in ("model", "adapter"):
+        value = getattr(config, field, None)
+        if isinstance(value, str) and value and not value.startswith("local:"):
+            path = Path(value).expanduser()
+            if not path.is_absolute() and (base_dir / path).exists() and not path.exists():
+                updates[field] = str(base_dir / path)
+    return config.model_copy(update=updates) if updates else config
+
+
 def build_backend(config: Any, base_dir: Path | None = None) -> Backend:
     """Create the backend for a model entry. Imports are lazy: optional extras stay optional."""
     name = config.backend
+    if name in ("llamacpp", "hf"):
+        config = _resolve_paths(config, base_dir)
     if name == "scripted":
         from datatailor.llm.scripted import ScriptedBackend
 

@@ -13,12 +13,12 @@ from datatailor.stages.base import BatchResult, BatchStage, StageConfig, registe
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def dedup_text(record: Record, on: str) -> str:
-    if on == "instruction":
+def dedup_text(record: Record, compare: str) -> str:
+    if compare == "instruction":
         return record.instruction
-    if on == "response":
+    if compare == "response":
         return record.response or ""
-    if on == "pair":
+    if compare == "pair":
         return f"{record.prompt}\n{record.response or ''}"
     return record.prompt
 
@@ -36,7 +36,8 @@ def shingles(text: str, n: int) -> set[str]:
 
 class DedupConfig(StageConfig):
     type: Literal["dedup"] = "dedup"
-    on: Literal["instruction", "prompt", "response", "pair"] = Field(
+    # Not named `on`: YAML 1.1 reads a bare `on:` key as the boolean true.
+    compare: Literal["instruction", "prompt", "response", "pair"] = Field(
         "prompt", description="Which text is compared: instruction, instruction+input, response, or all."
     )
     exact: bool = Field(True, description="Drop exact duplicates (after lower-casing and collapsing punctuation).")
@@ -64,7 +65,7 @@ class Dedup(BatchStage[DedupConfig]):
         lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=(0.05, 0.95)) if cfg.near else None
         signatures: dict[str, Any] = {}
         for record in records:
-            text = dedup_text(record, cfg.on)
+            text = dedup_text(record, cfg.compare)
             key = normalise(text)
             if cfg.exact and key in exact_seen:
                 rejected[record.id] = ("duplicate", f"exact duplicate of {exact_seen[key]}")
