@@ -25,6 +25,13 @@ datatailor run "$HERE/codec.yaml" --out "$OUT/codec"
 datatailor run "$HERE/self_instruct.yaml" --out "$OUT/self_instruct"
 
 for method in codec self_instruct; do
+  pairs=$(grep -c . "$OUT/$method/data.jsonl" || true)
+  if [ "$pairs" -eq 0 ]; then
+    # At this tiny size the 0.5B judge can fail to see any gap |G| > 3, so CodecLM may keep nothing;
+    # the report still shows the run (its calls and why pairs were dropped: $OUT/$method/failures.jsonl).
+    echo "$method: no pairs kept; skipping its training and evaluation (see $OUT/$method/failures.jsonl)" >&2
+    continue
+  fi
   # 2. Training file: drop any pair that overlaps a shipped test set (the dropped pairs are listed in
   #    $OUT/$method.train.decontam.json).
   datatailor export "$OUT/$method" --out "$OUT/$method.train.jsonl" --format alpaca --decontaminate "$TESTSETS"

@@ -168,3 +168,20 @@ def test_renders_in_headless_chromium(report: tuple[Path, _Page]) -> None:
                          capture_output=True, text=True, timeout=120, check=True).stdout
     for fig_id in FIGURE_IDS:
         assert f'id="{fig_id}"' in dom
+
+
+def test_a_run_that_kept_nothing_is_shown_not_fatal(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"instruction": "Say something."}) + "\n", encoding="utf-8")
+    recipe = parse_recipe({"name": "empty", "input": str(seeds), "stages": [{"type": "respond", "role": "strong"}],
+                           "models": {"strong": {"backend": "scripted", "model": "mute", "rules": [{"match": ".*", "reply": " "}]}}},
+                          "empty", tmp_path)
+    assert run_recipe_sync(recipe, tmp_path / "empty", show_progress=False).status == "complete"
+    out = tmp_path / "r.html"
+    assert main(["compare", str(tmp_path / "empty"), "--out", str(out), "--no-embeddings"]) == 0
+    page = _Page()
+    page.feed(out.read_text(encoding="utf-8"))
+    assert set(FIGURE_IDS) <= set(page.figures)
+    i = page.cells.index("empty")
+    assert page.cells[i + 3] == "0" and page.cells[i + 8] == "n/a"  # 0 pairs: no per-pair figures
+    assert "No kept pairs in: empty" in out.read_text(encoding="utf-8")

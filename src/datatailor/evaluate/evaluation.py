@@ -31,7 +31,7 @@ from typing import Any
 from datatailor.errors import UserError
 from datatailor.evaluate.judge import SCORES_ONLY, Rule
 from datatailor.evaluate.metrics import evaluate_scores, metric_table, percent, scores_from_summary, wtl_from_scores
-from datatailor.evaluate.modelspec import describe_model
+from datatailor.evaluate.modelspec import describe_model, model_label
 from datatailor.evaluate.quality import QUALITY_TEMPLATE, stored_scores, summarize_quality
 from datatailor.evaluate.testsets import TestSet, describe
 from datatailor.io import atomic_open, read_jsonl_rows, read_records, write_json
@@ -173,14 +173,11 @@ def format_percent(value: float | None) -> str:
 
 def render_eval_md(s: dict[str, Any]) -> str:
     m = s["metrics"]
-    ref = s["models"]["reference"]
-    ref_text = "stored reference answers" if ref == "stored" else f"{ref['backend']}:{ref['model']}"
-    cand = s["models"]["candidate"]
     lines = [
         f"# Evaluation on {s['testset']['name']}",
         "",
-        f"Candidate `{cand['backend']}:{cand['model']}` against {ref_text}; judge "
-        f"`{s['models']['judge']['backend']}:{s['models']['judge']['model']}`, both orders, temperature 0.",
+        f"Candidate `{model_label(s['models']['candidate'])}` against `{model_label(s['models']['reference'])}`; judge "
+        f"`{model_label(s['models']['judge'])}`, both orders, temperature 0.",
         f"{s['judged']} of {s['items']} items judged" + (f"; failures: {s['failures']}" if s["failures"] else "") + ".",
         "",
         "| rule | W | T | L | N | CRR % | WR1 % | WR2 % | QS % |",

@@ -139,3 +139,12 @@ def describe_model(config: Any) -> dict[str, Any]:
         if value:
             out[name] = value
     return out
+
+
+def model_label(description: Any) -> str:
+    """One line for reports: backend:model, plus the adapter folder's name; "stored answers" for stored."""
+    if description == "stored":
+        return "stored answers"
+    text = f"{description['backend']}:{description['model']}"
+    adapter = description.get("adapter")
+    return text + (f" + {Path(adapter).name}" if adapter else "")

@@ -29,6 +29,7 @@ from datatailor.errors import UserError
 from datatailor.evaluate.decontam import TestItem, contamination_summary, find_contamination, testset_items
 from datatailor.evaluate.diversity import DiversityReport, Embedder, diversity_report
 from datatailor.evaluate.metrics import percent
+from datatailor.evaluate.modelspec import model_label
 from datatailor.evaluate.quality import BUCKETS, QualitySummary, stored_scores, summarize_quality
 from datatailor.evaluate.testsets import shipped_testsets
 from datatailor.io import read_records
@@ -314,13 +315,6 @@ def _contamination_section(runs: list[RunSummary], testsets: list[str]) -> str:
                    "(`datatailor export --decontaminate` drops them).") + table
 
 
-def _model_text(desc: Any) -> str:
-    if desc == "stored":
-        return "stored answers"
-    text = f"{desc['backend']}:{desc['model']}"
-    return text + (f" + {Path(desc['adapter']).name}" if desc.get("adapter") else "")
-
-
 def _eval_label(r: RunSummary, e: dict[str, Any]) -> str:
     return f"{r.label} · {e['testset']['name']}"
 
@@ -344,7 +338,7 @@ def _eval_section(runs: list[RunSummary]) -> str:
     for (r, e), lab in zip(pairs, [_eval_label(r, e) for r, e in pairs]):
         m = e["metrics"]
         rows.append([
-            lab, _model_text(e["models"]["candidate"]), _model_text(e["models"]["reference"]), e["rule"],
+            lab, model_label(e["models"]["candidate"]), model_label(e["models"]["reference"]), e["rule"],
             f"{m['wins']}/{m['ties']}/{m['losses']}", str(m["n"]), percent(m["crr"]), percent(m["wr1"]), percent(m["wr2"]),
             percent(m["qs"]), percent(e.get("position_consistency")),
         ])
@@ -370,7 +364,12 @@ th{background:#f4f4f4}figure{margin:1rem 0}figcaption{font-size:.8rem;color:#555
 def render_html(runs: list[RunSummary], title: str = "datatailor: runs compared", notes: list[str] | None = None,
                 testsets: list[str] | None = None) -> str:
     testsets = testsets if testsets is not None else shipped_testsets()
-    note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes or [])
+    notes = list(notes or [])
+    empty = [r.label for r in runs if not r.size]
+    if empty:
+        notes.append(f"No kept pairs in: {', '.join(empty)} — nothing to rate, measure or check there; "
+                     "each run's failures.jsonl says why its rows were dropped.")
+    note_html = "".join(f'<p class="note">{escape(n)}</p>' for n in notes)
     run_list = "".join(f"<li><b>{escape(r.label)}</b>: {escape(str(r.path))} ({escape(r.method)})</li>" for r in runs)
     return (
         "<!DOCTYPE html>\n"
