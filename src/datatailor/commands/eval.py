@@ -96,6 +96,12 @@ def eval_command(
     m = summary["metrics"]
     from datatailor.evaluate.evaluation import format_percent
 
+    if summary["judged"] < summary["items"]:
+        typer.secho(
+            f"warning: {summary['items'] - summary['judged']} item(s) not judged {summary['failures']}; "
+            f"they are left out of N (details: {out / 'run' / 'failures.jsonl'})",
+            err=True, fg="yellow",
+        )
     typer.echo(
         f"{ts.name}: {summary['judged']} of {summary['items']} judged | {rule}: W/T/L {m['wins']}/{m['ties']}/{m['losses']} | "
         f"CRR {format_percent(m['crr'])} | WR1 {format_percent(m['wr1'])} | WR2 {format_percent(m['wr2'])} | QS {format_percent(m['qs'])} | "
