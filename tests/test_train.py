@@ -173,7 +173,10 @@ def test_trainer_keeps_our_labels(tmp_path: Path):
     tokenized = tokenize_pairs(tokenizer, records, "respond.j2", 128)
     dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in tokenized.examples], "labels": [e.labels for e in tokenized.examples]})
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()))
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=128, max_steps=1)
+    from datatailor.train.sft import _checkpointing_arg, _imports
+
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_length=128, max_steps=1,
+                     **_checkpointing_arg(_imports(), False))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     prepared = {tuple(row["input_ids"]): row["labels"] for row in trainer.train_dataset}
     for example in tokenized.examples:

@@ -12,6 +12,7 @@ name and renamed when complete, so a crash never leaves a half-written model und
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,8 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -31,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datatailor.errors import UserError
 from datatailor.io import write_json
-from datatailor.records import stable_hash
+from datatailor.records import Record, stable_hash
 from datatailor.train.sft_config import TrainConfig
-from datatailor.train.sft_data import TokenizedSet, dataset_path, load_pairs, tokenize_pairs
+from datatailor.train.sft_data import dataset_path, load_pairs, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,14 @@ def _checkpointing_arg(libs: _Libs, enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+@contextlib.contextmanager
+def _quiet_library_deprecations() -> Iterator[None]:
+    """Hide one notice raised inside TRL/PEFT by transformers 5's renaming; a user cannot act on it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -223,7 +234,8 @@ def train_sft(
 ) -> TrainReport:
     """Fine-tune `base` on the pairs in `data` (a run folder or a dataset file) and save to `out`.
 
-    `progress` receives one line per logged step (None for silence).
+    `progress` receives one line per logged step (None for silence). torch's thread count is set
+    to `config.threads` for the run and restored afterwards.
     """
     t_start = time.perf_counter()
     config = config or TrainConfig()
@@ -231,12 +243,30 @@ def train_sft(
     _prepare_out(out, force)
     pairs, skipped = load_pairs(data, limit=limit)
     libs = _imports()
+    previous_threads = libs.torch.get_num_threads()
+    if config.threads is not None:
+        libs.torch.set_num_threads(config.threads)
+    try:
+        return _train(libs, pairs, skipped, data, base, out, config, progress, t_start)
+    finally:
+        libs.torch.set_num_threads(previous_threads)
+
+
+def _train(
+    libs: _Libs,
+    pairs: list[Record],
+    skipped: int,
+    data: str | Path,
+    base: str,
+    out: Path,
+    config: TrainConfig,
+    progress: TextIO | None,
+    t_start: float,
+) -> TrainReport:
     torch, transformers = libs.torch, libs.transformers
 
     from datatailor.llm.hf import model_source, pick_device
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     transformers.set_seed(config.seed)
 
     t_load = time.perf_counter()
@@ -265,7 +295,8 @@ def train_sft(
             bias="none",
         )
         try:
-            model = libs.peft.get_peft_model(model, lora)
+            with _quiet_library_deprecations():
+                model = libs.peft.get_peft_model(model, lora)
         except ValueError as exc:  # target modules that the model does not have
             raise UserError(f"lora_target_modules {config.lora_target_modules!r}: {exc}") from None
     trainable, total = _count_params(model)
@@ -317,13 +348,14 @@ def train_sft(
         bars_were_on = not libs.datasets.are_progress_bars_disabled()
         libs.datasets.disable_progress_bars()
         try:
-            trainer = libs.trl.SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                callbacks=[_make_progress_callback(libs, curve, total_steps, progress)],
-            )
+            with _quiet_library_deprecations():
+                trainer = libs.trl.SFTTrainer(
+                    model=model,
+                    args=args,
+                    train_dataset=dataset,
+                    processing_class=tokenizer,
+                    callbacks=[_make_progress_callback(libs, curve, total_steps, progress)],
+                )
         finally:
             if bars_were_on:
                 libs.datasets.enable_progress_bars()
@@ -338,7 +370,8 @@ def train_sft(
                 flush=True,
             )
         t_train = time.perf_counter()
-        result = trainer.train()
+        with _quiet_library_deprecations():
+            result = trainer.train()
         train_time = time.perf_counter() - t_train
         steps = int(trainer.state.global_step)
         epochs_done = float(trainer.state.epoch or 0.0)
@@ -409,12 +442,16 @@ def train_sft(
         shutil.rmtree(staging, ignore_errors=True)
     if progress is not None:
         print(
-            f"[train] done: loss {report.first_loss} → {report.final_loss} in {report.steps} steps, "
+            f"[train] done: loss {_fmt(report.first_loss)} → {_fmt(report.final_loss)} in {report.steps} steps, "
             f"{report.wall_time_s:.1f}s, peak RSS {report.peak_rss_mb:.0f} MB; {kind} in {out}",
             file=progress,
             flush=True,
         )
     return report
+
+
+def _fmt(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def read_train_config(model_dir: str | Path) -> TrainConfig | None:
