@@ -133,3 +133,11 @@ def test_not_a_run_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["run", str(recipe), "--out", str(tmp_path / "busy"), "--no-progress"]) == 2
     assert "not a datatailor run directory" in capsys.readouterr().err
     assert (tmp_path / "busy/precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(("argv", "expected"), [(["export"], "Missing argument"), (["run", "x.yaml"], "Missing option"),
+                                                (["nosuch"], "No such command")])
+def test_usage_errors_exit_2_without_traceback(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err

@@ -38,21 +38,41 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
+    """`name` from click and from the copy of click that typer ≥ 0.29 ships and raises from."""
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module_name in ("click.exceptions", "typer._click.exceptions", "typer.core"):
+        try:
+            cls = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE_ERRORS = _exception_classes("UsageError")
+_ABORTS = _exception_classes("Abort")
+_EXITS = _exception_classes("Exit")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, standalone_mode=False)
     except UserError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         return 2
-    except click.exceptions.UsageError as exc:
+    except _USAGE_ERRORS as exc:
         exc.show()
         return 2
-    except click.exceptions.Abort:
+    except _ABORTS:
         typer.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:
         return _interrupted()
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
     if result == 130:  # typer turns Ctrl-C into a returned 130 when not in standalone mode
         return _interrupted()
