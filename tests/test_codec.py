@@ -33,6 +33,7 @@ from datatailor.stages.codec import (
     instructions_per_entry,
     load_given_entries,
     metadata_id,
+    parse_improved,
     parse_rewritten,
     parse_rubrics_actions,
 )
@@ -511,6 +512,10 @@ def test_small_parsers() -> None:
     assert parse_rewritten("**Improved instruction:** Do Y") == "Do Y"
     with pytest.raises(ValueError):
         parse_rewritten("New request:   ")
+    action = "Add a requirement to compare two competitors"
+    assert parse_improved("Write a business plan that compares two competitors.", action)
+    with pytest.raises(ValueError, match="repeats the change description"):
+        parse_improved("Add a requirement to compare the two competitors.", action)
 
 
 def test_contrastive_without_actions_fails_clearly(tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ def test_parse_equal_is_tolerant() -> None:
 def test_rule_helpers() -> None:
     assert leaked_phrase("Rewrite the #Given Prompt# please") == "given prompt"
     assert leaked_phrase("A rewritten prompt about cats") == "rewritten prompt"
+    assert leaked_phrase("How to make it harder: replace general concepts.") == "how to make it harder"
     assert leaked_phrase("A fine instruction") is None
     assert is_sorry_and_short("Sorry, I can't.")
     assert not is_sorry_and_short("Sorry " + "word " * 79)  # 80 words is not short

@@ -181,7 +181,9 @@ class SelfInstruct(BatchStage[SelfInstructConfig]):
 
         while len(accepted) < target and calls < max_calls:
             batch = []
-            for _ in range(min(cfg.concurrency, max_calls - calls)):
+            # No more calls than could still be needed if every candidate were kept.
+            needed = -(-(target - len(accepted)) // cfg.per_call)
+            for _ in range(min(cfg.concurrency, max_calls - calls, needed)):
                 rng = self.ctx.rng("call", calls)
                 demos = rng.sample(seeds, min(cfg.seed_demos, len(seeds)))
                 machine = [r.instruction for r in accepted]

@@ -39,6 +39,7 @@ from datatailor.llm.structured import normalise_label, parse_numbered_list, pars
 from datatailor.prompts import load_prompt
 from datatailor.records import LineageEvent, Record, stable_hash
 from datatailor.report.codec import read_jsonl_rows, write_codec_report
+from datatailor.stages.baselines import rouge_l, rouge_tokens
 from datatailor.stages.base import BatchResult, BatchStage, MapStage, StageConfig, register
 
 ENTRY_KIND = "codec_metadata"
@@ -630,6 +631,18 @@ def pick_action(record: Record, rng: Any) -> tuple[int, str, str | None]:
     return index, actions[index], rubrics[index] if index < len(rubrics) else None
 
 
+ACTION_ECHO_ROUGE = 0.7
+
+
+def parse_improved(text: str, action: str) -> str:
+    """The rewritten instruction; a reply that mostly repeats the action (ROUGE-L ≥ 0.7) is re-asked, since the
+    improver is told to apply the action, not to quote it."""
+    rewritten = parse_rewritten(text)
+    if rouge_l(rouge_tokens(rewritten), rouge_tokens(action)) >= ACTION_ECHO_ROUGE:
+        raise ValueError("the reply repeats the change description instead of rewriting the request")
+    return rewritten
+
+
 async def improve_instruction(
     model: RoleModel, template: str, instruction: str, action: str, *, seed_key: Any, base_dir: Path | None = None,
     **sampling: Any,
@@ -638,7 +651,7 @@ async def improve_instruction(
     return await model.generate(
         load_prompt(template, base_dir),
         {"instruction": instruction, "action": action},
-        parse=parse_rewritten,
+        parse=lambda text: parse_improved(text, action),
         seed_key=seed_key,
         **sampling,
     )

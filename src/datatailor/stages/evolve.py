@@ -62,6 +62,7 @@ LEAK_PHRASES = (
     "created prompt",
     "prompt to rewrite",
     "inspiring prompt",
+    "how to make it harder",
 )
 SORRY_MAX_WORDS = 80
 
