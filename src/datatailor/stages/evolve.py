@@ -11,6 +11,8 @@ Elimination (WizardLM's four checks; a failed evolution is dropped):
 3. the response is only punctuation and stop words;
 4. the evolved instruction copies words of the evolving prompt ("rewritten prompt", "given prompt", …).
 
+They run cheapest first: 4 (no call), 1 (one short call), then the answer is generated and 2 and 3 are checked.
+
 What a failed evolution does, following WizardLM: it is dropped, and the instruction it started from goes back
 into the pool, i.e. the next round evolves the last good version again. `evol.evolve` outputs every successful
 evolution as a pair (instruction, strong answer); a seed none of whose rounds survives is rejected with kind
