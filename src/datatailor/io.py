@@ -62,6 +62,20 @@ def write_records(path: str | Path, records: Iterable[Record]) -> int:
 # ----------------------------------------------------------------------------- raw reading
 
 
+def read_yaml(path: Path, what: str = "file") -> Any:
+    """Load a YAML file; a missing file or a syntax error is a UserError naming the file and line."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+
+
 def read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line; a bad line raises UserError naming file and line."""
     with path.open(encoding="utf-8") as fh:

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from datatailor.errors import UserError
+from datatailor.io import read_yaml
 from datatailor.llm.config import ModelConfig
 from datatailor.llm.usage import Budget
 from datatailor.stages import StageConfig, load_all
@@ -151,12 +151,4 @@ def parse_recipe(data: Any, source: str = "<recipe>", base_dir: Path | None = No
 
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}" if mark else str(p)
-        raise UserError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
-    return parse_recipe(data, str(p), p.resolve().parent)
+    return parse_recipe(read_yaml(p, "recipe"), str(p), p.resolve().parent)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datatailor.errors import UserError
+from datatailor.io import read_yaml
 
 PresetName = Literal["codeclm", "teams_rl", "coachlm_coach"]
 
@@ -170,14 +170,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
     if path is not None:
         p = Path(path)
         where = str(p)
-        if not p.is_file():
-            raise UserError(f"train config not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{p}{line}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        loaded = read_yaml(p, "train config")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
