@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from datatailor.errors import UserError
+from datatailor.io import read_yaml
 from datatailor.llm.config import HFModel, LlamaCppModel, ModelConfig, OpenAIModel
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(ModelConfig)
@@ -35,14 +35,7 @@ SHORTHANDS = "local:NAME, llamacpp:PATH, hf:MODEL[+ADAPTER], openai:MODEL[@BASE_
 
 def load_models_file(path: Path) -> dict[str, Any]:
     """Role → validated model config, from a recipe or a plain role mapping."""
-    if not path.is_file():
-        raise UserError(f"models file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(path, "models file")
     if isinstance(data, dict) and isinstance(data.get("models"), dict):
         data = data["models"]
     if not isinstance(data, dict) or not data:
