@@ -151,3 +151,12 @@ def test_relative_model_paths_resolve_against_the_recipe_folder(tmp_path: Path) 
     resolved = _resolve_paths(config, tmp_path)
     assert resolved.adapter == str(tmp_path / "tuned") and resolved.model == "local:gemma-3-270m"
     assert _resolve_paths(HFModel(model="local:gemma-3-270m", adapter="elsewhere"), tmp_path).adapter == "elsewhere"
+
+
+def test_llamacpp_chat_format_is_part_of_the_cache_identity() -> None:
+    from datatailor.llm.config import LlamaCppModel
+
+    assert LlamaCppModel(model="local:gemma-3-270m").identity()["chat_format"] == "gemma"
+    assert LlamaCppModel(model="local:qwen2.5-coder-0.5b-instruct").identity()["chat_format"] is None
+    a = LlamaCppModel(model="x.gguf", chat_format="chatml").identity()
+    assert a != LlamaCppModel(model="x.gguf", chat_format="gemma").identity()

@@ -77,7 +77,21 @@ class LlamaCppModel(_ModelBase):
     max_concurrency: int = Field(1, ge=1)
     n_ctx: int = Field(4096, ge=256)
     n_threads: int | None = None
-    chat_format: str | None = None
+    chat_format: str | None = Field(
+        None, description="llama.cpp chat format; default: the GGUF's own template (for `local:gemma-3-270m`: gemma)."
+    )
+
+    def effective_chat_format(self) -> str | None:
+        if self.chat_format is None and self.model.startswith("local:"):
+            from datatailor.llm.local_models import LOCAL_MODELS
+
+            spec = LOCAL_MODELS.get(self.model.removeprefix("local:"))
+            return spec.chat_format if spec else None
+        return self.chat_format
+
+    def identity(self) -> dict[str, Any]:
+        # The chat format changes the prompt the model sees, so it is part of the cache key.
+        return {"backend": "llamacpp", "model": self.model, "chat_format": self.effective_chat_format()}
 
 
 class HFModel(_ModelBase):

@@ -58,7 +58,7 @@ class LlamaCppBackend:
                 model_path=str(path),
                 n_ctx=self.config.n_ctx,
                 n_threads=self.config.n_threads or os.cpu_count() or 1,
-                chat_format=self.config.chat_format,
+                chat_format=self.config.effective_chat_format(),
                 verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python reports an unreadable model as ValueError

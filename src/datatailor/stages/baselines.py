@@ -6,8 +6,8 @@ instruction already in the pool (seeds and accepted ones) is below 0.7, and it p
 filters (length, tasks a text model cannot do). Generation stops at the data budget. Responses come from a
 separate `respond` stage with the strong model, as for every other method.
 
-ROUGE-L is implemented here (LCS over lower-cased alphanumeric tokens, as `rouge-score` tokenises without a
-stemmer), so the core does not need the extra.
+ROUGE-L is `datatailor.evaluate.text.rouge_l` (LCS over lower-cased alphanumeric tokens, as `rouge-score`
+tokenises without a stemmer), so the core does not need the extra.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from datatailor.errors import RecordFailure, RunAbort, UserError
+from datatailor.evaluate.text import rouge_l, rouge_tokens
 from datatailor.io import write_json
 from datatailor.llm.models import Generation
 from datatailor.llm.structured import parse_numbered_list
@@ -34,37 +35,6 @@ DEFAULT_BLOCKED_WORDS = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
 )
-
-_TOKEN = re.compile(r"[a-z0-9]+")
-
-
-def rouge_tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token lists (two-row dynamic programme)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b, 1):
-            current.append(previous[j - 1] + 1 if x == y else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(a: list[str], b: list[str]) -> float:
-    """ROUGE-L F-measure (β = 1) of two token lists."""
-    if not a or not b:
-        return 0.0
-    lcs = lcs_length(a, b)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(b), lcs / len(a)
-    return 2 * precision * recall / (precision + recall)
-
 
 class NoveltyIndex:
     """Texts seen so far, answering: how similar (ROUGE-L) is a new text to the closest one?"""

@@ -39,7 +39,7 @@ from datatailor.llm.structured import normalise_label, parse_numbered_list, pars
 from datatailor.prompts import load_prompt
 from datatailor.records import LineageEvent, Record, stable_hash
 from datatailor.report.codec import read_jsonl_rows, write_codec_report
-from datatailor.stages.baselines import rouge_l, rouge_tokens
+from datatailor.evaluate.text import rouge_l, rouge_tokens
 from datatailor.stages.base import BatchResult, BatchStage, MapStage, StageConfig, register
 
 ENTRY_KIND = "codec_metadata"
