@@ -29,17 +29,18 @@ REPORT_HTML = "codec_report.html"
 GAP_EDGES = list(range(-9, 10))
 
 
-def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a missing file is an empty list (a torn last line is skipped)."""
+def run_file_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file the run itself wrote; missing → empty. Only a torn last line (a killed write) is skipped."""
     if not path.is_file():
         return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows: list[dict[str, Any]] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
     return rows
 
 

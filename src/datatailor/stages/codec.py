@@ -28,17 +28,16 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datatailor.errors import RecordFailure, Rejected, RunAbort, UserError
 from datatailor.evaluate.judge import SCORES_ONLY, PairwiseScores, judge_pair
-from datatailor.io import write_jsonl
+from datatailor.io import read_jsonl_rows, read_yaml, write_jsonl
 from datatailor.llm.models import Generation, RoleModel
 from datatailor.llm.structured import normalise_label, parse_numbered_list, parse_use_case_skills
 from datatailor.prompts import load_prompt
 from datatailor.records import LineageEvent, Record, stable_hash
-from datatailor.report.codec import read_jsonl_rows, write_codec_report
+from datatailor.report.codec import run_file_rows, write_codec_report
 from datatailor.evaluate.text import rouge_l, rouge_tokens
 from datatailor.stages.base import BatchResult, BatchStage, MapStage, StageConfig, register
 
@@ -280,16 +279,11 @@ def load_given_entries(path: Path) -> list[GivenEntry]:
     if path.suffix.lower() == ".jsonl":
         # A pool written by an earlier run (metadata.jsonl), e.g. after removing unreasonable entries by hand,
         # the paper's manual sanity check. Only the use case and the skills are read.
-        rows = read_jsonl_rows(path)
+        rows = [row for _, row in read_jsonl_rows(path)]  # a bad line is a UserError naming file and line
         if not rows:
             raise UserError(f"{path}: no entries")
         return [_given_entry(path, i, {"use_case": r.get("use_case"), "skills": r.get("skills")}) for i, r in enumerate(rows)]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: YAML syntax error: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(path, "codec.metadata file")
     if isinstance(data, dict) and "entries" in data:
         data = data["entries"]
     if not isinstance(data, list) or not data:
@@ -874,13 +868,13 @@ class Contrastive(MapStage[ContrastiveConfig]):
             return
         dropped: list[dict[str, Any]] = []
         if self.ctx.checkpoint_dir is not None:
-            dropped = [r for r in read_jsonl_rows(self.ctx.checkpoint_dir / "failures.jsonl") if r.get("stage") == self.name]
+            dropped = [r for r in run_file_rows(self.ctx.checkpoint_dir / "failures.jsonl") if r.get("stage") == self.name]
         recipe = self.ctx.recipe
         write_codec_report(
             self.ctx.artifacts_dir,
             kept=outputs,
             dropped=dropped,
-            pool=read_jsonl_rows(self.ctx.artifacts_dir / METADATA_FILE),
+            pool=run_file_rows(self.ctx.artifacts_dir / METADATA_FILE),
             threshold=self.config.threshold,
             max_iterations=self.config.max_iterations,
             budget_pairs=recipe.budget_pairs if recipe is not None else None,
