@@ -221,7 +221,6 @@ class Runner:
 
         stage_summaries: list[dict[str, Any]] = []
         status, message = STATUS_COMPLETE, ""
-        shared: dict[str, Any] = {}
         try:
             with self.progress:
                 for index, config in enumerate(self.recipe.stages):
@@ -234,7 +233,6 @@ class Runner:
                         artifacts_dir=self.out,
                         base_dir=self.recipe.base_dir,
                         recipe=self.recipe,
-                        shared=shared,
                         checkpoint_dir=checkpoint_dir,
                     )
                     stage = STAGES[config.type](config, ctx)
@@ -312,7 +310,8 @@ class Runner:
             "failures": sum(1 for r in inputs if r.id in cp.failures),
             "complete": False,
         }
-        if self._stop is None and all(cp.finished(r.id) or _batch_used(cp, r.id) for r in inputs):
+        batch_done = "__batch__" in cp.outputs  # a batch stage writes all its outputs at once
+        if self._stop is None and (batch_done or all(cp.finished(r.id) for r in inputs)):
             if not cp.complete:
                 cp.mark_complete({"input_order": [r.id for r in inputs], **summary, "complete": True})
             summary["complete"] = True
@@ -388,9 +387,6 @@ class Runner:
         for _ in range(len(inputs) - len(result.rejected)):
             self.progress.advance(stage.name)
 
-
-def _batch_used(cp: StageCheckpoint, record_id: str) -> bool:
-    return "__batch__" in cp.outputs
 
 
 def _check_unique(records: list[Record], where: str) -> None:

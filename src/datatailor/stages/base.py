@@ -56,7 +56,6 @@ class StageContext:
     artifacts_dir: Path
     base_dir: Path
     recipe: Any = None
-    shared: dict[str, Any] = field(default_factory=dict)
     # This stage's checkpoint folder (outputs.jsonl, failures.jsonl): finalize() may read its own
     # failure rows from it, e.g. to report on dropped records after a resume.
     checkpoint_dir: Path | None = None
