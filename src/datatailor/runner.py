@@ -225,7 +225,6 @@ class Runner:
             with self.progress:
                 for index, config in enumerate(self.recipe.stages):
                     name = self.recipe.stage_name(index)
-                    checkpoint_dir = self.out / "stages" / f"{index:02d}-{_safe(name)}"
                     ctx = StageContext(
                         models=pool,
                         stage_name=name,
@@ -233,10 +232,9 @@ class Runner:
                         artifacts_dir=self.out,
                         base_dir=self.recipe.base_dir,
                         recipe=self.recipe,
-                        checkpoint_dir=checkpoint_dir,
                     )
                     stage = STAGES[config.type](config, ctx)
-                    checkpoint = StageCheckpoint(checkpoint_dir)
+                    checkpoint = StageCheckpoint(self.out / "stages" / f"{index:02d}-{_safe(name)}")
                     try:
                         records, summary = await self._run_stage(stage, checkpoint, records)
                     finally:
@@ -315,7 +313,7 @@ class Runner:
             if not cp.complete:
                 cp.mark_complete({"input_order": [r.id for r in inputs], **summary, "complete": True})
             summary["complete"] = True
-            stage.finalize(outputs)
+            stage.finalize(outputs, [cp.failures[r.id] for r in inputs if r.id in cp.failures])
         self.progress.stage_finished(name)
         return outputs, summary
 

@@ -56,9 +56,6 @@ class StageContext:
     artifacts_dir: Path
     base_dir: Path
     recipe: Any = None
-    # This stage's checkpoint folder (outputs.jsonl, failures.jsonl): finalize() may read its own
-    # failure rows from it, e.g. to report on dropped records after a resume.
-    checkpoint_dir: Path | None = None
 
     def model(self, role: str) -> RoleModel:
         return self.models.role(role)
@@ -80,8 +77,12 @@ class Stage(ABC, Generic[C]):
     def name(self) -> str:
         return self.config.name or self.config.type
 
-    def finalize(self, outputs: list[Record]) -> None:  # noqa: B027 - optional hook
-        """Called once the stage has finished over every record: write reports/artifacts here."""
+    def finalize(self, outputs: list[Record], failures: list[dict[str, Any]]) -> None:  # noqa: B027 - optional hook
+        """Called once the stage has finished over every record: write reports/artifacts here.
+
+        `failures` are this stage's failure rows (as in failures.jsonl), in input order, including
+        those of earlier invocations when the run was resumed.
+        """
 
 
 class MapStage(Stage[C]):

@@ -333,7 +333,7 @@ class GivenMetadata(BatchStage[MetadataConfig]):
             outputs.append(entry_record(use_case, skills, "given", [key], [key], {s: [key] for s in skills}, [event]))
         return BatchResult(outputs=outputs, rejected=rejected)
 
-    def finalize(self, outputs: list[Record]) -> None:
+    def finalize(self, outputs: list[Record], failures: list[dict[str, Any]]) -> None:
         write_pool(self.ctx.artifacts_dir, outputs)
 
 
@@ -426,7 +426,7 @@ class Augment(BatchStage[AugmentConfig]):
             outputs.append(entry_record(use_case, skills, origin, seeds, uc_seeds, sk_seeds, [*lineage, event]))
         return BatchResult(outputs=outputs, rejected=rejected)
 
-    def finalize(self, outputs: list[Record]) -> None:
+    def finalize(self, outputs: list[Record], failures: list[dict[str, Any]]) -> None:
         write_pool(self.ctx.artifacts_dir, outputs)
 
 
@@ -863,17 +863,14 @@ class Contrastive(MapStage[ContrastiveConfig]):
         ))
         return out
 
-    def finalize(self, outputs: list[Record]) -> None:
+    def finalize(self, outputs: list[Record], failures: list[dict[str, Any]]) -> None:
         if not self.config.report:
             return
-        dropped: list[dict[str, Any]] = []
-        if self.ctx.checkpoint_dir is not None:
-            dropped = [r for r in run_file_rows(self.ctx.checkpoint_dir / "failures.jsonl") if r.get("stage") == self.name]
         recipe = self.ctx.recipe
         write_codec_report(
             self.ctx.artifacts_dir,
             kept=outputs,
-            dropped=dropped,
+            dropped=failures,
             pool=run_file_rows(self.ctx.artifacts_dir / METADATA_FILE),
             threshold=self.config.threshold,
             max_iterations=self.config.max_iterations,
