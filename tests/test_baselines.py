@@ -13,7 +13,7 @@ import pytest
 from datatailor.llm.base import CompletionRequest
 from datatailor.recipe import parse_recipe
 from datatailor.runner import run_recipe_sync
-from datatailor.evaluate.text import lcs_length, rouge_l, rouge_tokens
+from datatailor.scoring.text import lcs_length, rouge_l, rouge_tokens
 from datatailor.stages.baselines import NoveltyIndex, candidate_problem
 
 VOCAB = [f"w{i}" for i in range(400)]

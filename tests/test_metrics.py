@@ -22,7 +22,7 @@ from datatailor.evaluate.diversity import (
     mean_pairwise_cosine_distance,
     rouge_l_self_similarity,
 )
-from datatailor.evaluate.judge import PairwiseScores
+from datatailor.scoring.judge import PairwiseScores
 from datatailor.evaluate.metrics import (
     WTL,
     count_verdicts,
@@ -37,8 +37,8 @@ from datatailor.evaluate.metrics import (
     wr2,
     wtl_from_scores,
 )
-from datatailor.evaluate.quality import bucket_of, summarize_quality
-from datatailor.evaluate.text import lcs_length, rouge_l, rouge_l_text, rouge_tokens
+from datatailor.scoring.quality import bucket_of, summarize_quality
+from datatailor.scoring.text import lcs_length, rouge_l, rouge_l_text, rouge_tokens
 from datatailor.records import Record
 
 # ----------------------------------------------------------------------------- W/T/L metrics

@@ -126,7 +126,7 @@ def rate_command(
     [0,3.5) [3.5,4) [4,4.5) [4.5,5] and the high-quality share (>= 4.5) in OUT/quality.json."""
     from datatailor.evaluate.evaluation import data_file, run_rate
     from datatailor.evaluate.modelspec import load_models_file, resolve_role
-    from datatailor.evaluate.quality import QUALITY_TEMPLATE
+    from datatailor.scoring.quality import QUALITY_TEMPLATE
 
     path = data_file(data)
     if out is None:

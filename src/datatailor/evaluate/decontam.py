@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from datatailor.evaluate.text import ngrams, tokenize
+from datatailor.scoring.text import ngrams, tokenize
 from datatailor.records import Record
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from datatailor.errors import UserError
-from datatailor.evaluate.text import ngrams, rouge_l, rouge_tokens, tokenize
+from datatailor.scoring.text import ngrams, rouge_l, rouge_tokens, tokenize
 from datatailor.records import Record
 
 Embedder = Callable[[list[str]], Any]

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from datatailor.errors import UserError
-from datatailor.evaluate.judge import SCORES_ONLY, Rule
+from datatailor.scoring.judge import SCORES_ONLY, Rule
 from datatailor.evaluate.metrics import evaluate_scores, metric_table, percent, scores_from_summary, wtl_from_scores
 from datatailor.evaluate.modelspec import describe_model, model_label
-from datatailor.evaluate.quality import QUALITY_TEMPLATE, stored_scores, summarize_quality
+from datatailor.scoring.quality import QUALITY_TEMPLATE, stored_scores, summarize_quality
 from datatailor.evaluate.testsets import TestSet, describe
 from datatailor.io import atomic_open, read_jsonl_rows, read_records, write_json
 from datatailor.llm.usage import Budget

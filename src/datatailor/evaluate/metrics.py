@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from datatailor.evaluate.judge import PairwiseScores, Rule, Verdict
+from datatailor.scoring.judge import PairwiseScores, Rule, Verdict
 
 Side = Literal["a", "b"]
 Outcome = Literal["win", "tie", "loss"]

@@ -30,7 +30,7 @@ from datatailor.evaluate.decontam import TestItem, contamination_summary, find_c
 from datatailor.evaluate.diversity import DiversityReport, Embedder, diversity_report
 from datatailor.evaluate.metrics import percent
 from datatailor.evaluate.modelspec import model_label
-from datatailor.evaluate.quality import BUCKETS, QualitySummary, stored_scores, summarize_quality
+from datatailor.scoring.quality import BUCKETS, QualitySummary, stored_scores, summarize_quality
 from datatailor.evaluate.testsets import shipped_testsets
 from datatailor.io import read_records
 from datatailor.report.svg import OUTCOME_COLORS, bar_chart, empty_chart, stacked_shares

@@ -6,7 +6,7 @@ instruction already in the pool (seeds and accepted ones) is below 0.7, and it p
 filters (length, tasks a text model cannot do). Generation stops at the data budget. Responses come from a
 separate `respond` stage with the strong model, as for every other method.
 
-ROUGE-L is `datatailor.evaluate.text.rouge_l` (LCS over lower-cased alphanumeric tokens, as `rouge-score`
+ROUGE-L is `datatailor.scoring.text.rouge_l` (LCS over lower-cased alphanumeric tokens, as `rouge-score`
 tokenises without a stemmer), so the core does not need the extra.
 """
 
@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from datatailor.errors import RecordFailure, RunAbort, UserError
-from datatailor.evaluate.text import rouge_l, rouge_tokens
+from datatailor.scoring.text import rouge_l, rouge_tokens
 from datatailor.io import write_json
 from datatailor.llm.models import Generation
 from datatailor.llm.structured import parse_numbered_list

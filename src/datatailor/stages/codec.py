@@ -31,14 +31,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datatailor.errors import RecordFailure, Rejected, RunAbort, UserError
-from datatailor.evaluate.judge import SCORES_ONLY, PairwiseScores, judge_pair
+from datatailor.scoring.judge import SCORES_ONLY, PairwiseScores, judge_pair
 from datatailor.io import read_jsonl_rows, read_yaml, write_jsonl
 from datatailor.llm.models import Generation, RoleModel
 from datatailor.llm.structured import normalise_label, parse_numbered_list, parse_use_case_skills
 from datatailor.prompts import load_prompt
 from datatailor.records import LineageEvent, Record, stable_hash
 from datatailor.report.codec import run_file_rows, write_codec_report
-from datatailor.evaluate.text import rouge_l, rouge_tokens
+from datatailor.scoring.text import rouge_l, rouge_tokens
 from datatailor.stages.base import BatchResult, BatchStage, MapStage, StageConfig, register
 
 ENTRY_KIND = "codec_metadata"

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from datatailor.errors import Rejected
-from datatailor.evaluate.judge import SCORES_ONLY, judge_pair
+from datatailor.scoring.judge import SCORES_ONLY, judge_pair
 from datatailor.records import FIELD_PATTERN, Record, field_update, read_field
 from datatailor.stages.base import MapStage, StageConfig, register
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from datatailor.errors import Rejected
-from datatailor.evaluate.quality import QUALITY_TEMPLATE, SCORE_MAX, SCORE_MIN, rate_pair
+from datatailor.scoring.quality import QUALITY_TEMPLATE, SCORE_MAX, SCORE_MIN, rate_pair
 from datatailor.records import Record
 from datatailor.stages.base import MapStage, StageConfig, register
 
