@@ -31,6 +31,7 @@ class LineageEvent(BaseModel):
     template_hash: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
     decision: str | None = None
     reason: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)

@@ -216,7 +216,7 @@ class Runner:
         cache = self._cache
         if cache is None and self.recipe.cache is not False:
             cache = RequestCache(None if self.recipe.cache is True else self.recipe.resolve(str(self.recipe.cache)))
-        pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir)
+        pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed)
         self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))])
 
         stage_summaries: list[dict[str, Any]] = []

@@ -29,6 +29,9 @@ class Sampling(BaseModel):
     max_tokens: int = 512
     seed: int | None = 0
     stop: list[str] = Field(default_factory=list)
+    # Ask for the log-probabilities of this many alternatives at each generated position (where the
+    # backend exposes them: llama.cpp, transformers, OpenAI `logprobs`); None asks for none.
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -38,6 +41,20 @@ class CompletionRequest(BaseModel):
     sampling: Sampling = Field(default_factory=Sampling)
     # A JSON schema the reply must follow; backends with native constraints enforce it.
     json_schema: dict[str, Any] | None = None
+    # The prompt template that produced `messages` (its name, e.g. "codec/encode.j2"), for routing in
+    # scripted test models and for logs. Not sent to any server and not part of any cache key: the
+    # template's content hash is.
+    template: str | None = None
+
+
+class PositionLogprobs(BaseModel):
+    """One generated token with its log-probability and those of the most likely alternatives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    logprob: float
+    top: dict[str, float] = Field(default_factory=dict)
 
 
 class Completion(BaseModel):
@@ -46,7 +63,9 @@ class Completion(BaseModel):
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # "stop" (the model ended), "length" (cut by max_tokens: the text is truncated), or what the server said.
     finish_reason: str | None = None
+    logprobs: list[PositionLogprobs] | None = None
 
 
 @runtime_checkable

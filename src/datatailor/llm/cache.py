@@ -25,10 +25,13 @@ def default_cache_path() -> Path:
 
 
 def cache_key(identity: dict[str, Any], request: CompletionRequest, template_hash: str | None) -> str:
+    sampling = request.sampling.model_dump()
+    if sampling.get("top_logprobs") is None:
+        del sampling["top_logprobs"]  # keys of requests that ask for no logprobs stay as they were
     payload = {
         "model": identity,
         "messages": [m.model_dump() for m in request.messages],
-        "sampling": request.sampling.model_dump(),
+        "sampling": sampling,
         "schema": request.json_schema,
         "template": template_hash,
     }

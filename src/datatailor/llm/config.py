@@ -31,9 +31,11 @@ class _ModelBase(BaseModel):
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=self.seed
         )
 
-    def identity(self) -> dict[str, Any]:
-        """What makes two model entries the same model for the request cache."""
-        return {"backend": self.backend, "model": self.model}  # type: ignore[attr-defined]
+    def identity(self, base_dir: Path | None = None) -> dict[str, Any]:
+        """What makes two model entries the same model for the request cache (see `llm.fingerprint`)."""
+        from datatailor.llm.fingerprint import model_identity
+
+        return model_identity(self, base_dir)
 
 
 class OpenAIModel(_ModelBase):
@@ -65,9 +67,13 @@ class OpenAIModel(_ModelBase):
         ),
     )
     extra_body: dict[str, Any] = Field(default_factory=dict)
-
-    def identity(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.model, "base_url": self.base_url}
+    revision: str | None = Field(
+        None,
+        description=(
+            "What the server serves under `model` (a checkpoint tag, a date, a commit): part of the request cache's "
+            "key, so answers cached from an older deployment of the same name are not reused."
+        ),
+    )
 
 
 class LlamaCppModel(_ModelBase):
@@ -89,10 +95,6 @@ class LlamaCppModel(_ModelBase):
             return spec.chat_format if spec else None
         return self.chat_format
 
-    def identity(self) -> dict[str, Any]:
-        # The chat format changes the prompt the model sees, so it is part of the cache key.
-        return {"backend": "llamacpp", "model": self.model, "chat_format": self.effective_chat_format()}
-
 
 class HFModel(_ModelBase):
     """A transformers model: an HF directory, an adapter directory, or a `local:` GGUF."""
@@ -103,20 +105,15 @@ class HFModel(_ModelBase):
     device: str = "auto"
     adapter: str | None = Field(None, description="A PEFT adapter directory to load on top of `model`.")
 
-    def identity(self) -> dict[str, Any]:
-        base = {"backend": "hf", "model": self.model}
-        if self.adapter is None:
-            return base
-        # A base model with an adapter is another model; so is an adapter retrained into the same folder.
-        weights = [p for p in sorted(Path(self.adapter).expanduser().glob("adapter_model.*")) if p.is_file()]
-        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-        return {**base, "adapter": self.adapter, "adapter_weights": stamp}
 
 
 class ScriptedRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     match: str = Field(".*", description="Regex searched in the last user message (DOTALL).")
+    template: str | None = Field(
+        None, description="Only for requests rendered from this prompt template (e.g. `codec/encode.j2`)."
+    )
     reply: str | None = Field(None, description="Jinja2 text; sees `prompt`, `messages`, `m` (match groups).")
     choices: list[str] | None = Field(
         None, description="Several replies; one is picked by a stable hash of the request."

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from datatailor.errors import LLMCallFailure, ParseFailure, UserError
-from datatailor.llm.base import Backend, Completion, CompletionRequest, Message, Sampling
+from datatailor.llm.base import Backend, Completion, CompletionRequest, Message, PositionLogprobs, Sampling
 from datatailor.llm.cache import RequestCache, cache_key, request_key
 from datatailor.llm.config import ModelConfig
 from datatailor.llm.structured import parse_model, schema_instructions
@@ -40,10 +40,21 @@ class Generation(Generic[T]):
     template_hash: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: float = 0.0
     attempts: int = 1
     cached: bool = False
+    # Of the reply that was kept: "length" means max_tokens cut it (see `truncated`).
+    finish_reason: str | None = None
+    logprobs: list[PositionLogprobs] | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """True when the kept reply was cut off by max_tokens (it may end mid-sentence)."""
+        return self.finish_reason == "length"
 
     def event(self, stage: str, decision: str | None = None, reason: str | None = None, **details: Any) -> LineageEvent:
+        if self.truncated:
+            details = {**details, "truncated": True}
         return LineageEvent(
             stage=stage,
             role=self.role,
@@ -51,10 +62,15 @@ class Generation(Generic[T]):
             template_hash=self.template_hash,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            cost_usd=self.cost_usd,
             decision=decision,
             reason=reason,
             details=details,
         )
+
+    def shared(self) -> "Generation[T]":
+        """This call as seen by a record that did not make it: same reply, no tokens or $ (counted once, by its owner)."""
+        return replace(self, prompt_tokens=0, completion_tokens=0, cost_usd=0.0)
 
 
 def _price(config: Any, prompt_tokens: int, completion_tokens: int) -> float:
@@ -72,24 +88,39 @@ class RoleModel:
         cache: RequestCache | None,
         ledger: UsageLedger,
         semaphore: asyncio.Semaphore | None = None,
+        *,
+        run_seed: int = 0,
+        base_dir: Path | None = None,
     ):
         self.role = role
         self.config = config
         self.backend = backend
         self.cache = cache
         self.ledger = ledger
+        self.run_seed = run_seed
+        self.base_dir = base_dir
         self._semaphore = semaphore or asyncio.Semaphore(config.max_concurrency)
         self._record_lock = threading.Lock()
+        self._identity: dict[str, Any] | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The model's cache identity, content-fingerprinted once per run (see `llm.fingerprint`)."""
+        if self._identity is None:
+            self._identity = self.config.identity(self.base_dir)
+        return self._identity
 
     @property
     def name(self) -> str:
         return self.config.model
 
     def sampling(self, seed_key: Any = None, **overrides: Any) -> Sampling:
+        """The call's sampling parameters. Its seed derives from the model's seed, the run's seed and
+        `seed_key` (the call's place in the run), so a different run seed gives different samples."""
         base = self.config.sampling().model_dump()
         base.update({k: v for k, v in overrides.items() if v is not None})
-        if seed_key is not None and base.get("seed") is not None:
-            base["seed"] = derive_seed(base["seed"], seed_key)
+        if base.get("seed") is not None:
+            base["seed"] = derive_seed(base["seed"], self.run_seed, seed_key)
         return Sampling.model_validate(base)
 
     async def generate(
@@ -126,10 +157,14 @@ class RoleModel:
                 )
             ]
         request = CompletionRequest(
-            messages=list(messages), sampling=self.sampling(seed_key, **sampling), json_schema=json_schema
+            messages=list(messages),
+            sampling=self.sampling(seed_key, **sampling),
+            json_schema=json_schema,
+            template=prompt.name if prompt is not None else None,
         )
 
         total_in = total_out = 0
+        total_cost = 0.0
         all_cached = True
         error = ""
         completion: Completion | None = None
@@ -139,6 +174,7 @@ class RoleModel:
             all_cached &= cached
             total_in += completion.prompt_tokens
             total_out += completion.completion_tokens
+            total_cost += _price(self.config, completion.prompt_tokens, completion.completion_tokens)
             try:
                 if schema is not None:
                     value: Any = parse_model(completion.text, schema)
@@ -158,8 +194,11 @@ class RoleModel:
                 template_hash=template_hash,
                 prompt_tokens=total_in,
                 completion_tokens=total_out,
+                cost_usd=round(total_cost, 10),
                 attempts=attempt,
                 cached=all_cached,
+                finish_reason=completion.finish_reason,
+                logprobs=completion.logprobs,
             )
         snippet = (completion.text if completion else "")[:160].replace("\n", "\\n")
         raise ParseFailure(
@@ -177,7 +216,7 @@ class RoleModel:
         )
 
     async def _complete(self, request: CompletionRequest, template_hash: str | None) -> tuple[Completion, bool]:
-        key = cache_key(self.config.identity(), request, template_hash) if self.cache is not None else None
+        key = cache_key(self.identity, request, template_hash) if self.cache is not None else None
         if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
             self.ledger.record_cache_hit(self.role)
             return hit, True
@@ -189,7 +228,10 @@ class RoleModel:
                 self.ledger.record_failure(self.role)
                 raise
         cost = _price(self.config, completion.prompt_tokens, completion.completion_tokens)
-        self.ledger.record_request(self.role, completion.prompt_tokens, completion.completion_tokens, cost)
+        self.ledger.record_request(
+            self.role, completion.prompt_tokens, completion.completion_tokens, cost,
+            truncated=completion.finish_reason == "length",
+        )
         if key is not None:
             self.cache.put(key, completion)  # type: ignore[union-attr]
         if self.config.record_to:
@@ -260,6 +302,7 @@ class ModelPool:
     ledger: UsageLedger
     cache: RequestCache | None = None
     base_dir: Path | None = None
+    seed: int = 0
     _roles: dict[str, RoleModel] = field(default_factory=dict)
     _backends: dict[str, tuple[Backend, asyncio.Semaphore]] = field(default_factory=dict)
 
@@ -274,7 +317,9 @@ class ModelPool:
         if key not in self._backends:
             self._backends[key] = (build_backend(config, self.base_dir), asyncio.Semaphore(config.max_concurrency))
         backend, semaphore = self._backends[key]
-        self._roles[name] = RoleModel(name, config, backend, self.cache, self.ledger, semaphore)
+        self._roles[name] = RoleModel(
+            name, config, backend, self.cache, self.ledger, semaphore, run_seed=self.seed, base_dir=self.base_dir
+        )
         return self._roles[name]
 
     async def aclose(self) -> None:

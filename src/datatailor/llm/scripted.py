@@ -9,7 +9,10 @@ Answers come, in order of precedence, from:
    picked by a stable hash of the request; `error` simulates a failure.
 
 A request nothing answers is an `llm_error` failure that names the prompt, so a test fails loudly.
-Token counts are whitespace word counts, so usage and budget behave as with a real model.
+Token counts are whitespace word counts, so usage and budget behave as with a real model, and a reply
+longer than `max_tokens` words is cut there with `finish_reason == "length"`, as a real model's would be.
+Handlers and rules can route on `request.template` (the prompt template's name), which does not change
+when a template is reworded.
 """
 
 from __future__ import annotations
@@ -80,8 +83,12 @@ class ScriptedBackend:
             return hit
         text = self._answer(request)
         prompt_tokens = sum(_count(m.content) for m in request.messages)
-        completion_tokens = min(_count(text), request.sampling.max_tokens)
-        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finish_reason="stop")
+        limit = request.sampling.max_tokens
+        finish = "stop"
+        if _count(text) > limit:
+            text = " ".join(text.split()[:limit])
+            finish = "length"
+        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=min(_count(text), limit), finish_reason=finish)
 
     def _answer(self, request: CompletionRequest) -> str:
         if self.handler is not None:
@@ -91,6 +98,8 @@ class ScriptedBackend:
         prompt = request.messages[-1].content
         system = next((m.content for m in request.messages if m.role == "system"), "")
         for pattern, rule in self.rules:
+            if rule.template is not None and rule.template != request.template:
+                continue
             m = pattern.search(prompt)
             if not m:
                 continue

@@ -11,6 +11,8 @@ class RoleUsage(BaseModel):
     requests: int = 0
     cache_hits: int = 0
     failed_requests: int = 0
+    # Replies cut off by max_tokens (their text may end mid-sentence; see each stage's handling).
+    truncated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -20,6 +22,7 @@ class RoleUsage(BaseModel):
             requests=self.requests + other.requests,
             cache_hits=self.cache_hits + other.cache_hits,
             failed_requests=self.failed_requests + other.failed_requests,
+            truncated=self.truncated + other.truncated,
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             cost_usd=round(self.cost_usd + other.cost_usd, 10),
@@ -50,9 +53,10 @@ class UsageLedger:
     def _role(self, role: str) -> RoleUsage:
         return self.run.setdefault(role, RoleUsage())
 
-    def record_request(self, role: str, prompt_tokens: int, completion_tokens: int, cost: float) -> None:
+    def record_request(self, role: str, prompt_tokens: int, completion_tokens: int, cost: float, truncated: bool = False) -> None:
         u = self._role(role)
         u.requests += 1
+        u.truncated += int(truncated)
         u.prompt_tokens += prompt_tokens
         u.completion_tokens += completion_tokens
         u.cost_usd = round(u.cost_usd + cost, 10)
