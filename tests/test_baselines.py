@@ -44,7 +44,11 @@ SEEDS = [
 ]
 
 
-def run_self_instruct(tmp_path: Path, stage: dict[str, Any] | None = None, budget: int = 10, seed: int = 0) -> Path:
+STATS = "stages/00-self_instruct/self_instruct_stats.json"
+
+
+def run_self_instruct(tmp_path: Path, stage: dict[str, Any] | None = None, budget: int = 10, seed: int = 0,
+                      status: str = "complete") -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "seeds.jsonl"
     path.write_text("".join(json.dumps({"instruction": s}) + "\n" for s in SEEDS), encoding="utf-8")
@@ -54,7 +58,7 @@ def run_self_instruct(tmp_path: Path, stage: dict[str, Any] | None = None, budge
         "test-self-instruct", tmp_path,
     )
     out = tmp_path / "out"
-    assert run_recipe_sync(recipe, out, show_progress=False).status == "complete"
+    assert run_recipe_sync(recipe, out, show_progress=False).status == status
     return out
 
 
@@ -113,7 +117,7 @@ def test_novelty_filter_rejects_similar_candidates_and_meets_the_budget(tmp_path
     data = rows(out / "data.jsonl")
     assert len(data) == 10
     assert all(r["response"] == "A helpful answer." for r in data)
-    stats = json.loads((out / "self_instruct_stats.json").read_text())
+    stats = json.loads((out / STATS).read_text())
     assert stats["target"] == 10 and stats["reached"] is True and stats["accepted"] == 10
     # Each call yields 4 novel tasks. Round 1 runs 2 calls (the concurrency) → 8; round 2 runs only the 1 call
     # still needed, whose last 2 novel tasks exceed the target.
@@ -122,7 +126,7 @@ def test_novelty_filter_rejects_similar_candidates_and_meets_the_budget(tmp_path
     assert stats["blocked_word"] == 3 and stats["too_short"] == 3
     pool = SEEDS + [r["instruction"] for r in data]
     for i, r in enumerate(data):
-        md = r["metadata"]
+        md = r["metadata"]["self_instruct"]
         assert md["max_rouge_l"] < 0.7 and len(md["demos"]) == 3 and set(md["demos"]) <= set(SEEDS)
         others = pool[: len(SEEDS) + i]
         assert max(rouge_l(rouge_tokens(r["instruction"]), rouge_tokens(o)) for o in others) < 0.7
@@ -140,11 +144,11 @@ def test_every_accepted_candidate_is_novel_against_later_ones_too(tmp_path: Path
 def test_machine_demos_and_threshold_are_configurable(tmp_path: Path) -> None:
     out = run_self_instruct(tmp_path / "a", {"machine_demos": 2, "rouge_threshold": 0.99}, budget=12)
     data = rows(out / "data.jsonl")
-    stats = json.loads((out / "self_instruct_stats.json").read_text())
+    stats = json.loads((out / STATS).read_text())
     # With a 0.99 threshold the near copy of a demo passes; the exact copy still does not.
     assert any(r["instruction"].endswith(" quickly") for r in data)
     assert stats["rouge_l_too_similar"] >= 1
-    assert any(len(r["metadata"]["demos"]) == 5 for r in data)
+    assert any(len(r["metadata"]["self_instruct"]["demos"]) == 5 for r in data)
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
@@ -152,12 +156,68 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     b = run_self_instruct(tmp_path / "b", seed=1)
     c = run_self_instruct(tmp_path / "c", seed=2)
     assert (a / "data.jsonl").read_bytes() == (b / "data.jsonl").read_bytes()
-    demos = lambda out: [r["metadata"]["demos"] for r in rows(out / "data.jsonl")]  # noqa: E731
+    demos = lambda out: [r["metadata"]["self_instruct"]["demos"] for r in rows(out / "data.jsonl")]  # noqa: E731
     assert demos(a) != demos(c)
 
 
 def test_max_calls_stops_a_model_that_never_delivers(tmp_path: Path) -> None:
-    out = run_self_instruct(tmp_path, {"max_calls": 1, "concurrency": 1}, budget=10)
-    stats = json.loads((out / "self_instruct_stats.json").read_text())
+    out = run_self_instruct(tmp_path, {"max_calls": 1, "concurrency": 1}, budget=10, status="shortfall")
+    stats = json.loads((out / STATS).read_text())
     assert stats["calls"] == 1 and stats["reached"] is False and stats["accepted"] == 4
     assert len(rows(out / "data.jsonl")) == 4
+    shortfall = json.loads((out / "manifest.json").read_text())["shortfall"]
+    assert shortfall["stage"] == "self_instruct" and shortfall["asked"] == 10 and shortfall["delivered"] == 4
+
+
+# ----------------------------------------------------------------------------- boundaries of the filters
+
+
+def fixed_candidates(request: CompletionRequest) -> str:
+    """One call's candidates, routed by template name: see test_length_and_rouge_boundaries."""
+    if request.template == "baselines/self_instruct.j2":
+        base = [f"a{i}" for i in range(10)]
+        items = [
+            "Write a haiku.",                                   # 3 words: dropped (Alpaca keeps 4 or more)
+            "Write a short haiku.",                             # 4 words: kept
+            " ".join(base[:7] + ["b7", "b8", "b9"]),            # ROUGE-L exactly 0.70 with the seed: dropped
+            " ".join(base[:7] + ["c7", "c8", "c9", "c10"]),     # ROUGE-L 0.67 with the seed: kept
+        ]
+        return "\n".join(f"{i + 1}. {t}" for i, t in enumerate(items))
+    return "A helpful answer."
+
+
+def test_length_and_rouge_boundaries(tmp_path: Path) -> None:
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(json.dumps({"instruction": " ".join(f"a{i}" for i in range(10))}) + "\n", encoding="utf-8")
+    recipe = parse_recipe(
+        {"models": {"strong": {"backend": "scripted", "model": "fixed", "handler": "tests.test_baselines:fixed_candidates"}},
+         "input": str(path), "budget_pairs": 2, "cache": False,
+         "stages": [{"type": "self_instruct", "seed_demos": 1, "max_calls": 1}, {"type": "respond"}]},
+        "test-boundaries", tmp_path,
+    )
+    result = run_recipe_sync(recipe, tmp_path / "out", show_progress=False)
+    kept = [r["instruction"] for r in rows(tmp_path / "out" / "data.jsonl")]
+    assert result.status == "complete"
+    assert kept == ["Write a short haiku.", "a0 a1 a2 a3 a4 a5 a6 c7 c8 c9 c10"]
+    stats = json.loads((tmp_path / "out" / STATS).read_text())
+    assert stats["too_short"] == 1 and stats["rouge_l_too_similar"] == 1
+
+
+def test_a_model_that_never_writes_a_list_is_a_reported_shortfall(tmp_path: Path) -> None:
+    """examples/self_instruct.yaml against a server whose replies are not numbered lists: 0 of 4, and the run says why."""
+    path = tmp_path / "seeds.jsonl"
+    path.write_text("".join(json.dumps({"instruction": s}) + "\n" for s in SEEDS), encoding="utf-8")
+    recipe = parse_recipe(
+        {"models": {"strong": {"backend": "scripted", "model": "prose", "max_parse_retries": 0,
+                               "rules": [{"match": ".*", "reply": "Sure! Here are some ideas you could try."}]}},
+         "input": str(path), "budget_pairs": 4, "cache": False,
+         "stages": [{"type": "self_instruct", "per_call": 4}, {"type": "respond"}]},
+        "test-prose", tmp_path,
+    )
+    result = run_recipe_sync(recipe, tmp_path / "out", show_progress=False)
+    assert result.status == "shortfall" and result.records == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "shortfall"
+    assert manifest["shortfall"]["stage"] == "self_instruct"
+    assert (manifest["shortfall"]["asked"], manifest["shortfall"]["delivered"]) == (4, 0)
+    assert "0 replies that parsed as lists" in manifest["shortfall"]["why"]

@@ -39,16 +39,14 @@ from datatailor.stages.codec import (
 )
 
 # ----------------------------------------------------------------------------- the scripted world
+#
+# Handlers route by the prompt template's name and read the variables it was rendered with, so rewording a
+# template cannot silently change which branch answers.
 
-REPAIR_PREFIX = "I could not read your previous reply"
-
-
-def _original(request: CompletionRequest) -> str:
-    """The request's own last user message, skipping re-ask turns."""
-    for m in reversed(request.messages):
-        if m.role == "user" and not m.content.startswith(REPAIR_PREFIX):
-            return m.content
-    return ""
+ENCODE, DECODE, RUBRICS, IMPROVE, RESPOND, JUDGE = (
+    "codec/encode.j2", "codec/decode.j2", "codec/rubrics.j2", "codec/improve.j2", "respond.j2", "judge/pairwise_scores.j2",
+)
+CALLS: list[CompletionRequest] = []  # every request the scripted models saw (tests that inspect them clear it)
 
 
 def _quality(answer: str) -> int:
@@ -57,43 +55,40 @@ def _quality(answer: str) -> int:
 
 
 def strong(request: CompletionRequest) -> str:
-    system = request.messages[0].content if request.messages[0].role == "system" else ""
-    prompt = _original(request)
-    if "analyst of the requests" in system:
-        seed = prompt.split("Request:\n", 1)[1]
+    CALLS.append(request)
+    t, v = request.template, request.variables or {}
+    if t == ENCODE:
+        seed = v["instruction"]
         if "GARBLE" in seed:
             return "This request is hard to classify."
         m = re.search(r"\[uc=([^|\]]+)\|sk=([^\]]+)\]", seed)
         assert m, seed
         label = "Task" if "TASKLABEL" in seed else "Use case"
         return f"{label}: {m.group(1)}\nSkills: {m.group(2).replace(',', ', ')}"
-    if prompt.startswith("Write ") and "Use case the requests must serve" in prompt:
-        n = int(re.match(r"Write (\d+)", prompt).group(1))
-        use_case = re.search(r"must serve: (.+)", prompt).group(1)
-        skills = re.search(r"to answer them: (.+)", prompt).group(1)
-        return "\n".join(f"{i + 1}. Task {i + 1} about {use_case} needing {skills}." for i in range(n))
-    if "rubrics for rating" in prompt:
-        n = int(re.search(r"write (\d+) rubrics", prompt).group(1))
+    if t == DECODE:
+        # The sampling seed differs per call (and per top-up round), so each call writes new instructions.
+        tag = request.sampling.seed % 997
+        return "\n".join(f"{i + 1}. Task {i + 1}-{tag} about {v['use_case']} needing {', '.join(v['skills'])}." for i in range(v["n"]))
+    if t == RUBRICS:
+        n = v["n"]
         rubrics = "\n".join(f"{i + 1}. Rubric {i + 1}: depth level {i + 1}" for i in range(n))
         actions = "\n".join(f"{i + 1}. Add requirement {i + 1}" for i in range(n))
         return f"Rubrics:\n{rubrics}\nActions:\n{actions}"
-    if "Make the request below harder" in prompt:
-        instruction = prompt.split("Request:\n", 1)[1].split("\n\nNew request:")[0]
-        action = prompt.split("change described here:\n", 1)[1].split("\n", 1)[0]
-        return f"New request: {instruction} (harder: {action.lower()})"
-    if "Compare how well each assistant" in prompt:
-        if "judgefail" in prompt:
+    if t == IMPROVE:
+        return f"New request: {v['instruction']} (harder: {v['action'].lower()})"
+    if t == JUDGE:
+        if "judgefail" in v["question"]:
             return "Both answers have merit."
-        a = prompt.split("<<< Answer of Assistant 1 >>>\n", 1)[1].split("\n<<< End", 1)[0]
-        b = prompt.split("<<< Answer of Assistant 2 >>>\n", 1)[1].split("\n<<< End", 1)[0]
-        return f"{_quality(a)} {_quality(b)}"
-    if "careful, helpful assistant" in system:
-        return "Strong answer. QUALITY=2" if "flip" in prompt else "Strong answer. QUALITY=9"
-    raise AssertionError(f"strong model: unexpected prompt {prompt[:120]!r}")
+        return f"{_quality(v['answer_1'])} {_quality(v['answer_2'])}"
+    if t == RESPOND:
+        return "Strong answer. QUALITY=2" if "flip" in v["instruction"] else "Strong answer. QUALITY=9"
+    raise AssertionError(f"strong model: unexpected template {t!r}")
 
 
 def target(request: CompletionRequest) -> str:
-    prompt = _original(request)
+    CALLS.append(request)
+    assert request.template == RESPOND, request.template
+    prompt = request.variables["instruction"]
     if "flip" in prompt:
         return "Target answer. QUALITY=9"
     if "easy" in prompt or "judgefail" in prompt:
@@ -142,11 +137,31 @@ def stage_rows(out: Path, index: int, name: str, file: str = "outputs.jsonl") ->
     return rows(out / "stages" / f"{index:02d}-{name}" / file)
 
 
+def ns(r: dict[str, Any]) -> dict[str, Any]:
+    """A record's `codec` namespace."""
+    return r["metadata"]["codec"]
+
+
+def result(r: dict[str, Any]) -> dict[str, Any]:
+    """What Contrastive Filtering decided for a record."""
+    return r["metadata"]["codec"]["contrastive"]
+
+
+def pool_file(out: Path) -> Path:
+    (path,) = list(out.glob("stages/*/metadata.jsonl"))[-1:]
+    return path
+
+
+def report_file(out: Path, name: str = "codec_report.json") -> Path:
+    (path,) = out.glob(f"stages/*-codec.contrastive/{name}")
+    return path
+
+
 PIPELINE = [
     {"type": "codec.encode"},
     {"type": "codec.augment", "pool_size": 4},
     {"type": "codec.rubrics"},
-    {"type": "codec.decode"},
+    {"type": "codec.decode", "top_up_rounds": 0},
     {"type": "codec.contrastive"},
 ]
 
@@ -162,41 +177,47 @@ def seeds_run(tmp_path: Path) -> tuple[Path, RunResult]:
 
 
 def test_every_branch_of_contrastive_filtering(seeds_run: tuple[Path, RunResult]) -> None:
-    out, result = seeds_run
-    assert result.status == "complete"
+    out, run_result = seeds_run
+    # 6 of the 8 pairs asked for: with top-up rounds switched off the run says it fell short, and why.
+    assert run_result.status == "shortfall"
+    assert run_result.shortfall["stage"] == "codec.contrastive"
+    assert (run_result.shortfall["asked"], run_result.shortfall["delivered"]) == (8, 6)
+    assert "below_threshold 2" in run_result.shortfall["why"]
     data = rows(out / "data.jsonl")
     by_case: dict[str, list[dict[str, Any]]] = {}
     for r in data:
-        by_case.setdefault(r["metadata"]["use_case"], []).append(r)
+        by_case.setdefault(ns(r)["use_case"], []).append(r)
     # Four seed entries (hard, flip, late, easy), no room to augment: k = ceil(8 / 4) = 2 per entry.
     assert {k: len(v) for k, v in by_case.items()} == {"hard": 2, "flip": 2, "late": 2}
     for r in by_case["hard"]:
-        codec = r["metadata"]["codec"]
+        codec = result(r)
         assert (codec["kept"], codec["iteration"], codec["G"]) == ("strong", 1, 7.0)
         assert r["response"] == "Strong answer. QUALITY=9"
-        assert r["metadata"]["action_chain"] == []
+        assert ns(r)["action_chain"] == []
     for r in by_case["flip"]:
-        codec = r["metadata"]["codec"]
+        codec = result(r)
         assert (codec["kept"], codec["iteration"], codec["G"]) == ("target", 1, -7.0)
         assert r["response"] == "Target answer. QUALITY=9"
     for r in by_case["late"]:
-        codec = r["metadata"]["codec"]
+        codec = result(r)
         assert (codec["kept"], codec["iteration"], codec["G"]) == ("strong", 2, 7.0)
         assert [h["G"] for h in codec["history"]] == [1.0, 7.0]
-        assert len(r["metadata"]["action_chain"]) == 1
-        step = r["metadata"]["action_chain"][0]
+        assert len(ns(r)["action_chain"]) == 1
+        step = ns(r)["action_chain"][0]
         assert step["action"].startswith("Add requirement") and step["rubric"].startswith("Rubric")
+        # the action and its paired rubric: "Add requirement i" goes with "Rubric i"
+        assert step["rubric"].split(":")[0].split()[-1] == step["action"].split()[-1]
         assert "(harder: add requirement" in r["instruction"]
-        assert step["from"] in r["instruction"]
+        assert step["before"] in r["instruction"]
 
     failures = rows(out / "failures.jsonl")
     kinds = sorted((f["stage"], f["kind"]) for f in failures)
     assert kinds == [("codec.contrastive", "below_threshold")] * 2 + [("codec.encode", "parse_error")]
     for f in failures:
         if f["kind"] == "below_threshold":
-            codec = f["record"]["metadata"]["codec"]
+            codec = result(f["record"])
             assert [h["G"] for h in codec["history"]] == [0.0, 0.0, 0.0, 0.0]
-            assert len(f["record"]["metadata"]["action_chain"]) == 3
+            assert len(ns(f["record"])["action_chain"]) == 3
             assert "G = +0.00, +0.00, +0.00, +0.00" in f["message"]
 
 
@@ -204,7 +225,7 @@ def test_encoder_accepts_task_label_and_garbled_seed_is_a_parse_failure(seeds_ru
     out, _ = seeds_run
     encoded = [r for row in stage_rows(out, 0, "codec.encode") for r in row["records"]]
     easy = next(r for r in encoded if "TASKLABEL" in r["instruction"])
-    assert easy["metadata"]["use_case"] == "easy" and easy["metadata"]["skills"] == ["spelling"]
+    assert ns(easy)["use_case"] == "easy" and ns(easy)["skills"] == ["spelling"]
     garbled = next(f for f in rows(out / "failures.jsonl") if f["stage"] == "codec.encode")
     assert garbled["kind"] == "parse_error"
     assert "3 attempt(s)" in garbled["message"]  # the first ask and two re-asks
@@ -212,11 +233,11 @@ def test_encoder_accepts_task_label_and_garbled_seed_is_a_parse_failure(seeds_ru
 
 def test_lineage_of_a_kept_pair(seeds_run: tuple[Path, RunResult]) -> None:
     out, _ = seeds_run
-    late = next(r for r in rows(out / "data.jsonl") if r["metadata"]["use_case"] == "late")
-    md = late["metadata"]
+    late = next(r for r in rows(out / "data.jsonl") if ns(r)["use_case"] == "late")
+    md = ns(late)
     assert md["entry_id"] == metadata_id("late", ["trip planning", "budgeting"])
     assert md["rubrics"] and len(md["actions"]) == 4
-    codec = md["codec"]
+    codec = result(late)
     assert codec["scores"] == {
         "strong_shown_first": {"strong": 9.0, "target": 2.0},
         "target_shown_first": {"strong": 9.0, "target": 2.0},
@@ -237,8 +258,9 @@ def test_lineage_of_a_kept_pair(seeds_run: tuple[Path, RunResult]) -> None:
 
 def test_metadata_pool_file_names_the_seeds(seeds_run: tuple[Path, RunResult]) -> None:
     out, _ = seeds_run
-    pool = rows(out / "metadata.jsonl")
+    pool = rows(out / "stages/01-codec.augment/metadata.jsonl")
     assert len(pool) == 4 and {p["origin"] for p in pool} == {"seed"}
+    assert json.loads((out / "stages/01-codec.augment/pool.json").read_text())["requested"] == 4
     seeds = {r["id"]: r["instruction"] for row in stage_rows(out, 0, "codec.encode") for r in row["records"]}
     for entry in pool:
         (seed_id,) = entry["seeds"]
@@ -249,9 +271,11 @@ def test_metadata_pool_file_names_the_seeds(seeds_run: tuple[Path, RunResult]) -
 
 def test_report_counts(seeds_run: tuple[Path, RunResult]) -> None:
     out, _ = seeds_run
-    report = json.loads((out / "codec_report.json").read_text())
-    assert (out / "codec_report.md").read_text().startswith("# CodecLM report")
-    assert "<html>" in (out / "codec_report.html").read_text()
+    report = json.loads(report_file(out).read_text())
+    assert report_file(out, "codec_report.md").read_text().startswith("# CodecLM report")
+    assert "<html>" in report_file(out, "codec_report.html").read_text()
+    assert report["pool_requested"] == 4
+    assert report["position_consistency"] == 1.0 and report["consistency_warning"] is None
     assert report["instructions"] == 8 and report["kept"] == 6
     assert (report["kept_strong"], report["kept_target"], report["kept_below_threshold"]) == (4, 2, 0)
     assert report["dropped"] == {"below_threshold": 2}
@@ -281,10 +305,10 @@ def test_keep_below_threshold_keeps_the_flagged_pairs(tmp_path: Path) -> None:
     data = rows(out / "data.jsonl")
     assert len(data) == 2
     for r in data:
-        codec = r["metadata"]["codec"]
+        codec = result(r)
         assert codec["below_threshold"] is True and codec["kept"] == "strong" and codec["iteration"] == 2
         assert r["lineage"][-1]["reason"].endswith("kept by keep_below_threshold")
-    report = json.loads((out / "codec_report.json").read_text())
+    report = json.loads(report_file(out).read_text())
     assert report["kept_below_threshold"] == 2 and report["kept_above_threshold"] == 0
     assert not (out / "failures.jsonl").read_text().strip()
 
@@ -292,7 +316,7 @@ def test_keep_below_threshold_keeps_the_flagged_pairs(tmp_path: Path) -> None:
 def test_unparseable_judge_output_is_a_parse_failure_with_its_trace(tmp_path: Path) -> None:
     recipe = make(tmp_path, PIPELINE, seed_rows(["[uc=judgefail|sk=anything] Judge me."]), budget_pairs=1)
     out = tmp_path / "out"
-    assert run(recipe, out).status == "complete"
+    assert run(recipe, out).status == "shortfall"  # 0 of 1 pair
     assert rows(out / "data.jsonl") == []
     (failure,) = rows(out / "failures.jsonl")
     assert (failure["stage"], failure["kind"]) == ("codec.contrastive", "parse_error")
@@ -322,7 +346,7 @@ def test_metadata_only_mode(tmp_path: Path) -> None:
     recipe = make(tmp_path, stages, budget_pairs=6)
     out = tmp_path / "out"
     assert run(recipe, out).status == "complete"
-    pool = rows(out / "metadata.jsonl")
+    pool = rows(out / "stages/01-codec.augment/metadata.jsonl")
     assert len(pool) == 6
     given = [p for p in pool if p["origin"] == "given"]
     assert {p["use_case"] for p in given} == {"hard", "flip", "late"}  # labels normalised
@@ -333,7 +357,7 @@ def test_metadata_only_mode(tmp_path: Path) -> None:
             assert set(p["seeds"]) <= {g["id"] for g in given}
     data = rows(out / "data.jsonl")
     assert len(data) == 6  # k = 1 per entry; hard, flip and late all pass
-    assert all(r["metadata"]["codec"]["kept"] in ("strong", "target") for r in data)
+    assert all(result(r)["kept"] in ("strong", "target") for r in data)
 
 
 def test_metadata_file_errors_name_file_and_entry(tmp_path: Path) -> None:
@@ -353,7 +377,7 @@ def test_metadata_file_errors_name_file_and_entry(tmp_path: Path) -> None:
 
 def test_a_curated_pool_file_from_an_earlier_run_is_read_back(seeds_run: tuple[Path, RunResult], tmp_path: Path) -> None:
     out, _ = seeds_run
-    pool = rows(out / "metadata.jsonl")
+    pool = rows(pool_file(out))
     curated = tmp_path / "curated.jsonl"
     curated.write_text("".join(json.dumps(p) + "\n" for p in pool if p["use_case"] != "easy"), encoding="utf-8")
     entries = load_given_entries(curated)
@@ -377,13 +401,13 @@ def test_budget_sizing_gives_an_equal_k_per_entry(tmp_path: Path) -> None:
     data = rows(out / "data.jsonl")
     per_entry: dict[str, int] = {}
     for r in data:
-        per_entry[r["metadata"]["entry_id"]] = per_entry.get(r["metadata"]["entry_id"], 0) + 1
+        per_entry[ns(r)["entry_id"]] = per_entry.get(ns(r)["entry_id"], 0) + 1
     assert sorted(per_entry.values()) == [3, 3, 3]
     assert {r["lineage"][-1]["details"]["requested"] for r in data} == {3}
     overridden = [dict(s) for s in stages]
     overridden[-1] = {"type": "codec.decode", "instructions_per_entry": 2}
     out2 = tmp_path / "out2"
-    assert run(make(tmp_path, overridden, budget_pairs=7), out2).status == "complete"
+    assert run(make(tmp_path, overridden, budget_pairs=6), out2).status == "complete"
     assert len(rows(out2 / "data.jsonl")) == 6
     with pytest.raises(UserError, match="budget_pairs"):
         run(make(tmp_path, stages), tmp_path / "out3")
@@ -398,8 +422,8 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path) -> None:
         folder = tmp_path / name
         folder.mkdir()
         out = folder / "out"
-        assert run(make(folder, stages, seeds, budget_pairs=10, seed=seed, cache=False), out).status == "complete"
-        return (out / "data.jsonl").read_bytes() + (out / "metadata.jsonl").read_bytes()
+        assert run(make(folder, stages, seeds, budget_pairs=10, seed=seed, cache=False), out).status in ("complete", "shortfall")
+        return (out / "data.jsonl").read_bytes() + pool_file(out).read_bytes()
 
     first, again, other = data_bytes(1, "a"), data_bytes(1, "b"), data_bytes(2, "c")
     assert first == again
@@ -416,7 +440,7 @@ def test_augment_mixes_and_matches_without_duplicates(tmp_path: Path) -> None:
     ]
     out = tmp_path / "out"
     assert run(make(tmp_path, stages), out).status == "complete"
-    pool = rows(out / "metadata.jsonl")
+    pool = rows(pool_file(out))
     # 2 use cases × (3 + 3 + 1) non-empty subsets of ≤ 3 of the 3 skills = 14 distinct entries at most.
     assert len(pool) == 14
     assert len({p["id"] for p in pool}) == 14
@@ -436,9 +460,9 @@ def test_improve_stage_follows_a_sampled_action(tmp_path: Path) -> None:
     data = rows(out / "data.jsonl")
     assert len(data) == 2
     for r in data:
-        (step,) = r["metadata"]["action_chain"]
-        assert step["action"] in r["metadata"]["actions"] and len(r["metadata"]["actions"]) == 3
-        assert r["instruction"].startswith(step["from"]) and "(harder:" in r["instruction"]
+        (step,) = ns(r)["action_chain"]
+        assert step["action"] in ns(r)["actions"] and len(ns(r)["actions"]) == 3
+        assert r["instruction"].startswith(step["before"]) and "(harder:" in r["instruction"]
         assert r["lineage"][-1]["decision"] == "improved"
     usage = json.loads((out / "usage.json").read_text())["run"]["roles"]["strong"]
     assert usage["requests"] == 1 + 1 + 2  # rubrics once per entry, decode once, two rewrites
@@ -453,7 +477,7 @@ def test_rubrics_are_computed_once_per_entry_even_on_instructions(tmp_path: Path
     out = tmp_path / "out"
     assert run(make(tmp_path, stages, cache=False), out).status == "complete"
     data = rows(out / "data.jsonl")
-    assert len(data) == 3 and all(len(r["metadata"]["actions"]) == 4 for r in data)
+    assert len(data) == 3 and all(len(ns(r)["actions"]) == 4 for r in data)
     usage = json.loads((out / "usage.json").read_text())["run"]["roles"]["strong"]
     assert usage["requests"] == 2  # one decode, one rubric call shared by the three instructions
     assert sum(1 for r in data if r["lineage"][-1]["details"].get("shared_call")) == 2
@@ -474,7 +498,7 @@ def test_select_trims_to_exactly_the_budget(tmp_path: Path) -> None:
     assert run(make(tmp_path, stages, budget_pairs=3), out).status == "complete"
     data = rows(out / "data.jsonl")
     assert len(data) == 3
-    assert {r["metadata"]["use_case"] for r in data} == {"hard", "flip"}  # spread keeps both entries
+    assert {ns(r)["use_case"] for r in data} == {"hard", "flip"}  # spread keeps both entries
     trimmed = [f for f in rows(out / "failures.jsonl") if f["kind"] == "over_budget"]
     assert len(trimmed) == 3
 
@@ -483,21 +507,28 @@ def test_select_trims_to_exactly_the_budget(tmp_path: Path) -> None:
 
 
 def test_parse_rubrics_actions_layouts() -> None:
-    sections = "Rubrics:\n1. r one\n2. r two\n\nActions:\n1. a one\n2. a two\n3. a three"
-    assert parse_rubrics_actions(sections, 2) == (["r one", "r two"], ["a one", "a two"])
+    sections = "Rubrics:\n1. r one\n2. r two\n3. r three\n\nActions:\n1. a one\n2. a two\n3. a three"
+    assert parse_rubrics_actions(sections, 2) == (["r one", "r two"], ["a one", "a two"])  # extra pairs are cut
     labelled = "1. Rubric: clarity\n   Action: add a constraint\n2. Rubric: depth\n   Action: ask for proof"
-    assert parse_rubrics_actions(labelled, 4) == (["clarity", "depth"], ["add a constraint", "ask for proof"])
+    assert parse_rubrics_actions(labelled, 2) == (["clarity", "depth"], ["add a constraint", "ask for proof"])
     flat = "1. r1\n2. r2\n3. a1\n4. a2"
     assert parse_rubrics_actions(flat, 2) == (["r1", "r2"], ["a1", "a2"])
     bold = "**Rubrics:**\n- r1\n**Actions:**\n- a1"
-    assert parse_rubrics_actions(bold, 4) == (["r1"], ["a1"])
+    assert parse_rubrics_actions(bold, 1) == (["r1"], ["a1"])
+    # Exactly n of each, paired by position: fewer, or unequal counts, are re-asked.
+    with pytest.raises(ValueError, match="1 rubric/action pairs, 4 were asked"):
+        parse_rubrics_actions(bold, 4)
+    with pytest.raises(ValueError, match="2 rubrics but 3 actions"):
+        parse_rubrics_actions("Rubrics:\n1. r1\n2. r2\nActions:\n1. a1\n2. a2\n3. a3", 2)
+    with pytest.raises(ValueError):
+        parse_rubrics_actions("1. r1\n2. r2\n3. a1", 2)  # 3 items cannot be 2 rubrics + 2 actions
     # A small model's nested markdown: numbered headings with bulleted, bold-labelled rubric/action lines.
     nested = (
         "RUBRICS: Nutrition, Cooking\n\n1. **Request Complexity:**\n   - **Rubric:** Nutrition\n   - **Actions:**\n"
         "     - **Action:** Add more recipes.\n   - **Reasoning:** It is harder.\n\n2. **Request Difficulty:**\n"
         "   - **Rubric:** Cooking\n   - **Actions:**\n     - **Action:** Ask for new techniques.\n"
     )
-    assert parse_rubrics_actions(nested, 4) == (["Nutrition", "Cooking"], ["Add more recipes.", "Ask for new techniques."])
+    assert parse_rubrics_actions(nested, 2) == (["Nutrition", "Cooking"], ["Add more recipes.", "Ask for new techniques."])
     with pytest.raises(ValueError, match="no actions"):
         parse_rubrics_actions("I think these are hard.", 4)
 
@@ -518,13 +549,14 @@ def test_small_parsers() -> None:
         parse_improved("Add a requirement to compare the two competitors.", action)
 
 
-def test_contrastive_without_actions_fails_clearly(tmp_path: Path) -> None:
+def test_contrastive_without_actions_is_refused_before_anything_runs(tmp_path: Path) -> None:
     rows_ = [{"instruction": "easy question", "use_case": "easy", "skills": ["x"]}]
-    stages = [{"type": "codec.contrastive"}]
     out = tmp_path / "out"
-    assert run(make(tmp_path, stages, rows_), out).status == "complete"
-    (failure,) = rows(out / "failures.jsonl")
-    assert failure["kind"] == "missing_actions" and "codec.rubrics" in failure["message"]
+    with pytest.raises(UserError, match=r"stage 0 \(codec.contrastive\) needs Self-Rubrics actions.*add one of codec.rubrics"):
+        run(make(tmp_path, [{"type": "codec.contrastive"}], rows_), out)
+    assert not out.exists()
+    # One iteration needs no action: basic generation only.
+    assert run(make(tmp_path, [{"type": "codec.contrastive", "max_iterations": 1}], rows_), out).status == "complete"
 
 
 def test_record_ids_are_stable_and_distinct(seeds_run: tuple[Path, RunResult]) -> None:

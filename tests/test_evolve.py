@@ -174,7 +174,7 @@ def test_each_elimination_rule_fires(tmp_path: Path, seed: str, reason: str) -> 
     (failure,) = rows(out / "failures.jsonl")
     assert failure["kind"] == "eliminated"
     assert failure["message"].count(reason) == 4  # every one of the 4 rounds
-    log = failure["record"]["metadata"]["evol_rounds"]
+    log = failure["record"]["metadata"]["evol"]["rounds"]
     assert [r["round"] for r in log] == [1, 2, 3, 4] and all(reason in r["eliminated"] for r in log)
 
 
@@ -182,7 +182,7 @@ def test_failed_evolution_returns_the_last_good_instruction_to_the_pool(tmp_path
     stage = {"operations": ["add_constraints", "breadth"], "chains_per_seed": 3}
     out = run_evolve(tmp_path, ["FLAKY list prime numbers"], stage)
     data = rows(out / "data.jsonl")
-    log = data[0]["metadata"]["evol_rounds"]
+    log = data[0]["metadata"]["evol"]["rounds"]
     assert {r["op"] for r in log if r["eliminated"]} == {"breadth"}
     assert {r["op"] for r in log if not r["eliminated"]} == {"add_constraints"}
     assert len(data) == sum(1 for r in log if not r["eliminated"])

@@ -145,3 +145,203 @@ def test_missing_input_and_unknown_extension(tmp_path: Path) -> None:
     (tmp_path / "data.txt").write_text("hello world")
     with pytest.raises(UserError, match="unknown file type"):
         read_records(tmp_path / "data.txt")
+
+
+# ----------------------------------------------------------------------------- case-insensitive names, `fields`
+
+# Everything read_records gives for each shared file (ids, texts, metadata), as it was before field
+# names were matched case-insensitively: sha256 of the records' JSON dump. A change here changes run ids.
+SHARED_DIGESTS = {
+    "alpaca_eval/model_outputs_without_koala.json": "24d63dcd9f0c0869",
+    "coachlm/CoachLM150 Test Set.json": "0b1b9ef5e41f732c",
+    "coachlm/Expert Revision Dataset.json": "aed5ba25fdd18f89",
+    "coachlm/example.json": "6beb8b2733548a85",
+    "mt_bench/question.jsonl": "2df8ba41ff339742",
+    "self_instruct_user_oriented/user_oriented_instructions.jsonl": "488f93417da50258",
+    "stanford_alpaca/seed_tasks.jsonl": "387f452a23c9b7c2",
+    "teams_rl/seed-543-2023-08-28-16-25-18/Generate_Alpaca.json": "8f393e904d7a9b4a",
+    "teams_rl/seed-543-2023-08-29-02-04-59/Generate_Alpaca.json": "e031f5a81347706a",
+    "teams_rl/seed-543-2023-08-29-06-58-05/Generate_Alpaca.json": "22f008a55ee0df95",
+    "vicuna_bench/question.jsonl": "2647795d222ba294",
+}
+# Files under the shared data that are not instruction data (see their SOURCE.md): a clear error.
+NOT_INSTRUCTION_DATA = {
+    "fastchat_judge_prompts/judge_prompts.jsonl": "unrecognised row",
+    "mt_bench/reference_answer/gpt-4.jsonl": "unrecognised row",
+    "vicuna_bench/reference_answer/gpt-4.jsonl": "unrecognised row",
+    "lima/train.jsonl": "each turn must be an object",  # conversations as plain strings: not a supported layout
+}
+
+
+def records_digest(records: list) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([r.model_dump(mode="json") for r in records], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_every_shared_file_loads_exactly_as_before(shared_data: Path) -> None:
+    files = sorted(str(p.relative_to(shared_data)) for p in shared_data.rglob("*") if p.suffix in (".json", ".jsonl"))
+    assert sorted([*SHARED_DIGESTS, *NOT_INSTRUCTION_DATA]) == files
+    for rel, digest in SHARED_DIGESTS.items():
+        assert records_digest(read_records(shared_data / rel)) == digest, rel
+    for rel, message in NOT_INSTRUCTION_DATA.items():
+        with pytest.raises(UserError, match=message):
+            read_records(shared_data / rel)
+
+
+def test_existing_row_formats_keep_identical_ids(tmp_path: Path) -> None:
+    rows = [
+        {"instruction": "Translate", "input": "bonjour", "output": "hello", "source": "x"},
+        {"instruction": "Sum", "instances": [{"input": "1 2", "output": "3"}], "id": "seed_1"},
+        {"Raw Instruction": "Fix it", "Raw Input": "", "Raw Response": "ok", "Revised Response": "done", "Distance": 3},
+        {"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"prompt": "Name a color.", "completion": "Blue"},
+        {"question": "Why is the sky blue?", "answer": "Rayleigh"},
+        {"text": "Tell me a joke."},
+        {"turns": ["First turn", "Second turn"], "question_id": 7, "category": "writing"},
+    ]
+    records = read_records(write_rows(tmp_path / "mixed.jsonl", rows))
+    # The ids and metadata these rows got before field names were matched case-insensitively.
+    assert [r.id for r in records] == [
+        "0badfc06a2e00f00", "54c6040bde747f7f", "6506cdcf7d96b286", "f53f14aa3c008043", "65300d3608671b38",
+        "14b26279d67e51cf", "8c4c8867093ef2eb", "2fad57326dfd288a", "c32422cd57e9af28",
+    ]
+    assert records[0].metadata == {"source": "x"} and records[1].metadata == {"id": "seed_1"}
+    assert records[2].metadata == {"Distance": 3, "revised_instruction": None, "revised_input": None, "revised_response": "done"}
+    assert records[8].metadata == {"question_id": 7, "category": "writing", "turns": ["First turn", "Second turn"]}
+
+
+def test_wizardlm_testset_layout_loads(tmp_path: Path) -> None:
+    """WizardLM's Evol-Instruct test set is published with keys idx, Skill, Difficulty, Instruction."""
+    rows = [
+        {"idx": 1, "Skill": "Math", "Difficulty": 3, "Instruction": "What is 17 * 23?"},
+        {"idx": 2, "Skill": "Code Generation", "Difficulty": 8, "Instruction": "Write a function that reverses a list."},
+    ]
+    path = write_rows(tmp_path / "WizardLM_testset.jsonl", rows)
+    assert detect_format(rows[0]) == "instruction"
+    records = read_records(path)
+    assert [r.instruction for r in records] == ["What is 17 * 23?", "Write a function that reverses a list."]
+    assert records[0].metadata == {"idx": 1, "Skill": "Math", "Difficulty": 3}
+    assert records[0].id == read_records(write_rows(tmp_path / "lower.jsonl", [{"instruction": "What is 17 * 23?"}]))[0].id
+    # the published file is a JSON list
+    (tmp_path / "WizardLM_testset.json").write_text(json.dumps(rows), encoding="utf-8")
+    assert [r.id for r in read_records(tmp_path / "WizardLM_testset.json")] == [r.id for r in records]
+
+
+def test_upper_case_keys_match_lower_case_ones(tmp_path: Path) -> None:
+    lower = [
+        {"instruction": "Translate", "input": "bonjour", "output": "hello"},
+        {"Raw Instruction": "Fix it", "Raw Input": "x", "Raw Response": "ok", "Revised Response": "done"},
+        {"question": "Why?", "answer": "Because."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    ]
+    upper = [
+        {"Instruction": "Translate", "Input": "bonjour", "Output": "hello"},
+        {"raw instruction": "Fix it", "RAW INPUT": "x", "Raw response": "ok", "revised response": "done"},
+        {"Question": "Why?", "Answer": "Because."},
+        {"Messages": [{"Role": "user", "Content": "Hi"}, {"Role": "assistant", "Content": "Hello"}]},
+    ]
+    a = read_records(write_rows(tmp_path / "lower.jsonl", lower))
+    b = read_records(write_rows(tmp_path / "upper.jsonl", upper))
+    assert [(r.id, r.instruction, r.input, r.response, r.metadata) for r in b] == [
+        (r.id, r.instruction, r.input, r.response, r.metadata) for r in a
+    ]
+    assert [detect_format(r) for r in upper] == ["alpaca", "coachlm", "question", "openai"]
+    # an exact spelling wins over one that differs only in case; the other stays in metadata
+    both = read_records(write_rows(tmp_path / "both.jsonl", [{"instruction": "exact", "Instruction": "other"}]))[0]
+    assert both.instruction == "exact" and both.metadata == {"Instruction": "other"}
+
+
+def test_fields_map_custom_columns(tmp_path: Path) -> None:
+    rows = [
+        {"Question": "Who wrote Hamlet?", "Context": "English drama", "Answer": "Shakespeare", "Topic": "literature", "Row": 7},
+        {"Question": "Capital of France?", "Context": "", "Answer": "Paris", "Topic": "geography", "Row": 8},
+    ]
+    path = write_rows(tmp_path / "qa.jsonl", rows)
+    fields = {"instruction": "question", "input": "CONTEXT", "response": "Answer", "category": "Topic"}
+    records = read_records(path, fields=fields)
+    assert [(r.instruction, r.input, r.response) for r in records] == [
+        ("Who wrote Hamlet?", "English drama", "Shakespeare"), ("Capital of France?", "", "Paris")]
+    assert records[0].metadata == {"Row": 7, "category": "literature"}
+    assert records[0].id == read_records(write_rows(tmp_path / "a.jsonl", [{"instruction": "Who wrote Hamlet?", "input": "English drama"}]))[0].id
+    # `id` lands in metadata; an unmapped response falls back to output/response/answer
+    rec = read_records(path, fields={"instruction": "Question", "id": "Row"})[0]
+    assert rec.metadata == {"Context": "English drama", "Topic": "literature", "id": 7} and rec.response == "Shakespeare"
+    # without `instruction` the format is still detected, and mapped columns override it
+    alpaca = write_rows(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi", "output": "hi", "better": "Hello!", "kind": "greeting"}])
+    rec = read_records(alpaca, fields={"response": "better", "category": "kind"})[0]
+    assert (rec.instruction, rec.response, rec.metadata) == ("Say hi", "Hello!", {"category": "greeting"})
+
+
+def test_missing_mapped_column_names_file_line_and_column(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "qa.jsonl", [{"Question": "A?", "Answer": "a"}, {"Question": "B?"}])
+    with pytest.raises(UserError, match=r"qa.jsonl:2: line 2: column 'Answer' \(mapped to response by fields\) is missing"):
+        read_records(path, fields={"instruction": "Question", "response": "Answer"})
+    with pytest.raises(UserError, match=r"qa.jsonl: fields: unknown target 'prompt'"):
+        read_records(path, fields={"prompt": "Question"})
+    with pytest.raises(UserError, match="exclude each other"):
+        read_records(path, "question", fields={"instruction": "Question"})
+
+
+def test_recipe_input_fields(tmp_path: Path) -> None:
+    from datatailor.recipe import parse_recipe
+    from datatailor.validate import validate_recipe
+
+    stages = [{"type": "respond", "role": "strong"}]
+    models = {"strong": {"backend": "scripted", "model": "echo", "rules": [{"match": ".*", "reply": "x"}]}}
+    plain = parse_recipe({"models": models, "input": "in.jsonl", "stages": stages})
+    assert "fields" not in plain.to_json()["input"]  # recipes without a mapping hash as before
+    mapped = parse_recipe({"models": models, "input": {"path": "in.jsonl", "fields": {"Instruction": "Question"}}, "stages": stages})
+    assert mapped.input is not None and mapped.input.fields == {"instruction": "Question"}
+    with pytest.raises(UserError, match=r"input.fields: unknown target 'prompt'"):
+        parse_recipe({"models": models, "input": {"path": "in.jsonl", "fields": {"prompt": "Question"}}, "stages": stages})
+    with pytest.raises(UserError, match=r"input: give either `format` or `fields.instruction`"):
+        parse_recipe({"models": models, "input": {"path": "in.jsonl", "format": "alpaca", "fields": {"instruction": "Q"}}, "stages": stages})
+    import yaml
+
+    write_rows(tmp_path / "in.jsonl", [{"Question": f"Q{i}?", "Topic": "t"} for i in range(3)])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(
+        {"models": models, "input": {"path": "in.jsonl", "fields": {"instruction": "Question"}}, "stages": stages}))
+    report = validate_recipe(tmp_path / "recipe.yaml")
+    assert "input: 3 records from in.jsonl" in report.lines
+
+
+def test_run_field_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from datatailor.cli import main
+
+    write_rows(tmp_path / "in.jsonl", [{"Prompt Text": f"Question {i}", "Topic": "t"} for i in range(3)])
+    models = {"strong": {"backend": "scripted", "model": "echo", "rules": [{"match": ".*", "reply": "x"}]}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"models": models, "input": {"path": "in.jsonl", "fields": {"category": "Topic"}},
+                                      "stages": [{"type": "respond", "role": "strong"}]}))
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 2
+    assert "in.jsonl:1: line 1: unrecognised row" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(out), "--no-progress", "--field", "instruction=prompt text"]) == 0
+    data = read_jsonl(out / "data.jsonl")
+    assert [r["instruction"] for r in data] == ["Question 0", "Question 1", "Question 2"]
+    assert data[0]["metadata"]["category"] == "t"  # the recipe's mapping is kept, --field extends it
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("instruction", "--field 'instruction': expected TARGET=COLUMN"),
+        ("=Question", "expected TARGET=COLUMN"),
+        ("instruction=", "expected TARGET=COLUMN"),
+        ("prompt=Question", "--field 'prompt=Question': unknown target 'prompt' (targets: instruction, input, response, category, id)"),
+    ],
+)
+def test_bad_field_option_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, message: str) -> None:
+    from datatailor.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("input: in.jsonl\nstages: [{type: respond, role: strong}]\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--field", value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["eval", "--testset", "vicuna80", "--out", str(tmp_path / "ev"), "--field", value]) == 2
+    assert message in capsys.readouterr().err

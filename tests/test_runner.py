@@ -167,7 +167,8 @@ def test_parse_error_after_reasks(tmp_path: Path) -> None:
     stages = [{"type": "generate", "role": "strong", "template": "t.j2", "output": "metadata.x",
                "schema_fields": {"score": "int"}}]
     (tmp_path / "t.j2").write_text("Rate: {{ instruction }}")
-    run(make_recipe(tmp_path, stages, models, rows=questions(2)), tmp_path / "out")
+    # Both replies are the same refusal, which would also trip the systematic-failure stop: switched off here.
+    run(make_recipe(tmp_path, stages, models, rows=questions(2), systematic_failures=0), tmp_path / "out")
     failures = read_jsonl(tmp_path / "out/failures.jsonl")
     assert [f["kind"] for f in failures] == ["parse_error", "parse_error"]
     assert "after 3 attempt(s)" in failures[0]["message"]
@@ -190,14 +191,16 @@ def test_reask_repairs_a_bad_reply(tmp_path: Path) -> None:
 
 
 def test_stage_bug_becomes_a_failure_row_not_a_crash(tmp_path: Path) -> None:
-    # a template referring to a missing variable raises inside the stage
-    (tmp_path / "broken.j2").write_text("{{ no_such_variable }}")
+    # A template reading a metadata key only some records have fails at render time, for those records only.
+    (tmp_path / "broken.j2").write_text("{{ instruction }} {{ metadata.topic }}")
+    rows = [{"instruction": f"Question number {i}: explain.", **({"topic": "t"} if i % 2 else {})} for i in range(6)]
     stages = [{"type": "respond", "role": "strong", "template": "broken.j2"}]
-    result = run(make_recipe(tmp_path, stages, rows=questions(2)), tmp_path / "out")
+    result = run(make_recipe(tmp_path, stages, rows=rows), tmp_path / "out")
     failures = read_jsonl(tmp_path / "out/failures.jsonl")
     assert result.status == "complete"
-    assert [f["kind"] for f in failures] == ["stage_error"] * 2
-    assert "no_such_variable" in failures[0]["message"]
+    assert [f["kind"] for f in failures] == ["stage_error"] * 3
+    assert "topic" in failures[0]["message"]
+    assert result.records == 3
 
 
 def test_dedup_drops_duplicates_with_reasons(tmp_path: Path) -> None:

@@ -3,6 +3,22 @@
 Reads JSONL, JSON (a list, or an object holding one list), Parquet and HF `datasets` folders, and
 detects the row format: Alpaca, ShareGPT, OpenAI messages, CoachLM expert revisions, and plain
 `instruction` / `prompt` / `question` / `text` / `turns` rows. Errors name the file and line.
+
+Field names are matched case-insensitively, so files load as they are published: `Instruction` is
+`instruction`, `Raw Instruction` is `raw instruction`, `Output` is `output` (the WizardLM Evol-Instruct
+test set's `idx, Skill, Difficulty, Instruction` rows are plain instruction rows). A key spelt exactly
+wins over one that differs only in case, so rows spelt as before load as before: same ids, same
+metadata. Our own `datatailor` records (id, instruction, lineage) are matched exactly.
+
+Any other layout takes an explicit `fields` mapping, target name -> the file's column name (matched
+case-insensitively), e.g. `{instruction: Question, input: Context, response: Answer, category: Topic}`;
+the targets are instruction, input, response, category and id (`FIELD_TARGETS`). With `instruction`
+mapped, a row is read through the mapping (an unmapped input falls back to an `input` column, an
+unmapped response to `output`/`response`/`answer`); otherwise its format is detected as usual and the
+mapped input/response columns override it. A mapped `category` / `id` lands in `metadata["category"]` /
+`metadata["id"]`. A mapped column missing from a row is an error naming the file, the line and the
+column. Extra columns stay in `metadata` under their original names.
+
 Writes are atomic: a temp file in the same folder, then a rename.
 """
 
@@ -172,6 +188,32 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def find_key(row: dict[str, Any], name: str) -> str | None:
+    """The key of `row` that is `name`: spelt exactly, else matched case-insensitively; None if absent."""
+    if name in row:
+        return name
+    low = name.lower()
+    for key in row:
+        if isinstance(key, str) and key.lower() == low:
+            return key
+    return None
+
+
+def get_field(row: dict[str, Any], name: str, default: Any = None) -> Any:
+    """`row[name]`, the name matched case-insensitively (an exact spelling wins)."""
+    key = find_key(row, name)
+    return row[key] if key is not None else default
+
+
+def first_field(row: dict[str, Any], names: Iterable[str], default: Any = None) -> tuple[str | None, Any]:
+    """(key, value) of the first of `names` the row has (case-insensitively), else (None, default)."""
+    for name in names:
+        key = find_key(row, name)
+        if key is not None:
+            return key, row[key]
+    return None, default
+
+
 def _from_alpaca(row: dict[str, Any]) -> dict[str, Any]:
     return {"instruction": row["instruction"], "input": row.get("input"), "response": row.get("output")}
 
@@ -181,7 +223,7 @@ def _from_instruction(row: dict[str, Any]) -> dict[str, Any]:
     instances = row.get("instances")
     if isinstance(instances, list) and instances and isinstance(instances[0], dict):
         first = instances[0]
-        return {"instruction": row["instruction"], "input": first.get("input"), "response": first.get("output")}
+        return {"instruction": row["instruction"], "input": get_field(first, "input"), "response": get_field(first, "output")}
     response = row.get("response", row.get("reference response", row.get("answer")))
     return {"instruction": row["instruction"], "input": row.get("input"), "response": response}
 
@@ -206,7 +248,7 @@ def _chat_turns(turns: list[Any], role_key: str, text_key: str, user: set[str], 
     for t in turns:
         if not isinstance(t, dict):
             raise ValueError("each turn must be an object")
-        role, text = str(t.get(role_key, "")).lower(), _text(t.get(text_key))
+        role, text = str(get_field(t, role_key, "")).lower(), _text(get_field(t, text_key))
         if role == "system" and first_user is None:
             system = text
         elif role in user and first_user is None:
@@ -249,7 +291,8 @@ def _from_text(row: dict[str, Any]) -> dict[str, Any]:
     return {"instruction": row["text"], "response": row.get("response")}
 
 
-# Checked in order; the first whose keys are present wins.
+# Checked in order; the first whose keys are present wins. Converters read the canonical spellings
+# below; `_canonical_row` copies a differently-cased key under its canonical spelling first.
 FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]]] = {
     "datatailor": (("id", "instruction", "lineage"), lambda r: r),
     "coachlm": (("Raw Instruction",), _from_coachlm),
@@ -268,40 +311,146 @@ _CONSUMED = {
     "prompt", "completion", "question", "answer", "text", "reference response",
     "Raw Instruction", "Raw Input", "Raw Response", "Revised Instruction", "Revised Input", "Revised Response",
 }
+_CONSUMED_LOWER = {k.lower(): k for k in _CONSUMED}
+
+# Targets of an explicit `fields` mapping (target -> the file's column name).
+FIELD_TARGETS = ("instruction", "input", "response", "category", "id")
+# With `instruction` mapped and these targets not: the columns they fall back to, in order.
+_FALLBACK = {"input": ("input",), "response": ("output", "response", "answer")}
 
 
-def detect_format(row: dict[str, Any]) -> str:
+def _canonical_row(row: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """The row with every known field name also under its canonical spelling, and the original keys
+    that were matched that way (they are consumed like the canonical ones). A row whose keys are spelt
+    canonically comes back unchanged, with no aliases."""
+    canon = row
+    aliased: set[str] = set()
+    for key in row:
+        if not isinstance(key, str) or key in _CONSUMED:
+            continue
+        name = _CONSUMED_LOWER.get(key.lower())
+        if name is None or name in row or (canon is not row and name in canon):
+            continue  # not a known field, or the exact spelling (or an earlier variant) is there
+        if canon is row:
+            canon = dict(row)
+        canon[name] = row[key]
+        aliased.add(key)
+    return canon, aliased
+
+
+def detect_format(row: dict[str, Any], *, exact: bool = False) -> str:
+    """The row's format. Keys are matched case-insensitively unless `exact` (then: as before)."""
+    canon = row if exact else _canonical_row(row)[0]
     for name, (keys, _) in FORMATS.items():
-        if all(k in row for k in keys):
+        if all(k in (row if name == "datatailor" else canon) for k in keys):
             return name
     raise ValueError(
         "unrecognised row: expected Alpaca (instruction/input/output), ShareGPT (conversations), "
         f"OpenAI (messages), or one of instruction/prompt/question/text/turns; found keys {sorted(row)[:8]}"
+        " (map other column names with `fields`, e.g. --field instruction=Question)"
     )
 
 
-def row_to_record(row: dict[str, Any], fmt: str | None = None) -> Record:
-    fmt = fmt or detect_format(row)
-    if fmt not in FORMATS:
+def check_fields(fields: dict[str, Any] | None) -> dict[str, str]:
+    """A validated `fields` mapping (targets lower-cased); raises ValueError on an unknown target."""
+    if not fields:
+        return {}
+    if not isinstance(fields, dict):
+        raise ValueError("`fields` must be a mapping of target name to column name, e.g. {instruction: Question}")
+    out: dict[str, str] = {}
+    for target, column in fields.items():
+        key = str(target).strip().lower()
+        if key not in FIELD_TARGETS:
+            raise ValueError(f"unknown target {target!r} (targets: {', '.join(FIELD_TARGETS)})")
+        if key in out:
+            raise ValueError(f"target {key!r} is mapped twice")
+        if not isinstance(column, str) or not column.strip():
+            raise ValueError(f"{key}: expected a column name, got {column!r}")
+        out[key] = column.strip()
+    return out
+
+
+def parse_field_options(values: Iterable[str] | None, option: str = "--field") -> dict[str, str]:
+    """`--field TARGET=COLUMN` options as a mapping; a malformed one is a UserError."""
+    out: dict[str, str] = {}
+    for value in values or ():
+        target, sep, column = value.partition("=")
+        target, column = target.strip().lower(), column.strip()
+        if not sep or not target or not column:
+            raise UserError(
+                f"{option} {value!r}: expected TARGET=COLUMN, e.g. {option} instruction=Question "
+                f"(targets: {', '.join(FIELD_TARGETS)})"
+            )
+        if target not in FIELD_TARGETS:
+            raise UserError(f"{option} {value!r}: unknown target {target!r} (targets: {', '.join(FIELD_TARGETS)})")
+        if target in out and out[target] != column:
+            raise UserError(f"{option}: {target} is mapped twice ({out[target]!r} and {column!r})")
+        out[target] = column
+    return out
+
+
+def mapped_columns(row: dict[str, Any], fields: dict[str, str]) -> dict[str, tuple[str, Any]]:
+    """target -> (the row's key, value) for each mapped target; a missing column raises ValueError."""
+    out: dict[str, tuple[str, Any]] = {}
+    for target, column in fields.items():
+        key = find_key(row, column)
+        if key is None:
+            found = ", ".join(repr(k) for k in list(row)[:12])
+            raise ValueError(f"column {column!r} (mapped to {target} by fields) is missing from this row; it has {found}")
+        out[target] = (key, row[key])
+    return out
+
+
+def row_to_record(row: dict[str, Any], fmt: str | None = None, fields: dict[str, str] | None = None) -> Record:
+    """One raw row as a Record: the format detected (or `fmt`), or read through a `fields` mapping."""
+    fields = check_fields(fields)
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
-    if fmt == "datatailor":
-        return Record.model_validate(row)
-    keys, convert = FORMATS[fmt]
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise ValueError(f"format {fmt!r} needs field(s) {missing}")
-    fields = convert(row)
-    instruction = _text(fields.get("instruction")).strip()
-    input_text = _text(fields.get("input")).strip()
-    metadata = {k: v for k, v in row.items() if k not in _CONSUMED}
-    metadata.update(fields.get("metadata") or {})
+    mapped = mapped_columns(row, fields) if fields else {}
+    used = {key for key, _ in mapped.values()}
+    rest = {k: v for k, v in row.items() if k not in used} if used else row
+    if "instruction" in mapped:
+        if fmt is not None:
+            raise ValueError(f"format {fmt!r} and a mapped instruction column (fields) exclude each other")
+        converted: dict[str, Any] = {"instruction": mapped["instruction"][1]}
+        consumed: set[str] = set()
+        for target, names in _FALLBACK.items():
+            if target in mapped:
+                converted[target] = mapped[target][1]
+            else:
+                key, converted[target] = first_field(rest, names)
+                if key is not None:
+                    consumed.add(key)
+        metadata = {k: v for k, v in rest.items() if k not in consumed}
+    else:
+        canon, aliased = _canonical_row(rest)
+        fmt = fmt or detect_format(rest)
+        if fmt == "datatailor":
+            if fields:
+                raise ValueError("a `fields` mapping does not apply to datatailor records")
+            return Record.model_validate(row)
+        keys, convert = FORMATS[fmt]
+        missing = [k for k in keys if k not in canon]
+        if missing:
+            raise ValueError(f"format {fmt!r} needs field(s) {missing}")
+        converted = convert(canon)
+        for target in ("input", "response"):
+            if target in mapped:
+                converted[target] = mapped[target][1]
+        metadata = {k: v for k, v in rest.items() if k not in _CONSUMED and k not in aliased}
+    instruction = _text(converted.get("instruction")).strip()
+    input_text = _text(converted.get("input")).strip()
+    metadata.update(converted.get("metadata") or {})
+    for target in ("category", "id"):
+        if target in mapped:
+            metadata[target] = mapped[target][1]
     if not instruction and input_text:
         # Real data has rows whose whole task sits in the input field (e.g. 2 of CoachLM's 2,301).
         instruction, input_text = input_text, ""
         metadata["repaired"] = "empty instruction: the input was used as the instruction"
     if not instruction:
         raise ValueError("empty instruction")
-    response = fields.get("response")
+    response = converted.get("response")
     return Record.new(
         instruction=instruction,
         input=input_text,
@@ -310,14 +459,23 @@ def row_to_record(row: dict[str, Any], fmt: str | None = None) -> Record:
     )
 
 
-def read_records(path: str | Path, fmt: str | None = None, limit: int | None = None) -> list[Record]:
-    """Load a dataset as records. Ids are stable; a repeated row gets a numbered id, never a clash."""
+def read_records(
+    path: str | Path, fmt: str | None = None, limit: int | None = None, fields: dict[str, str] | None = None
+) -> list[Record]:
+    """Load a dataset as records. Ids are stable; a repeated row gets a numbered id, never a clash.
+
+    `fields` maps target names (instruction, input, response, category, id) to the file's column names.
+    """
     p = Path(path)
+    try:
+        fields = check_fields(fields)
+    except ValueError as exc:
+        raise UserError(f"{p}: fields: {exc}") from None
     records: list[Record] = []
     seen: dict[str, int] = {}
     for lineno, row in read_rows(p):
         try:
-            record = row_to_record(row, fmt)
+            record = row_to_record(row, fmt, fields)
         except (ValueError, KeyError, TypeError) as exc:
             where = "line" if p.suffix.lower() in (".jsonl", ".ndjson") else "item"
             raise UserError(f"{p}:{lineno}: {where} {lineno}: {exc}") from None

@@ -7,10 +7,19 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from datatailor.errors import UserError
-from datatailor.io import read_yaml
+from datatailor.io import check_fields, read_yaml
 from datatailor.llm.config import ModelConfig
 from datatailor.llm.usage import Budget
 from datatailor.stages import StageConfig, load_all
@@ -24,6 +33,33 @@ class InputSpec(BaseModel):
     path: str = Field(description="A JSONL/JSON/Parquet file or an HF `datasets` folder.")
     format: str | None = Field(None, description="Force a format instead of detecting it.")
     limit: int | None = Field(None, ge=1, description="Use only the first N records.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Column names for a layout datatailor does not detect, target: column (matched case-insensitively), "
+            "e.g. {instruction: Question, input: Context, response: Answer, category: Topic}. "
+            "Targets: instruction, input, response, category, id. Other columns stay in metadata."
+        ),
+    )
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _check_fields(cls, v: Any) -> dict[str, str]:
+        return check_fields(v)
+
+    @model_validator(mode="after")
+    def _format_or_mapping(self) -> "InputSpec":
+        if self.format is not None and "instruction" in self.fields:
+            raise ValueError("give either `format` or `fields.instruction`, not both")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Without a mapping the recipe dumps (and hashes) as before, so existing runs still resume.
+        data = handler(self)
+        if not self.fields:
+            data.pop("fields", None)
+        return data
 
 
 class OutputSpec(BaseModel):
@@ -43,7 +79,14 @@ class Recipe(BaseModel):
     stages: list[Any] = Field(min_length=1)
     budget: Budget | None = None
     budget_pairs: int | None = Field(None, ge=1, description="Data budget: how many pairs to aim for.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds every random choice and every model call's sampling seed.")
+    systematic_failures: int = Field(
+        5, ge=0,
+        description=(
+            "Stop the run (interrupted, exit 2) when a stage's first N finished records all fail with the same "
+            "error: a broken template or a wrong model name would fail every record. 0: never stop."
+        ),
+    )
     output: OutputSpec = Field(default_factory=OutputSpec)
     cache: str | bool = Field(True, description="true: the user cache; false: none; a path: that SQLite file.")
     # Set by `load_recipe`: the folder relative paths are resolved against. Not part of the YAML.
@@ -97,8 +140,9 @@ class Recipe(BaseModel):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def content_hash(self) -> str:
-        """Identity of the work a recipe describes. The budget is left out, so it can be raised to continue."""
-        data = self.model_dump(mode="json", exclude={"budget", "base_dir"})
+        """Identity of the work a recipe describes. The budget (and the systematic-failure stop) is left out, so it
+        can be changed to continue."""
+        data = self.model_dump(mode="json", exclude={"budget", "base_dir", "systematic_failures"})
         data["stages"] = [s.model_dump(mode="json") for s in self.stages]
         if self.input is not None:
             data["input_sha256"] = file_digest(self.resolve(self.input.path))

@@ -10,15 +10,22 @@ Guarantees:
   completion time).
 * A run-level problem (budget spent, server down, Ctrl-C) stops new work, lets in-flight records
   finish, checkpoints, and records the status in `manifest.json`.
+* A recipe whose stages cannot work in their order is refused before anything is spent, and a stage
+  whose first records all fail with the same error stops the run (`interrupted`) instead of failing
+  every record.
+* A run that delivers fewer pairs than `budget_pairs` (or a stage short of its own target) ends with
+  status `shortfall`, naming the stage, what it delivered of what was asked, and why. A stage that can
+  write more (CodecLM's decoder) is asked to, up to its cap of extra rounds, before that.
 
 Run directory::
 
-    manifest.json   recipe hash, versions, status, per-stage counts
+    manifest.json   recipe hash, versions, status, shortfall, per-stage counts, methods and artifacts
     recipe.json     the validated recipe (names env vars, never their values)
     usage.json      {"run": …this invocation…, "total": …all invocations…}, per role
     data.jsonl      final records (only once every stage is complete)
     failures.jsonl  one row per failed record: id, stage, kind, message, record
-    stages/NN-name/ outputs.jsonl, failures.jsonl, done.json  (the checkpoints)
+    stages/NN-name/ the stage's checkpoints (outputs.jsonl, failures.jsonl, done.json, shared_calls.jsonl)
+                    and its own artifacts (reports, pools, stats)
 """
 
 from __future__ import annotations
@@ -28,24 +35,28 @@ import json
 import os
 import platform
 import shutil
-import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from datatailor import __version__
-from datatailor.errors import RecordFailure, RunAbort, UserError
+from datatailor.errors import RecordFailure, Rejected, RunAbort, UserError
 from datatailor.io import export_records, read_records, write_json, write_jsonl, write_records
 from datatailor.llm.cache import RequestCache
 from datatailor.llm.models import ModelPool
 from datatailor.llm.usage import UsageLedger
 from datatailor.progress import RunProgress
 from datatailor.recipe import Recipe
-from datatailor.records import Record
+from datatailor.journal import append_row, read_journal
+from datatailor.records import Record, stable_hash
 from datatailor.stages import STAGES, BatchStage, MapStage, Stage, StageContext
+from datatailor.stages.base import RESERVED_FILES
+from datatailor.stages.shared import SharedCalls
 
 STATUS_COMPLETE = "complete"
+STATUS_SHORTFALL = "shortfall"  # every stage finished, but fewer pairs than asked were delivered
 STATUS_INTERRUPTED = "interrupted"
 STATUS_BUDGET = "budget_exhausted"
 STATUS_RUNNING = "running"
@@ -59,34 +70,28 @@ class RunResult:
     failures: int = 0
     message: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
+    shortfall: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _read_checkpoint_lines(path: Path) -> list[dict[str, Any]]:
-    """Rows of an append-only checkpoint. A torn last line (killed mid-write) is cut off."""
-    if not path.exists():
-        return []
-    rows: list[dict[str, Any]] = []
-    good_bytes = 0
-    with path.open("rb") as fh:
-        for raw in fh:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                rows.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
-        with path.open("r+b") as fh:
-            fh.truncate(good_bytes)
-    return rows
+BATCH = "__batch__"
+ROUND = "__round__"
+
+
+def input_digest(records: list[Record]) -> str:
+    """Identity of a stage's input set (its ids in order): a batch stage's result is reused only for the same set."""
+    return stable_hash([r.id for r in records])
 
 
 class StageCheckpoint:
-    """The on-disk state of one stage: finished inputs and their outputs or failures."""
+    """The on-disk state of one stage: finished inputs and their outputs or failures.
+
+    A map stage appends one row per finished input. A batch stage appends one row per input set it
+    processed (keyed by the set's digest, so a later round with more inputs runs it again), and a stage
+    that tops up appends one row per extra round.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -96,30 +101,47 @@ class StageCheckpoint:
         folder.mkdir(parents=True, exist_ok=True)
         self.outputs: dict[str, list[Record]] = {}
         self.failures: dict[str, dict[str, Any]] = {}
-        for row in _read_checkpoint_lines(self.outputs_path):
-            self.outputs[row["src"]] = [Record.model_validate(r) for r in row["records"]]
-        for row in _read_checkpoint_lines(self.failures_path):
+        self.batches: dict[str, dict[str, Any]] = {}  # input digest -> {"records": [...], "rejected": [failure rows]}
+        self.rounds: dict[int, list[Record]] = {}  # extra round -> records written in it
+        for row in read_journal(self.outputs_path):
+            records = [Record.model_validate(r) for r in row["records"]]
+            if row["src"] == BATCH:
+                self.batches[row["digest"]] = {"records": records, "rejected": row.get("rejected", [])}
+            elif row["src"] == ROUND:
+                self.rounds[int(row["round"])] = records
+            else:
+                self.outputs[row["src"]] = records
+        for row in read_journal(self.failures_path):
             self.failures[row["id"]] = row
         self._out_fh = self.outputs_path.open("a", encoding="utf-8")
         self._fail_fh = self.failures_path.open("a", encoding="utf-8")
-
-    @property
-    def complete(self) -> bool:
-        return self.done_path.exists()
 
     def finished(self, record_id: str) -> bool:
         return record_id in self.outputs or record_id in self.failures
 
     def add_outputs(self, src: str, records: list[Record]) -> None:
         self.outputs[src] = records
-        line = {"src": src, "records": [r.model_dump(mode="json") for r in records]}
-        self._out_fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self._out_fh.flush()
+        append_row(self._out_fh, {"src": src, "records": [r.model_dump(mode="json") for r in records]})
 
     def add_failure(self, row: dict[str, Any]) -> None:
         self.failures[row["id"]] = row
-        self._fail_fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._fail_fh.flush()
+        append_row(self._fail_fh, row)
+
+    def add_batch(self, digest: str, records: list[Record], rejected: list[dict[str, Any]]) -> None:
+        self.batches[digest] = {"records": records, "rejected": rejected}
+        append_row(self._out_fh, {"src": BATCH, "digest": digest, "records": [r.model_dump(mode="json") for r in records], "rejected": rejected})
+
+    def add_round(self, round: int, records: list[Record]) -> None:
+        self.rounds[round] = records
+        append_row(self._out_fh, {"src": ROUND, "round": round, "records": [r.model_dump(mode="json") for r in records]})
+
+    def use_batch(self, digest: str) -> None:
+        """Make the batch result for `digest` this stage's failures (failures.jsonl is rewritten whole)."""
+        rejected = self.batches[digest]["rejected"]
+        self._fail_fh.close()
+        write_jsonl(self.failures_path, rejected)
+        self.failures = {row["id"]: row for row in rejected}
+        self._fail_fh = self.failures_path.open("a", encoding="utf-8")
 
     def mark_complete(self, summary: dict[str, Any]) -> None:
         for fh in (self._out_fh, self._fail_fh):
@@ -134,6 +156,58 @@ class StageCheckpoint:
 
 def _failure_row(record: Record, stage: str, kind: str, message: str, shown: Record | None = None) -> dict[str, Any]:
     return {"id": record.id, "stage": stage, "kind": kind, "message": message, "record": (shown or record).model_dump(mode="json")}
+
+
+class SystematicFailureProbe:
+    """Watches a map stage's first finished records: when the first `window` all fail with the same
+    error (not a filter's decision), the stage is broken for every record — a template typo, a wrong
+    model name — and the run stops instead of spending on the rest.
+
+    Until it has decided, such failures are held back (not checkpointed), so that after the fix a
+    re-run retries those records; once it has seen a success or a different error they are written.
+    """
+
+    def __init__(self, window: int, already_done: int):
+        self.window = window
+        self.open = window > 0 and already_done == 0
+        self.seen = 0
+        self.message: str | None = None
+        self.held: list[dict[str, Any]] = []
+        self.tripped = False
+
+    def observe(self, failure: dict[str, Any] | None, decision: bool) -> list[dict[str, Any]]:
+        """Feed one finished record (its failure row, or None for a success). Returns the rows to write now."""
+        if self.tripped:
+            return [] if failure is not None and failure["message"] == self.message else ([failure] if failure else [])
+        if not self.open:
+            return [failure] if failure else []
+        self.seen += 1
+        if failure is None or decision or (self.message is not None and failure["message"] != self.message):
+            self.open = False
+            rows, self.held = self.held, []
+            return rows + ([failure] if failure else [])
+        self.message = failure["message"]
+        self.held.append(failure)
+        if self.seen >= self.window:
+            self.tripped = True
+            self.held = []
+        return []
+
+    def finish(self) -> list[dict[str, Any]]:
+        """At the end of the stage: trip when every record (at least 2) failed the same way; else release what is held."""
+        if self.open and self.seen >= 2 and len(self.held) == self.seen:
+            self.tripped = True
+        rows, self.held = ([] if self.tripped else self.held), []
+        return rows
+
+    def abort(self, stage: str) -> RunAbort:
+        stop = RunAbort(
+            f"stage {stage}: the first {self.seen} records all failed with the same error, so it would fail for every "
+            f"record; stopped before spending on the rest. Fix it and re-run the same command to resume. "
+            f"The error: {self.message}"
+        )
+        stop.status = STATUS_INTERRUPTED
+        return stop
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -155,6 +229,7 @@ class Runner:
         self.progress = progress or RunProgress(enabled=False)
         self._cache = cache
         self._stop: RunAbort | None = None
+        self._deficits: dict[int, int] = {}  # extra round -> how many pairs the run was short before it
 
     # -- run directory --------------------------------------------------------
 
@@ -185,12 +260,18 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         return previous
 
-    def _write_manifest(self, status: str, message: str, stages: list[dict[str, Any]], previous: dict[str, Any], started: str, count: bool = True) -> None:
+    def _write_manifest(
+        self, status: str, message: str, stages: list[dict[str, Any]], previous: dict[str, Any], started: str,
+        count: bool = True, shortfall: dict[str, Any] | None = None, rounds: int = 1,
+    ) -> None:
         manifest = {
             "recipe_name": self.recipe.name,
             "recipe_hash": self.recipe.content_hash(),
             "status": status,
             "message": message,
+            "budget_pairs": self.recipe.budget_pairs,
+            "shortfall": shortfall,
+            "rounds": rounds,
             "stages": stages,
             "invocations": int(previous.get("invocations", 0)) + int(count),
             "first_started_at": previous.get("first_started_at", started),
@@ -200,11 +281,16 @@ class Runner:
         }
         write_json(self.out / "manifest.json", manifest)
 
+    def stage_dir(self, index: int) -> Path:
+        return self.out / "stages" / f"{index:02d}-{_safe(self.recipe.stage_name(index))}"
+
     # -- main -------------------------------------------------------------------
 
     async def run(self) -> RunResult:
-        # Read the input first: a bad input file must fail before anything in --out is touched.
+        # Read the input and check the recipe first: a bad input file or a stage order that cannot work
+        # must fail before anything in --out is touched or spent.
         records = self._load_input()
+        self._check_contract(records)
         previous = self._prepare_dir()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(self.out / "recipe.json", self.recipe.to_json())
@@ -219,29 +305,11 @@ class Runner:
         pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed)
         self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))])
 
-        stage_summaries: list[dict[str, Any]] = []
-        status, message = STATUS_COMPLETE, ""
+        summaries: list[dict[str, Any]] = []
+        status, message, rounds = STATUS_COMPLETE, "", 1
         try:
             with self.progress:
-                for index, config in enumerate(self.recipe.stages):
-                    name = self.recipe.stage_name(index)
-                    ctx = StageContext(
-                        models=pool,
-                        stage_name=name,
-                        seed=self.recipe.seed,
-                        artifacts_dir=self.out,
-                        base_dir=self.recipe.base_dir,
-                        recipe=self.recipe,
-                    )
-                    stage = STAGES[config.type](config, ctx)
-                    checkpoint = StageCheckpoint(self.out / "stages" / f"{index:02d}-{_safe(name)}")
-                    try:
-                        records, summary = await self._run_stage(stage, checkpoint, records)
-                    finally:
-                        checkpoint.close()
-                    stage_summaries.append(summary)
-                    if self._stop is not None:
-                        raise self._stop
+                records, summaries, rounds = await self._run_rounds(records, pool)
         except RunAbort as abort:
             status, message = abort.status, str(abort)
         except BaseException as exc:
@@ -249,16 +317,32 @@ class Runner:
             # keep the checkpoints, and leave the folder resumable by the same command.
             interrupted = isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError))
             message = "interrupted by the user" if interrupted else f"stopped by an error: {exc}"
-            self._finish(STATUS_INTERRUPTED, message, stage_summaries, previous, started, ledger, None)
+            self._finish(STATUS_INTERRUPTED, message, summaries, previous, started, ledger, None)
             await pool.aclose()
             raise
         finally:
             if cache is not None and self._cache is None:
                 cache.close()
         await pool.aclose()
-        return self._finish(status, message, stage_summaries, previous, started, ledger, records if status == STATUS_COMPLETE else None)
+        shortfall = None
+        if status == STATUS_COMPLETE:
+            shortfall = self._shortfall(records, summaries, rounds)
+            if shortfall is not None:
+                status, message = STATUS_SHORTFALL, shortfall["message"]
+        final = records if status in (STATUS_COMPLETE, STATUS_SHORTFALL) else None
+        return self._finish(status, message, summaries, previous, started, ledger, final, shortfall, rounds)
 
-    def _finish(self, status, message, summaries, previous, started, ledger, final: list[Record] | None) -> RunResult:
+    def _check_contract(self, records: list[Record]) -> None:
+        """What `validate` checks of the stages: their order and the variables of their templates."""
+        from datatailor.stages.contract import check_recipe_order, check_templates
+
+        problems = check_recipe_order(self.recipe.stages, records if self.recipe.input is not None else None, STAGES)
+        problems += check_templates(self.recipe.stages, STAGES, self.recipe.base_dir)
+        if problems:
+            raise UserError("the recipe cannot work; nothing was run:\n  " + "\n  ".join(problems))
+
+    def _finish(self, status, message, summaries, previous, started, ledger, final: list[Record] | None,
+                shortfall: dict[str, Any] | None = None, rounds: int = 1) -> RunResult:
         write_json(self.out / "usage.json", ledger.as_json())
         n_failures = 0
         if final is not None:
@@ -267,69 +351,129 @@ class Runner:
             n_failures = write_jsonl(self.out / "failures.jsonl", failures)
             for fmt in self.recipe.output.formats:
                 export_records(final, self.out / f"data.{fmt}.jsonl", fmt)
-        self._write_manifest(status, message, summaries, previous, started)
-        return RunResult(status, self.out, len(final or []), n_failures, message, ledger.as_json())
+        self._write_manifest(status, message, summaries, previous, started, shortfall=shortfall, rounds=rounds)
+        return RunResult(status, self.out, len(final or []), n_failures, message, ledger.as_json(), shortfall)
 
     def _load_input(self) -> list[Record]:
         if self.recipe.input is None:
             return []
         spec = self.recipe.input
-        return read_records(self.recipe.resolve(spec.path), spec.format, spec.limit)
+        return read_records(self.recipe.resolve(spec.path), spec.format, spec.limit, spec.fields)
 
     def _collect_failures(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for index in range(len(self.recipe.stages)):
-            folder = self.out / "stages" / f"{index:02d}-{_safe(self.recipe.stage_name(index))}"
+            folder = self.stage_dir(index)
             order_path = folder / "done.json"
             order = json.loads(order_path.read_text())["input_order"] if order_path.exists() else []
-            by_id = {r["id"]: r for r in _read_checkpoint_lines(folder / "failures.jsonl")}
+            by_id = {r["id"]: r for r in read_journal(folder / "failures.jsonl")}
             rows.extend(by_id[i] for i in order if i in by_id)
         return rows
 
+    # -- rounds -------------------------------------------------------------------
+
+    async def _run_rounds(self, inputs: list[Record], pool: ModelPool) -> tuple[list[Record], list[dict[str, Any]], int]:
+        """Run every stage in order. When the run delivers fewer than `budget_pairs` and a stage can write
+        more (`top_up_rounds`), run again: that stage writes more records and only they go through the
+        later map stages (whole-set stages run again over the larger set). Stops at the stage's cap."""
+        stages = [self._build_stage(i, pool) for i in range(len(self.recipe.stages))]
+        budget = self.recipe.budget_pairs
+        topper = next((s for s in reversed(stages) if isinstance(s, BatchStage) and s.top_up_rounds() > 0), None)
+        round = 1
+        while True:
+            records, summaries = inputs, []
+            for index, stage in enumerate(stages):
+                checkpoint = StageCheckpoint(self.stage_dir(index))
+                try:
+                    records, summary = await self._run_stage(stage, checkpoint, records, round if stage is topper else 1)
+                finally:
+                    checkpoint.close()
+                summaries.append(summary)
+                if self._stop is not None:
+                    raise self._stop
+            if budget is None or len(records) >= budget or topper is None or round > topper.top_up_rounds():
+                return records, summaries, round
+            round += 1
+            self._deficits[round] = budget - len(records)
+
+    def _build_stage(self, index: int, pool: ModelPool) -> Stage:
+        config = self.recipe.stages[index]
+        folder = self.stage_dir(index)
+        ctx = StageContext(
+            models=pool,
+            stage_name=self.recipe.stage_name(index),
+            seed=self.recipe.seed,
+            artifacts_dir=folder,
+            base_dir=self.recipe.base_dir,
+            budget_pairs=self.recipe.budget_pairs,
+            earlier_dirs=[self.stage_dir(i) for i in range(index)],
+            shared=SharedCalls(folder),
+        )
+        return STAGES[config.type](config, ctx)
+
+    def _shortfall(self, final: list[Record], summaries: list[dict[str, Any]], rounds: int) -> dict[str, Any] | None:
+        """Which stage fell short of what was asked, by how much and why; None when everything was delivered."""
+        for s in summaries:
+            d = s.get("delivery")
+            if d and d["delivered"] < d["asked"]:
+                return {"stage": s["name"], "asked": d["asked"], "delivered": d["delivered"], "why": d["why"],
+                        "message": f"{s['name']} delivered {d['delivered']} of {d['asked']}: {d['why']}"}
+        budget = self.recipe.budget_pairs
+        if budget is None or len(final) >= budget:
+            return None
+        lossy = [s for s in summaries if s["failures"]]
+        worst = max(lossy, key=lambda s: s["failures"]) if lossy else summaries[-1]
+        kinds = ", ".join(f"{k} {n}" for k, n in worst.get("failure_kinds", {}).items())
+        why = f"{worst['name']} dropped {worst['failures']} of {worst['inputs']}" + (f" ({kinds})" if kinds else "")
+        if rounds > 1:
+            why += f", after {rounds - 1} extra round(s) of {next(s['name'] for s in summaries if s.get('rounds', 1) > 1)}"
+        return {"stage": worst["name"], "asked": budget, "delivered": len(final), "why": why,
+                "message": f"the run delivered {len(final)} of budget_pairs={budget} pairs: {why}"}
+
     # -- one stage ----------------------------------------------------------------
 
-    async def _run_stage(self, stage: Stage, cp: StageCheckpoint, inputs: list[Record]) -> tuple[list[Record], dict[str, Any]]:
+    async def _run_stage(self, stage: Stage, cp: StageCheckpoint, inputs: list[Record], round: int) -> tuple[list[Record], dict[str, Any]]:
         name = stage.name
         _check_unique(inputs, name)
         self.progress.stage_started(name, total=len(inputs), done=sum(cp.finished(r.id) for r in inputs), failed=sum(r.id in cp.failures for r in inputs))
-        if not cp.complete:
-            if isinstance(stage, MapStage):
+        if isinstance(stage, MapStage):
+            if not all(cp.finished(r.id) for r in inputs):
                 await self._run_map(stage, cp, inputs)
-            elif isinstance(stage, BatchStage):
-                await self._run_batch(stage, cp, inputs)
-            else:  # pragma: no cover - registry only holds these two kinds
-                raise TypeError(f"{type(stage).__name__} is neither a MapStage nor a BatchStage")
-        outputs = self._ordered_outputs(cp, inputs)
-        summary = {
+            outputs = [o for r in inputs for o in cp.outputs.get(r.id, [])]
+            done = all(cp.finished(r.id) for r in inputs)
+        elif isinstance(stage, BatchStage):
+            outputs, done = await self._run_batch(stage, cp, inputs, round)
+        else:  # pragma: no cover - registry only holds these two kinds
+            raise TypeError(f"{type(stage).__name__} is neither a MapStage nor a BatchStage")
+        failures = [cp.failures[r.id] for r in inputs if r.id in cp.failures]
+        summary: dict[str, Any] = {
             "name": name,
             "type": stage.config.type,
+            "method": stage.method,
             "inputs": len(inputs),
             "outputs": len(outputs),
-            "failures": sum(1 for r in inputs if r.id in cp.failures),
+            "failures": len(failures),
+            "failure_kinds": dict(sorted(Counter(f["kind"] for f in failures).items())),
+            "rounds": round,
             "complete": False,
         }
-        batch_done = "__batch__" in cp.outputs  # a batch stage writes all its outputs at once
-        if self._stop is None and (batch_done or all(cp.finished(r.id) for r in inputs)):
-            if not cp.complete:
-                cp.mark_complete({"input_order": [r.id for r in inputs], **summary, "complete": True})
+        if self._stop is None and done:
+            delivery = stage.delivery(outputs, failures)
+            if delivery is not None:
+                summary["delivery"] = {"asked": delivery.asked, "delivered": delivery.delivered, "why": delivery.why}
+            stage.finalize(outputs, failures)
+            summary["artifacts"] = sorted(p.name for p in cp.folder.iterdir() if p.is_file() and p.name not in RESERVED_FILES and not p.name.startswith("."))
             summary["complete"] = True
-            stage.finalize(outputs, [cp.failures[r.id] for r in inputs if r.id in cp.failures])
+            cp.mark_complete({"input_order": [r.id for r in inputs], "digest": input_digest(inputs), **summary})
         self.progress.stage_finished(name)
         return outputs, summary
-
-    def _ordered_outputs(self, cp: StageCheckpoint, inputs: list[Record]) -> list[Record]:
-        if "__batch__" in cp.outputs:
-            return cp.outputs["__batch__"]
-        out: list[Record] = []
-        for r in inputs:
-            out.extend(cp.outputs.get(r.id, []))
-        return out
 
     async def _run_map(self, stage: MapStage, cp: StageCheckpoint, inputs: list[Record]) -> None:
         queue: asyncio.Queue[Record] = asyncio.Queue()
         for r in inputs:
             if not cp.finished(r.id):
                 queue.put_nowait(r)
+        probe = SystematicFailureProbe(self.recipe.systematic_failures, sum(cp.finished(r.id) for r in inputs))
 
         async def worker() -> None:
             while self._stop is None:
@@ -337,54 +481,77 @@ class Runner:
                     record = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await self._process_one(stage, cp, record)
+                await self._process_one(stage, cp, record, probe)
 
         n = min(stage.config.concurrency, max(1, queue.qsize()))
         await asyncio.gather(*(worker() for _ in range(n)))
+        for row in probe.finish():
+            cp.add_failure(row)
+        if probe.tripped and self._stop is None:
+            self._stop = probe.abort(stage.name)
 
-    async def _process_one(self, stage: MapStage, cp: StageCheckpoint, record: Record) -> None:
+    async def _process_one(self, stage: MapStage, cp: StageCheckpoint, record: Record, probe: SystematicFailureProbe) -> None:
         name = stage.name
+        failure: dict[str, Any] | None = None
+        decision = False
         try:
             outputs = await stage.process(record)
         except RunAbort as abort:
             if self._stop is None:
                 self._stop = abort
             return
-        except RecordFailure as failure:
-            shown = failure.record if isinstance(failure.record, Record) and failure.record.id == record.id else None
-            cp.add_failure(_failure_row(record, name, failure.kind, str(failure), shown))
-            self.progress.advance(name, failed=True)
-            return
+        except RecordFailure as failure_exc:
+            shown = failure_exc.record if isinstance(failure_exc.record, Record) and failure_exc.record.id == record.id else None
+            failure = _failure_row(record, name, failure_exc.kind, str(failure_exc), shown)
+            decision = isinstance(failure_exc, Rejected)
         except UserError:
             raise
         except Exception as exc:  # a bug in a stage must not lose the record or hang the run
-            cp.add_failure(_failure_row(record, name, "stage_error", f"{type(exc).__name__}: {exc}"))
-            self.progress.advance(name, failed=True)
+            failure = _failure_row(record, name, "stage_error", f"{type(exc).__name__}: {exc}")
+        else:
+            if not outputs:
+                failure = _failure_row(record, name, "empty_output", "the stage returned no records")
+        if failure is None:
+            cp.add_outputs(record.id, outputs)
+        for row in probe.observe(failure, decision):
+            cp.add_failure(row)
+        if probe.tripped:
+            if self._stop is None:
+                self._stop = probe.abort(name)
             return
-        if not outputs:
-            cp.add_failure(_failure_row(record, name, "empty_output", "the stage returned no records"))
-            self.progress.advance(name, failed=True)
-            return
-        cp.add_outputs(record.id, outputs)
-        self.progress.advance(name)
+        self.progress.advance(name, failed=failure is not None)
 
-    async def _run_batch(self, stage: BatchStage, cp: StageCheckpoint, inputs: list[Record]) -> None:
-        try:
-            result = await stage.process_all(inputs)
-        except RunAbort as abort:
-            self._stop = abort
-            return
-        by_id = {r.id: r for r in inputs}
-        for rid, (kind, message) in result.rejected.items():
-            if rid not in by_id:
-                raise RuntimeError(f"stage {stage.name} rejected unknown record id {rid}")
-            cp.add_failure(_failure_row(by_id[rid], stage.name, kind, message))
-            self.progress.advance(stage.name, failed=True)
-        _check_unique(result.outputs, stage.name + " outputs")
-        cp.add_outputs("__batch__", result.outputs)
-        for _ in range(len(inputs) - len(result.rejected)):
+    async def _run_batch(self, stage: BatchStage, cp: StageCheckpoint, inputs: list[Record], round: int) -> tuple[list[Record], bool]:
+        digest = input_digest(inputs)
+        if digest not in cp.batches:
+            try:
+                result = await stage.process_all(inputs)
+            except RunAbort as abort:
+                self._stop = abort
+                return [], False
+            by_id = {r.id: r for r in inputs}
+            rejected = []
+            for rid, (kind, message) in result.rejected.items():
+                if rid not in by_id:
+                    raise RuntimeError(f"stage {stage.name} rejected unknown record id {rid}")
+                rejected.append(_failure_row(by_id[rid], stage.name, kind, message))
+            _check_unique(result.outputs, stage.name + " outputs")
+            cp.add_batch(digest, result.outputs, rejected)
+        cp.use_batch(digest)
+        outputs = list(cp.batches[digest]["records"])
+        for extra in range(2, round + 1):
+            if extra not in cp.rounds:
+                try:
+                    more = await stage.top_up(inputs, outputs, self._deficits[extra], extra)
+                except RunAbort as abort:
+                    self._stop = abort
+                    return outputs, False
+                _check_unique(outputs + more, f"{stage.name} round {extra} outputs")
+                cp.add_round(extra, more)
+            outputs += cp.rounds[extra]
+        for _ in inputs:
             self.progress.advance(stage.name)
-
+        return outputs, True
 
 
 def _check_unique(records: list[Record], where: str) -> None:

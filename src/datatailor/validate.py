@@ -8,8 +8,9 @@ from pathlib import Path
 
 from datatailor.errors import UserError
 from datatailor.io import read_records
-from datatailor.prompts import load_prompt
 from datatailor.recipe import load_recipe
+from datatailor.stages import load_all
+from datatailor.stages.contract import check_recipe_order, check_templates, method_title
 
 
 @dataclass
@@ -49,18 +50,18 @@ def validate_recipe(path: str | Path) -> ValidationReport:
     report = ValidationReport()
     for role, config in recipe.models.items():
         _check_model(role, config, recipe.base_dir, report)
+    records = None
     if recipe.input is not None:
         try:
-            records = read_records(recipe.resolve(recipe.input.path), recipe.input.format, recipe.input.limit)
+            records = read_records(recipe.resolve(recipe.input.path), recipe.input.format, recipe.input.limit, recipe.input.fields)
             report.lines.append(f"input: {len(records)} records from {recipe.input.path}")
         except UserError as exc:
             report.problems.append(str(exc))
+    registry = load_all()
     for i, stage in enumerate(recipe.stages):
-        report.lines.append(f"stage {i}: {stage.type}" + (f" ({stage.name})" if stage.name else ""))
-        for fld, value in stage:
-            if (fld == "template" or fld.endswith("_template")) and isinstance(value, str):
-                try:
-                    load_prompt(value, recipe.base_dir)
-                except UserError as exc:
-                    report.problems.append(f"stages[{i}].{fld}: {exc}")
+        method = method_title(registry[stage.type].method)
+        report.lines.append(f"stage {i}: {stage.type}" + (f" ({stage.name})" if stage.name else "") + (f" [{method}]" if method else ""))
+    if recipe.input is None or records is not None:
+        report.problems.extend(check_recipe_order(recipe.stages, records, registry))
+    report.problems.extend(check_templates(recipe.stages, registry, recipe.base_dir))
     return report

@@ -55,6 +55,9 @@ def eval_command(
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Stop starting model calls after this many tokens."),
     force: bool = typer.Option(False, "--force", help="Discard an earlier evaluation with other settings in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    field: Optional[list[str]] = typer.Option(
+        None, "--field", metavar="TARGET=COLUMN", help="Map a column of the test-set file: TARGET=COLUMN (targets instruction, input, response, category, id); repeatable."
+    ),
 ) -> int:
     """Answer a test set with a candidate and a reference model, judge each pair in both orders, and
     report CodecLM's CRR (strict rule) and CoachLM's WR1/WR2/QS with W/T/L in OUT/eval.json and eval.md.
@@ -70,7 +73,9 @@ def eval_command(
     from datatailor.evaluate.evaluation import EvalPlan, run_eval
     from datatailor.evaluate.modelspec import load_models_file, resolve_role
     from datatailor.evaluate.testsets import resolve_testset
+    from datatailor.io import parse_field_options
 
+    fields = parse_field_options(field)
     if rule not in ("strict", "lenient", "mean"):
         raise UserError(f"--rule {rule!r}: expected strict, lenient or mean")
     cwd = Path.cwd()
@@ -81,7 +86,7 @@ def eval_command(
         jdg = jdg.model_copy(update={"max_tokens": judge_max_tokens})
     stored = reference is not None and reference.strip().lower() == "stored"
     ref = None if stored else resolve_role("reference", reference, roles, cwd)
-    ts = resolve_testset(testset)
+    ts = resolve_testset(testset, fields=fields or None)
     plan = EvalPlan(testset=ts, candidate=cand, judge=jdg, reference=ref, rule=rule, limit=limit, seed=seed,  # type: ignore[arg-type]
                     answer_max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
     if judge_template:

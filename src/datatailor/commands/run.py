@@ -23,17 +23,29 @@ def run(
     budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Override the recipe's budget.max_usd."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Override the recipe's budget.max_tokens."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress on stderr."),
+    field: Optional[list[str]] = typer.Option(
+        None, "--field", metavar="TARGET=COLUMN", help="Map a column of the input: TARGET=COLUMN (targets instruction, input, response, category, id); "
+        "repeatable; overrides/extends the recipe's input.fields."
+    ),
 ) -> int:
     """Run a recipe. Prints where the data went and what it cost.
 
     Exit 0 when complete, 3 when the budget ran out (raise it and re-run to continue), 2 when a
     server or input problem stopped the run, 130 on Ctrl-C (re-run to resume).
     """
+    from datatailor.io import parse_field_options
     from datatailor.llm.usage import Budget
     from datatailor.recipe import load_recipe
     from datatailor.runner import run_recipe_sync
 
+    fields = parse_field_options(field)
     r = load_recipe(recipe)
+    if fields:
+        if r.input is None:
+            raise UserError(f"--field: {recipe} has no `input` to map columns of")
+        r.input = r.input.model_copy(update={"fields": {**r.input.fields, **fields}})
+        if r.input.format is not None and "instruction" in r.input.fields:
+            raise UserError(f"--field instruction=...: {recipe} sets input.format {r.input.format!r}; give one or the other")
     if budget_usd is not None or budget_tokens is not None:
         b = r.budget or Budget()
         r.budget = Budget(

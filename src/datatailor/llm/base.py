@@ -45,6 +45,8 @@ class CompletionRequest(BaseModel):
     # scripted test models and for logs. Not sent to any server and not part of any cache key: the
     # template's content hash is.
     template: str | None = None
+    # The variables the template was rendered with, for scripted test models (excluded from dumps, never sent).
+    variables: dict[str, Any] | None = Field(None, exclude=True)
 
 
 class PositionLogprobs(BaseModel):

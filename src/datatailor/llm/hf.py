@@ -9,7 +9,10 @@ Concurrent requests are gathered by a micro-batcher (up to `batch_size`, a short
 run as one left-padded `generate`. Sampling is done per row by `_RowSampler` with the row's own
 seeded `torch.Generator`, temperature and top_p, so requests with different sampling parameters
 share a batch and a request's tokens do not depend on which other requests it was batched with.
-Per-row `max_tokens` and `stop` strings end each row on its own.
+Per-row `max_tokens` and `stop` strings end each row on its own. A row whose request sets
+`sampling.top_logprobs` also gets, at each step, the top-k log-softmax of the scores `_RowSampler` sees
+(the model's distribution at temperature 1, after any processors the model's generation config adds)
+and the log-probability of the token it picked.
 
 Structured output is not native here: the model facade parses, repairs and re-asks.
 """
@@ -20,6 +23,7 @@ import asyncio
 import copy
 import hashlib
 import logging
+import math
 import os
 import shutil
 import threading
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from datatailor.errors import LLMCallFailure, UserError
-from datatailor.llm.base import Completion, CompletionRequest, Message, Sampling, TokenLogprobs
+from datatailor.llm.base import Completion, CompletionRequest, Message, PositionLogprobs, Sampling, TokenLogprobs
 from datatailor.llm.config import HFModel
 from datatailor.llm.local_models import get_spec, is_local_name, model_dir, resolve_local_model
 from datatailor.prompts import load_prompt
@@ -151,12 +155,25 @@ def _sample_row(torch: Any, logits: Any, sampling: Sampling, generator: Any) -> 
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+# One generated step of one row: (chosen id, its logprob, top ids, top logprobs).
+StepLogprobs = tuple[int, float, list[int], list[float]]
+
+
+def step_logprobs(torch: Any, scores: Any, chosen: int, k: int) -> StepLogprobs:
+    """The chosen token's log-probability and the top-k alternatives of one row's scores."""
+    logprobs = torch.log_softmax(scores.float(), dim=-1)
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return chosen, float(logprobs[chosen]), [int(i) for i in ids.tolist()], [float(v) for v in values.tolist()]
+
+
 class _RowSampler:
     """A logits processor that samples each row itself and leaves only that token for greedy search."""
 
     def __init__(self, torch: Any, rows: list[Sampling]):
         self.torch = torch
         self.rows = rows
+        # Per row, the steps' logprobs when that row asked for them (else None).
+        self.logprobs: list[list[StepLogprobs] | None] = [[] if s.top_logprobs is not None else None for s in rows]
         self.generators = []
         for s in rows:
             g = torch.Generator(device="cpu")
@@ -169,7 +186,11 @@ class _RowSampler:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         out = self.torch.full_like(scores, float("-inf"))
         for i, (sampling, generator) in enumerate(zip(self.rows, self.generators)):
-            out[i, _sample_row(self.torch, scores[i], sampling, generator)] = 0.0
+            token = _sample_row(self.torch, scores[i], sampling, generator)
+            out[i, token] = 0.0
+            steps = self.logprobs[i]
+            if steps is not None and sampling.top_logprobs is not None:
+                steps.append(step_logprobs(self.torch, scores[i], token, sampling.top_logprobs))
         return out
 
 
@@ -193,6 +214,39 @@ class _RowLimits:
                 stop = any(x in text for x in s.stop)
             done.append(stop)
         return self.torch.tensor(done, dtype=self.torch.bool, device=input_ids.device)
+
+
+def positions_from_steps(
+    steps: list[StepLogprobs], kept: list[int], text: str, decode: Callable[[list[int]], str]
+) -> list[PositionLogprobs]:
+    """The kept tokens' `PositionLogprobs`, cut where `text` (after stop strings) ends.
+
+    A chosen token's text is what it adds to the decoded reply (decoding the prefix, so SentencePiece
+    spaces and multi-byte characters come out as in `text`). An alternative's text is what it would
+    add after the two tokens before it, so it is written the same way ("▁7" → " 7", not "7").
+    """
+    out: list[PositionLogprobs] = []
+    previous = ""
+    for n, (token, (chosen, logprob, top_ids, top_lps)) in enumerate(zip(kept, steps), 1):
+        if len(previous) >= len(text):
+            break
+        decoded = decode(kept[:n])
+        piece = decoded[len(previous):] if decoded.startswith(previous) else decode([token])
+        previous = decoded
+        context = kept[max(0, n - 3) : n - 1]
+        base = decode(context) if context else ""
+        top: dict[str, float] = {}
+        for i, lp in zip(top_ids, top_lps):
+            full = decode(context + [i]) if context else decode([i])
+            alt = full[len(base):] if full.startswith(base) else decode([i])
+            # Two ids that decode alike (e.g. byte fallbacks) share one entry: their probabilities add up.
+            top[alt] = _logaddexp(top[alt], lp) if alt in top else lp
+        out.append(PositionLogprobs(token=piece, logprob=logprob, top=top))
+    return out
+
+
+def _logaddexp(a: float, b: float) -> float:
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -352,21 +406,25 @@ class HFBackend:
                 do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1,
                 max_new_tokens=max(s.max_tokens for s in rows), pad_token_id=tokenizer.pad_token_id,
             )
+            sampler = _RowSampler(torch, rows)
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention,
                     generation_config=gen_config,
-                    logits_processor=transformers.LogitsProcessorList([_RowSampler(torch, rows)]),
+                    logits_processor=transformers.LogitsProcessorList([sampler]),
                     stopping_criteria=transformers.StoppingCriteriaList([_RowLimits(torch, tokenizer, prompt_len, rows)]),
                 )
             eos = gen_config.eos_token_id
             eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
             for row, (i, ids) in enumerate(encoded):
-                results[i] = self._finish(out[row, prompt_len:].tolist(), len(ids), rows[row], eos_ids)
+                results[i] = self._finish(out[row, prompt_len:].tolist(), len(ids), rows[row], eos_ids, sampler.logprobs[row])
         return [r for r in results if r is not None]
 
-    def _finish(self, generated: list[int], prompt_tokens: int, sampling: Sampling, eos_ids: set[int]) -> Completion:
+    def _finish(
+        self, generated: list[int], prompt_tokens: int, sampling: Sampling, eos_ids: set[int],
+        steps: list[StepLogprobs] | None = None,
+    ) -> Completion:
         generated = generated[: sampling.max_tokens]
         # A row that ended (EOS, or stopped by `_RowLimits`) is filled with padding while the rest continue.
         pad = self._tokenizer.pad_token_id
@@ -375,11 +433,17 @@ class HFBackend:
         kept = generated if end is None else generated[:end]
         text = self._tokenizer.decode(kept, skip_special_tokens=True)
         text, stopped = _cut_at_stop(text, sampling.stop)
+        logprobs = None
+        if steps is not None:
+            logprobs = positions_from_steps(
+                steps, kept, text, lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)
+            )
         return Completion(
             text=text,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(kept) + (1 if saw_eos else 0),
             finish_reason="stop" if saw_eos or stopped else "length",
+            logprobs=logprobs,
         )
 
     async def complete(self, request: CompletionRequest) -> Completion:

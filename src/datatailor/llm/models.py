@@ -161,6 +161,7 @@ class RoleModel:
             sampling=self.sampling(seed_key, **sampling),
             json_schema=json_schema,
             template=prompt.name if prompt is not None else None,
+            variables=variables if prompt is not None else None,
         )
 
         total_in = total_out = 0

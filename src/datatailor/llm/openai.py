@@ -29,6 +29,11 @@ HTTP goes through `httpx2` (pydantic's maintained fork of httpx, which the opena
 API as httpx, but its connection pool does not rescan every connection at great cost per request,
 which made httpx 0.28 spend ~4 ms of CPU per request at 32 in flight (benchmarks/RESULTS.md).
 
+Log-probabilities: a request with `sampling.top_logprobs` sends `logprobs: true, top_logprobs: k` and
+reads `choices[0].logprobs.content` (the chat format); the legacy completions format (`tokens`,
+`token_logprobs`, `top_logprobs` as dicts), which some servers put there, is read too. A server that
+ignores the request leaves `Completion.logprobs` None.
+
 The API key is read from the environment variable the recipe names and only ever lives in the
 HTTP client's default headers; no message, stat or log line contains it.
 """
@@ -50,7 +55,7 @@ from typing import Any
 import httpx2
 
 from datatailor.errors import LLMCallFailure, ServerUnavailable
-from datatailor.llm.base import Completion, CompletionRequest
+from datatailor.llm.base import Completion, CompletionRequest, PositionLogprobs
 from datatailor.llm.config import OpenAIModel
 
 
@@ -251,6 +256,49 @@ def _server_message(response: httpx2.Response) -> str:
     return json.dumps(data)[:300]
 
 
+# A token whose logprob the server left out: probability ~0 (not -inf, which JSON and the cache cannot hold).
+_UNKNOWN_LOGPROB = -1e4
+
+
+def parse_logprobs(data: Any) -> list[PositionLogprobs] | None:
+    """A choice's `logprobs` object → one entry per generated token; None when absent or unreadable."""
+    if not isinstance(data, dict):
+        return None
+    content = data.get("content")
+    if isinstance(content, list):
+        out: list[PositionLogprobs] = []
+        for item in content:
+            if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+                return None
+            logprob = _finite(item.get("logprob"))
+            top: dict[str, float] = {}
+            for alt in item.get("top_logprobs") or []:
+                if isinstance(alt, dict) and isinstance(alt.get("token"), str):
+                    value = _finite(alt.get("logprob"))
+                    if value is not None and alt["token"] not in top:
+                        top[alt["token"]] = value
+            if logprob is None:
+                logprob = top.get(item["token"], _UNKNOWN_LOGPROB)
+            out.append(PositionLogprobs(token=item["token"], logprob=logprob, top=top))
+        return out
+    tokens, values, tops = data.get("tokens"), data.get("token_logprobs"), data.get("top_logprobs")
+    if isinstance(tokens, list) and isinstance(values, list) and len(tokens) == len(values):
+        tops = tops if isinstance(tops, list) and len(tops) == len(tokens) else [None] * len(tokens)
+        out = []
+        for token, value, top in zip(tokens, values, tops):
+            clean = {str(k): v for k, v in (top or {}).items() if _finite(v) is not None} if isinstance(top, dict) else {}
+            lp = _finite(value)
+            out.append(PositionLogprobs(token=str(token), logprob=lp if lp is not None else _UNKNOWN_LOGPROB, top=clean))
+        return out
+    return None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def _schema_name(schema: dict[str, Any]) -> str:
     raw = str(schema.get("title") or "reply")
     name = "".join(c if c.isalnum() or c in "_-" else "_" for c in raw)[:64]
@@ -421,6 +469,7 @@ class OpenAIBackend:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             finish_reason=choice.get("finish_reason"),
+            logprobs=parse_logprobs(choice.get("logprobs")) if request.sampling.top_logprobs is not None else None,
         )
 
     # -- request body, backoff, circuit breaker ------------------------------------------
@@ -438,6 +487,9 @@ class OpenAIBackend:
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
+        if s.top_logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = s.top_logprobs
         schema = request.json_schema
         mode = self.config.json_mode
         if schema is not None and mode == "json_schema":

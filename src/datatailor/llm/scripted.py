@@ -3,7 +3,9 @@
 Answers come, in order of precedence, from:
 
 1. `replay`: a JSONL recorded by `record_to` on a real model (keyed like the request cache);
-2. `handler`: a Python function `module:function` taking a CompletionRequest and returning a str;
+2. `handler`: a Python function `module:function` taking a CompletionRequest and returning a str,
+   a `Completion` (served as it is, its logprobs included), or a `(text, logprobs)` pair where
+   logprobs is a list of `PositionLogprobs` (or of dicts of its fields); None passes to the rules;
 3. `rules`: the first rule whose regex matches the last user message; its `reply` is a Jinja2
    template (sees `prompt`, `messages`, `m` = the match groups, `system`), or one of `choices`
    picked by a stable hash of the request; `error` simulates a failure.
@@ -11,8 +13,13 @@ Answers come, in order of precedence, from:
 A request nothing answers is an `llm_error` failure that names the prompt, so a test fails loudly.
 Token counts are whitespace word counts, so usage and budget behave as with a real model, and a reply
 longer than `max_tokens` words is cut there with `finish_reason == "length"`, as a real model's would be.
-Handlers and rules can route on `request.template` (the prompt template's name), which does not change
-when a template is reworded.
+Handlers and rules can route on `request.template` (the prompt template's name) and read
+`request.variables` (what it was rendered with), which do not change when a template is reworded.
+
+Logprobs: when a request sets `sampling.top_logprobs`, a text answer (a rule, or a handler's str) comes
+with the logprobs of a deterministic model: the text is cut into word/digit/punctuation tokens
+(`scripted_tokens`, one token per digit, a leading space kept on its token) and each token has
+probability 1. A handler that wants other probabilities returns them itself.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any, Callable
 import jinja2
 
 from datatailor.errors import LLMCallFailure, ServerUnavailable, UserError
-from datatailor.llm.base import Completion, CompletionRequest
+from datatailor.llm.base import Completion, CompletionRequest, PositionLogprobs
 from datatailor.llm.cache import request_key
 from datatailor.records import stable_hash
 
@@ -38,7 +45,24 @@ def _count(text: str) -> int:
     return len(text.split())
 
 
-def load_handler(spec: str, base_dir: Path | None = None) -> Callable[[CompletionRequest], str]:
+# One digit per token (as Qwen and Gemma tokenize numbers), words and punctuation runs with their leading space.
+_TOKEN = re.compile(r"\s?\d|\s?[A-Za-z]+|\s?[^\sA-Za-z\d]+|\s+")
+
+
+def scripted_tokens(text: str) -> list[str]:
+    """`text` cut into tokens that concatenate back to it exactly."""
+    return _TOKEN.findall(text)
+
+
+def one_hot_logprobs(text: str) -> list[PositionLogprobs]:
+    """The logprobs of a deterministic model that writes `text`: every token has probability 1."""
+    return [PositionLogprobs(token=t, logprob=0.0, top={t: 0.0}) for t in scripted_tokens(text)]
+
+
+Answer = str | Completion | tuple[str, list[Any]]
+
+
+def load_handler(spec: str, base_dir: Path | None = None) -> Callable[[CompletionRequest], Answer | None]:
     module_name, _, func = spec.partition(":")
     if not func:
         raise UserError(f"scripted handler {spec!r} must look like module:function")
@@ -55,7 +79,7 @@ def load_handler(spec: str, base_dir: Path | None = None) -> Callable[[Completio
 class ScriptedBackend:
     native_json_schema = False
 
-    def __init__(self, config: Any, base_dir: Path | None = None, handler: Callable[[CompletionRequest], str] | None = None):
+    def __init__(self, config: Any, base_dir: Path | None = None, handler: Callable[[CompletionRequest], Answer | None] | None = None):
         self.config = config
         self.handler = handler or (load_handler(config.handler, base_dir) if config.handler else None)
         self.rules = [(re.compile(rule.match, re.DOTALL), rule) for rule in config.rules]
@@ -81,16 +105,31 @@ class ScriptedBackend:
             await asyncio.sleep(self.config.latency_s)
         if self.replay and (hit := self.replay.get(request_key(request))) is not None:
             return hit
-        text = self._answer(request)
+        answer = self._answer(request)
+        if isinstance(answer, Completion):
+            return answer
+        logprobs: list[PositionLogprobs] | None = None
+        if isinstance(answer, tuple):
+            text, given = answer
+            logprobs = [p if isinstance(p, PositionLogprobs) else PositionLogprobs.model_validate(p) for p in given]
+        else:
+            text = answer
         prompt_tokens = sum(_count(m.content) for m in request.messages)
         limit = request.sampling.max_tokens
         finish = "stop"
         if _count(text) > limit:
             text = " ".join(text.split()[:limit])
             finish = "length"
-        return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=min(_count(text), limit), finish_reason=finish)
+        if request.sampling.top_logprobs is None:
+            logprobs = None
+        elif logprobs is None:
+            logprobs = one_hot_logprobs(text)
+        return Completion(
+            text=text, prompt_tokens=prompt_tokens, completion_tokens=min(_count(text), limit), finish_reason=finish,
+            logprobs=logprobs,
+        )
 
-    def _answer(self, request: CompletionRequest) -> str:
+    def _answer(self, request: CompletionRequest) -> Answer:
         if self.handler is not None:
             reply = self.handler(request)
             if reply is not None:

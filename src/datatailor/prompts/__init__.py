@@ -27,7 +27,8 @@ _PACKAGE_DIR = Path(str(files("datatailor.prompts")))
 
 @dataclass(frozen=True)
 class Prompt:
-    name: str
+    name: str  # as the recipe or the code names it: "codec/encode.j2", or a user template's path as written
+    path: str  # the file it was read from
     source: str
     template: jinja2.Template
 
@@ -49,7 +50,7 @@ class Prompt:
                 messages.append(Message(role="user", content=_clean("".join(blocks[u](ctx)))))
                 messages.append(Message(role="assistant", content=_clean("".join(blocks[a](ctx)))))
         if "user" not in blocks:
-            raise UserError(f"prompt template {self.name} has blocks but no `user` block")
+            raise UserError(f"prompt template {self.path} has blocks but no `user` block")
         messages.append(Message(role="user", content=_clean("".join(blocks["user"](ctx)))))
         return messages
 
@@ -64,12 +65,12 @@ _ENV = jinja2.Environment(
 
 
 @lru_cache(maxsize=256)
-def _load(path: str, source: str) -> Prompt:
+def _load(name: str, path: str, source: str) -> Prompt:
     try:
         template = _ENV.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
         raise UserError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from exc
-    return Prompt(name=path, source=source, template=template)
+    return Prompt(name=name, path=path, source=source, template=template)
 
 
 def load_prompt(name_or_path: str | Path, base_dir: Path | None = None) -> Prompt:
@@ -88,7 +89,7 @@ def load_prompt(name_or_path: str | Path, base_dir: Path | None = None) -> Promp
         candidates.append(_PACKAGE_DIR / p)
     for candidate in candidates:
         if candidate.is_file():
-            return _load(str(candidate), candidate.read_text(encoding="utf-8"))
+            return _load(str(name_or_path), str(candidate), candidate.read_text(encoding="utf-8"))
     raise UserError(f"prompt template not found: {name_or_path} (looked in {', '.join(map(str, candidates))})")
 
 

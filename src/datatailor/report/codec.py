@@ -73,9 +73,10 @@ def _coverage(entries: list[dict[str, Any]], pairs: list[Record]) -> dict[str, A
     gen_uc: Counter[str] = Counter()
     gen_sk: Counter[str] = Counter()
     for r in pairs:
-        if r.metadata.get("use_case"):
-            gen_uc[r.metadata["use_case"]] += 1
-        gen_sk.update(r.metadata.get("skills") or [])
+        ns = _namespace(r.metadata)
+        if ns.get("use_case"):
+            gen_uc[ns["use_case"]] += 1
+        gen_sk.update(ns.get("skills") or [])
 
     def covered(seed: Counter[str], gen: Counter[str]) -> dict[str, Any]:
         hit = sorted(k for k in seed if gen[k])
@@ -99,6 +100,23 @@ def _coverage(entries: list[dict[str, Any]], pairs: list[Record]) -> dict[str, A
     }
 
 
+def _namespace(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The record's `codec` namespace (see stages/codec/data.py)."""
+    ns = metadata.get("codec")
+    return ns if isinstance(ns, dict) else {}
+
+
+def _result(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What Contrastive Filtering decided for a record (`codec.contrastive`)."""
+    return _namespace(metadata).get("contrastive") or {}
+
+
+CONSISTENCY_WARNING = (
+    "The judge gave the same verdict in both answer orders for only {share} of the comparisons (below {threshold}): "
+    "its scores are dominated by which answer it sees first, so G, and which pairs were kept, are not meaningful."
+)
+
+
 def build_codec_report(
     kept: list[Record],
     dropped: list[dict[str, Any]],
@@ -108,30 +126,36 @@ def build_codec_report(
     max_iterations: int,
     budget_pairs: int | None,
     pool_requested: int | None = None,
+    consistency_threshold: float = 0.6,
 ) -> dict[str, Any]:
     """The report's numbers. `dropped` are the contrastive stage's failure rows."""
-    passed = [r for r in kept if not r.metadata.get("codec", {}).get("below_threshold")]
-    kept_below = [r for r in kept if r.metadata.get("codec", {}).get("below_threshold")]
-    histories: list[list[dict[str, Any]]] = [r.metadata.get("codec", {}).get("history", []) for r in kept]
+    results = {r.id: _result(r.metadata) for r in kept}
+    passed = [r for r in kept if not results[r.id].get("below_threshold")]
+    kept_below = [r for r in kept if results[r.id].get("below_threshold")]
+    histories: list[list[dict[str, Any]]] = [results[r.id].get("history", []) for r in kept]
     failure_kinds: Counter[str] = Counter()
     for row in dropped:
         failure_kinds[row.get("kind", "error")] += 1
-        summary = ((row.get("record") or {}).get("metadata") or {}).get("codec") or {}
-        histories.append(summary.get("history", []))
+        histories.append(_result((row.get("record") or {}).get("metadata") or {}).get("history", []))
     n_instructions = len(kept) + len(dropped)
+    judged = [step["scores"]["position_consistent"] for h in histories for step in h if isinstance(step.get("scores"), dict)]
+    consistency = _share(sum(judged), len(judged))
+    warning = None
+    if consistency is not None and consistency < consistency_threshold:
+        warning = CONSISTENCY_WARNING.format(share=_pct(consistency), threshold=_pct(consistency_threshold))
 
     iterations: list[dict[str, Any]] = []
     for i in range(1, max_iterations + 1):
         entered = sum(1 for h in histories if len(h) >= i)
         scored = sum(1 for h in histories if len(h) >= i and h[i - 1].get("G") is not None)
-        kept_i = [r for r in passed if r.metadata["codec"]["iteration"] == i]
+        kept_i = [r for r in passed if results[r.id]["iteration"] == i]
         iterations.append({
             "iteration": i,
             "entered": entered,
             "scored": scored,
             "kept": len(kept_i),
-            "kept_strong": sum(1 for r in kept_i if r.metadata["codec"]["kept"] == "strong"),
-            "kept_target": sum(1 for r in kept_i if r.metadata["codec"]["kept"] == "target"),
+            "kept_strong": sum(1 for r in kept_i if results[r.id]["kept"] == "strong"),
+            "kept_target": sum(1 for r in kept_i if results[r.id]["kept"] == "target"),
             "kept_share": _share(len(kept_i), scored),
             "data_share": _share(len(kept_i), len(passed)),
         })
@@ -142,8 +166,8 @@ def build_codec_report(
         "instructions": n_instructions,
         "kept": len(kept),
         "kept_above_threshold": len(passed),
-        "kept_strong": sum(1 for r in passed if r.metadata["codec"]["kept"] == "strong"),
-        "kept_target": sum(1 for r in passed if r.metadata["codec"]["kept"] == "target"),
+        "kept_strong": sum(1 for r in passed if results[r.id]["kept"] == "strong"),
+        "kept_target": sum(1 for r in passed if results[r.id]["kept"] == "target"),
         "kept_below_threshold": len(kept_below),
         "budget_met": (len(kept) >= budget_pairs) if budget_pairs else None,
         "dropped": dict(sorted(failure_kinds.items())),
@@ -156,6 +180,9 @@ def build_codec_report(
         "gap_histogram": {"all_scored": gap_histogram(all_gaps), "final": gap_histogram(final_gaps)},
         "gap_count": {"all_scored": len(all_gaps), "final": len(final_gaps)},
         "coverage": _coverage(pool, kept),
+        "position_consistency": consistency,
+        "consistency_threshold": consistency_threshold,
+        "consistency_warning": warning,
     }
 
 
@@ -165,9 +192,12 @@ def _pct(x: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     budget = report["budget_pairs"]
-    lines = [
-        "# CodecLM report",
-        "",
+    lines = ["# CodecLM report", ""]
+    if report.get("consistency_warning"):
+        lines += [f"> **Warning:** {report['consistency_warning']}", ""]
+    lines += [
+        f"- Judge position consistency: {_pct(report.get('position_consistency'))} of the scored comparisons gave the "
+        "same verdict in both answer orders",
         f"- Instructions filtered: **{report['instructions']}**; kept **{report['kept']}**"
         + (f" of a data budget of {budget}" + ("" if report["budget_met"] else " (budget not met: filtering dropped the rest)") if budget else ""),
         f"- Kept with the strong answer (G > {report['threshold']}): {report['kept_strong']}; with the target answer "
@@ -209,7 +239,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Every chart of the HTML page sits in a `<figure id="fig-…">` with a caption (as in the compare report).
+FIGURE_IDS = ("fig-gap", "fig-use-cases-seeds", "fig-use-cases-kept", "fig-skills-seeds", "fig-skills-kept")
+
+
 def _bars(rows: list[tuple[str, int]]) -> str:
+    if not rows:
+        return "<table class=bars><tr><td class=none>none</td></tr></table>"
     top = max((c for _, c in rows), default=0) or 1
     out = []
     for label, count in rows:
@@ -221,6 +257,10 @@ def _bars(rows: list[tuple[str, int]]) -> str:
     return "<table class=bars>" + "".join(out) + "</table>"
 
 
+def _figure(fig_id: str, rows: list[tuple[str, int]], caption: str) -> str:
+    return f'<figure id="{fig_id}">{_bars(rows)}<figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
 def render_html(report: dict[str, Any], markdown: str) -> str:
     it_rows = "".join(
         f"<tr><td>{it['iteration']}</td><td>{it['entered']}</td><td>{it['scored']}</td><td>{it['kept']}</td>"
@@ -230,26 +270,32 @@ def render_html(report: dict[str, Any], markdown: str) -> str:
     gaps = [(f"[{b['from']}, {b['to']})", b["count"]) for b in report["gap_histogram"]["all_scored"]]
     cov = report["coverage"]
     summary = html.escape(markdown.split("## Per iteration")[0].replace("# CodecLM report", "").strip())
+    warning = (
+        f'<p class="warning" role="alert"><strong>Warning:</strong> {html.escape(report["consistency_warning"])}</p>\n'
+        if report.get("consistency_warning") else ""
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>CodecLM report</title>
 <style>
 body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}}
 table{{border-collapse:collapse;margin:.5rem 0 1.5rem}} td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
-.bars td.bar{{width:24rem}} .bars td.bar div{{background:#4a7bd0;height:.8rem}} td.n{{text-align:right}}
+.bars td.bar{{width:24rem}} .bars td.bar div{{background:#4a7bd0;height:.8rem}} td.n{{text-align:right}} td.none{{color:#666}}
+figure{{margin:1rem 0}} figure table{{margin:.5rem 0 .3rem}} figcaption{{font-size:.8rem;color:#555}}
 pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}}
+.warning{{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}}
 </style></head><body>
 <h1>CodecLM report</h1>
-<pre>{summary}</pre>
+{warning}<pre>{summary}</pre>
 <h2>Per iteration</h2>
 <table><tr><th>iteration</th><th>entered</th><th>scored</th><th>kept</th><th>kept share</th><th>data share</th></tr>{it_rows}</table>
 <h2>Gap G = S(strong) − S(target), every scored iteration (threshold ±{report['threshold']})</h2>
-{_bars(gaps)}
+{_figure("fig-gap", gaps, "Scored (strong, target) answer pairs per unit bin of G, over every iteration.")}
 <h2>Use cases: seeds vs kept pairs</h2>
-<h3>seeds</h3>{_bars(list(cov['seed_use_cases'].items()))}
-<h3>kept pairs</h3>{_bars(list(cov['generated_use_cases'].items()))}
+<h3>seeds</h3>{_figure("fig-use-cases-seeds", list(cov['seed_use_cases'].items()), "Use cases of the seed instructions (weighted by seeds per pool entry).")}
+<h3>kept pairs</h3>{_figure("fig-use-cases-kept", list(cov['generated_use_cases'].items()), "Use cases of the kept pairs.")}
 <h2>Skills: seeds vs kept pairs</h2>
-<h3>seeds</h3>{_bars(list(cov['seed_skills'].items()))}
-<h3>kept pairs</h3>{_bars(list(cov['generated_skills'].items()))}
+<h3>seeds</h3>{_figure("fig-skills-seeds", list(cov['seed_skills'].items()), "Skills of the seed instructions (weighted by seeds per pool entry).")}
+<h3>kept pairs</h3>{_figure("fig-skills-kept", list(cov['generated_skills'].items()), "Skills of the kept pairs.")}
 </body></html>
 """
 

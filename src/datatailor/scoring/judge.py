@@ -6,6 +6,14 @@ Three aggregation rules over the same raw scores (methods.md §5.3):
 * `strict`  a side wins only if it scores higher in both orders, else tie (CodecLM evaluation / CRR);
 * `lenient` a side wins if it scores higher in one order and at least ties in the other
             (AlpaGasus / Cherry-LLM rule).
+
+Two scoring modes (`judge_pair(..., mode=...)`):
+
+* `sampled` (default, as in the papers): the two numbers the judge wrote;
+* `logprob`: at temperature 0 with the top-20 token log-probabilities, each score is the expectation
+  over the score tokens where the judge wrote it (see `scoring.logprob`); the written numbers are
+  kept in `sampled_a_first`/`sampled_b_first`. Expected scores are rarely exactly equal, so this mode
+  gives fewer ties.
 """
 
 from __future__ import annotations
@@ -18,9 +26,13 @@ from pydantic import BaseModel, ConfigDict
 from datatailor.llm.models import Generation, RoleModel
 from datatailor.llm.structured import parse_score_pair
 from datatailor.prompts import load_prompt
+from datatailor.scoring.logprob import LOGPROB_SAMPLING, require_expected
 
 Rule = Literal["mean", "strict", "lenient"]
 Verdict = Literal["a", "b", "tie"]
+ScoringMode = Literal["sampled", "logprob"]
+SCORING_MODES: tuple[str, ...] = ("sampled", "logprob")
+PAIR_LOW, PAIR_HIGH = 1, 10
 
 SCORES_ONLY = "judge/pairwise_scores.j2"
 EXPLAINED = "judge/pairwise_explained.j2"
@@ -41,6 +53,10 @@ class PairwiseScores(BaseModel):
 
     a_first: tuple[float, float]
     b_first: tuple[float, float]
+    # In `logprob` mode a_first/b_first hold expected scores; these hold the numbers the judge wrote.
+    scoring: ScoringMode = "sampled"
+    sampled_a_first: tuple[float, float] | None = None
+    sampled_b_first: tuple[float, float] | None = None
 
     @property
     def mean_a(self) -> float:
@@ -81,7 +97,7 @@ class PairwiseScores(BaseModel):
         raise ValueError(f"unknown rule {rule!r}")
 
     def summary(self, rule: Rule) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "a_first": list(self.a_first),
             "b_first": list(self.b_first),
             "mean_a": self.mean_a,
@@ -90,6 +106,20 @@ class PairwiseScores(BaseModel):
             "verdict": self.verdict(rule),
             "position_consistent": self.position_consistent,
         }
+        if self.scoring != "sampled":  # sampled summaries stay byte-identical to earlier runs
+            out["scoring"] = self.scoring
+            out["sampled_a_first"] = list(self.sampled_a_first) if self.sampled_a_first else None
+            out["sampled_b_first"] = list(self.sampled_b_first) if self.sampled_b_first else None
+        return out
+
+
+def _who(model: RoleModel) -> str:
+    return f"{model.role} ({model.name}, backend {getattr(model.config, 'backend', '?')})"
+
+
+def _expected_pair(model: RoleModel, gen: Generation[tuple[float, float]]) -> tuple[float, float]:
+    first, second = require_expected(gen.logprobs, gen.value, PAIR_LOW, PAIR_HIGH, who=_who(model))
+    return round(first.expected, 4), round(second.expected, 4)
 
 
 async def judge_pair(
@@ -101,9 +131,20 @@ async def judge_pair(
     template: str = SCORES_ONLY,
     seed_key: Any = None,
     base_dir: Any = None,
+    mode: ScoringMode = "sampled",
     **sampling: Any,
 ) -> tuple[PairwiseScores, list[Generation[tuple[float, float]]]]:
-    """Score A and B in both orders. Returns the mapped scores and the two generations (for lineage)."""
+    """Score A and B in both orders. Returns the mapped scores and the two generations (for lineage).
+
+    `mode="logprob"` asks at temperature 0 for the top-20 logprobs (overriding `temperature` and
+    `top_logprobs` in `sampling`) and scores with expectations; the generations keep the written
+    scores as `.value`. A backend that returns no logprobs raises `LogprobsUnavailable` (a UserError);
+    a reply whose scores cannot be found in its tokens raises `ScoreNotLocated` (a RecordFailure).
+    """
+    if mode not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; expected one of {', '.join(SCORING_MODES)}")
+    if mode == "logprob":
+        sampling = {**sampling, **LOGPROB_SAMPLING}
     prompt = load_prompt(template, base_dir)
     first, second = await asyncio.gather(
         model.generate(
@@ -122,5 +163,16 @@ async def judge_pair(
         ),
     )
     b_shown_first = second.value
-    scores = PairwiseScores(a_first=first.value, b_first=(b_shown_first[1], b_shown_first[0]))
+    if mode == "sampled":
+        scores = PairwiseScores(a_first=first.value, b_first=(b_shown_first[1], b_shown_first[0]))
+        return scores, [first, second]
+    expected_a_first = _expected_pair(model, first)
+    expected_b_shown_first = _expected_pair(model, second)
+    scores = PairwiseScores(
+        a_first=expected_a_first,
+        b_first=(expected_b_shown_first[1], expected_b_shown_first[0]),
+        scoring="logprob",
+        sampled_a_first=first.value,
+        sampled_b_first=(b_shown_first[1], b_shown_first[0]),
+    )
     return scores, [first, second]

@@ -12,21 +12,23 @@ tokenises without a stemmer), so the core does not need the extra.
 
 from __future__ import annotations
 
-import asyncio
+import json
 import re
 from collections import Counter
 from typing import Literal
 
+from typing import Any
+
 from pydantic import Field, model_validator
 
-from datatailor.errors import RecordFailure, RunAbort, UserError
-from datatailor.scoring.text import rouge_l, rouge_tokens
+from datatailor.errors import RecordFailure, UserError
 from datatailor.io import write_json
 from datatailor.llm.models import Generation
 from datatailor.llm.structured import parse_numbered_list
-from datatailor.prompts import load_prompt
 from datatailor.records import Record, stable_hash
-from datatailor.stages.base import BatchResult, BatchStage, StageConfig, register
+from datatailor.scoring.text import rouge_l, rouge_tokens
+from datatailor.stages.base import BatchResult, BatchStage, Delivery, StageConfig, register
+from datatailor.stages.namespace import Namespace
 
 STATS_FILE = "self_instruct_stats.json"
 
@@ -35,6 +37,17 @@ DEFAULT_BLOCKED_WORDS = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
 )
+
+class SelfInstructData(Namespace):
+    """What Self-Instruct records about an instruction it wrote."""
+
+    key = "self_instruct"
+
+    call: int
+    demos: list[str]
+    max_rouge_l: float
+    closest: str | None = None
+
 
 class NoveltyIndex:
     """Texts seen so far, answering: how similar (ROUGE-L) is a new text to the closest one?"""
@@ -93,8 +106,8 @@ class SelfInstructConfig(StageConfig):
     per_call: int = Field(8, ge=1, description="New instructions asked for per call.")
     target: int | None = Field(None, ge=1, description="Instructions to generate; default the recipe's budget_pairs.")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="Keep a candidate only if ROUGE-L with every pool text is below this.")
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(150, ge=1)
+    min_words: int = Field(4, ge=1, description="Drop instructions of fewer words (Alpaca drops those of 3 words or fewer).")
+    max_words: int = Field(150, ge=1, description="Drop instructions of more words (Alpaca: 150).")
     blocked_words: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKED_WORDS))
     max_calls: int | None = Field(None, ge=1, description="Stop after this many calls even if short (default: 5 × the calls needed + 5).")
     temperature: float | None = None
@@ -112,19 +125,24 @@ class SelfInstruct(BatchStage[SelfInstructConfig]):
     """Generate `target` new instructions from random seed subsets, each novel by ROUGE-L (< 0.7) against the pool.
 
     Seeds are consumed (the output holds only new instructions). Calls run `concurrency` at a time in rounds;
-    candidates are screened in call order, so the result does not depend on which call finishes first.
-    Counts of every drop reason go to `self_instruct_stats.json` in the run directory.
+    candidates are screened in call order, so the result does not depend on which call finishes first. The last
+    item of a reply cut off by max_tokens is dropped (it may be cut mid-sentence). Counts of every drop reason go
+    to `self_instruct_stats.json` in the stage's folder; a run that falls short of the target says why.
     """
 
     Config = SelfInstructConfig
+    method = "self_instruct"
+    needs = ("instruction",)
+    provides = ("instruction",)
+    clears = ("*",)
+    templates = {"template": ("demos", "n")}
 
     def _target(self) -> int:
         if self.config.target is not None:
             return self.config.target
-        budget = self.ctx.recipe.budget_pairs if self.ctx.recipe is not None else None
-        if budget is None:
+        if self.ctx.budget_pairs is None:
             raise UserError("self_instruct: set `budget_pairs` in the recipe or `target` in the stage")
-        return budget
+        return self.ctx.budget_pairs
 
     async def process_all(self, records: list[Record]) -> BatchResult:
         cfg = self.config
@@ -136,15 +154,14 @@ class SelfInstruct(BatchStage[SelfInstructConfig]):
         index = NoveltyIndex()
         for r in records:
             index.add(r.id, r.prompt)
-        prompt = load_prompt(cfg.template, self.ctx.base_dir)
-        model = self.ctx.model(cfg.role)
         accepted: list[Record] = []
         stats: Counter[str] = Counter()
         calls = 0
 
-        async def call(i: int, demos: list[str]) -> Generation[list[str]]:
-            return await model.generate(
-                prompt, {"demos": demos, "n": cfg.per_call},
+        async def call(item: tuple[int, list[str]]) -> Generation[list[str]]:
+            i, demos = item
+            return await self.call(
+                cfg.role, "template", {"demos": demos, "n": cfg.per_call},
                 parse=lambda text: parse_numbered_list(text, min_items=1),
                 seed_key=(self.name, i), temperature=cfg.temperature, max_tokens=cfg.max_tokens,
             )
@@ -161,16 +178,17 @@ class SelfInstruct(BatchStage[SelfInstructConfig]):
                     demos += rng.sample(machine, cfg.machine_demos)
                 batch.append((calls, demos))
                 calls += 1
-            results = await asyncio.gather(*(call(i, d) for i, d in batch), return_exceptions=True)
+            results = await self.gather(batch, call)
             for (i, demos), result in zip(batch, results):
-                if isinstance(result, RunAbort):
-                    raise result
                 if isinstance(result, RecordFailure):
                     stats[f"call_{result.kind}"] += 1
                     continue
-                if isinstance(result, BaseException):
-                    raise result
-                for text in result.value:
+                stats["replies"] += 1
+                items = list(result.value)
+                if result.truncated and items:
+                    stats["cut_off_last_item"] += 1
+                    items = items[:-1]  # the reply was cut off by max_tokens: its last item may be cut mid-sentence
+                for text in items:
                     if len(accepted) >= target:
                         stats["beyond_target"] += 1
                         continue
@@ -183,15 +201,27 @@ class SelfInstruct(BatchStage[SelfInstructConfig]):
                     if similarity >= cfg.rouge_threshold:
                         stats["rouge_l_too_similar"] += 1
                         continue
-                    record = Record.new(instruction=text, id=stable_hash("self_instruct", text), metadata={
-                        "method": "self_instruct", "demos": demos, "max_rouge_l": round(similarity, 4),
-                        "closest": closest,
-                    })
+                    record = Record.new(instruction=text, id=stable_hash("self_instruct", text))
+                    data = SelfInstructData(call=i, demos=demos, max_rouge_l=round(similarity, 4), closest=closest)
+                    record.metadata = data.stored(record)
                     record.lineage.append(result.event(self.name, decision="accepted", call=i,
                                                        reason=f"max ROUGE-L {similarity:.3f} < {cfg.rouge_threshold}"))
                     index.add(record.id, text)
                     accepted.append(record)
         stats["calls"] = calls
         stats["accepted"] = len(accepted)
-        write_json(self.ctx.artifacts_dir / STATS_FILE, {"target": target, "reached": len(accepted) >= target, **dict(sorted(stats.items()))})
+        write_json(self.ctx.artifact(STATS_FILE), {"target": target, "reached": len(accepted) >= target, **dict(sorted(stats.items()))})
         return BatchResult(outputs=accepted)
+
+    def delivery(self, outputs: list[Record], failures: list[dict[str, Any]]) -> Delivery | None:
+        path = self.ctx.artifacts_dir / STATS_FILE
+        stats = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        target = stats.get("target", self._target())
+        why = (
+            f"{stats.get('calls', 0)} calls, {stats.get('replies', 0)} replies that parsed as lists, "
+            f"{stats.get('candidates', 0)} candidate instructions, {len(outputs)} kept"
+        )
+        drops = {k: v for k, v in stats.items() if k not in ("target", "reached", "calls", "replies", "candidates", "accepted", "beyond_target") and v}
+        if drops:
+            why += " (dropped: " + ", ".join(f"{k} {v}" for k, v in drops.items()) + ")"
+        return Delivery(asked=target, delivered=len(outputs), why=why)

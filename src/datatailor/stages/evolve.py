@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from datatailor.errors import ParseFailure, Rejected
+from datatailor.errors import ParseFailure, RecordFailure, Rejected
 from datatailor.llm.models import Generation, RoleModel
 from datatailor.prompts import Prompt, load_prompt
 from datatailor.records import LineageEvent, Record
-from datatailor.stages.base import MapStage, StageConfig, register
+from datatailor.stages.base import RECORD_VARIABLES, MapStage, StageConfig, register
+from datatailor.stages.namespace import Namespace
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,30 @@ async def is_equal(
 # ----------------------------------------------------------------------------- evol.evolve
 
 
+class EvolRound(BaseModel):
+    """One evolution round of a seed's chain, and why it was eliminated (None: it survived)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chain: int
+    round: int
+    op: str
+    eliminated: str | None = None
+
+
+class EvolData(Namespace):
+    """What Evol-Instruct records about an evolved pair (`metadata["evol"]`)."""
+
+    key = "evol"
+
+    seed_id: str
+    chain: int | None = None
+    round: int = 0
+    ops: list[str] = Field(default_factory=list)
+    seed_instruction: str | None = None
+    rounds: list[EvolRound] = Field(default_factory=list)  # every round of the seed's chains, eliminated ones too
+
+
 class EvolveConfig(StageConfig):
     type: Literal["evol.evolve"] = "evol.evolve"
     role: str = Field("strong", description="Model that evolves instructions.")
@@ -199,16 +224,18 @@ class Evolve(MapStage[EvolveConfig]):
     """WizardLM Evol-Instruct: per seed, `rounds` rounds of a random operation, each checked for elimination."""
 
     Config = EvolveConfig
+    method = "evol"
+    needs = ("instruction",)
+    provides = ("instruction", "response")
+    templates = {"respond_template": RECORD_VARIABLES}
 
-    async def _answer(self, instruction: str, seed_key: Any) -> Generation[str]:
-        return await self.ctx.model(self.config.responder_role).generate(
-            load_prompt(self.config.respond_template, self.ctx.base_dir),
-            {"instruction": instruction, "input": ""},
-            seed_key=seed_key,
-            max_tokens=self.config.response_max_tokens,
+    async def _answer(self, record: Record, instruction: str, seed_key: Any) -> Generation[str]:
+        asked = record.model_copy(update={"instruction": instruction, "input": "", "response": None})
+        return await self.answer(
+            self.config.responder_role, asked, seed_key=seed_key, max_tokens=self.config.response_max_tokens
         )
 
-    async def _round(self, current: str, op: str, key: tuple[Any, ...], events: list[LineageEvent]) -> tuple[str, str] | str:
+    async def _round(self, record: Record, current: str, op: str, key: tuple[Any, ...], events: list[LineageEvent]) -> tuple[str, str] | str:
         """One evolution: (evolved, response) when it survives, else the elimination reason."""
         cfg = self.config
         try:
@@ -227,7 +254,12 @@ class Evolve(MapStage[EvolveConfig]):
         events.append(equal.event(self.name, decision="equal" if equal.value else "not_equal", round=key[-1]))
         if equal.value:
             return "no information gain: judged equal to the previous instruction"
-        answer = await self._answer(evolved, (*key, "response"))
+        try:
+            answer = await self._answer(record, evolved, (*key, "response"))
+        except RecordFailure as exc:
+            if exc.kind not in ("empty_response", "truncated"):
+                raise
+            return f"the answer is unusable ({exc.kind}: {exc})"
         events.append(answer.event(self.name, decision="answered", round=key[-1]))
         response = answer.text.strip()
         if is_sorry_and_short(response, cfg.sorry_max_words):
@@ -239,13 +271,13 @@ class Evolve(MapStage[EvolveConfig]):
     async def process(self, record: Record) -> list[Record]:
         cfg = self.config
         outputs: list[Record] = []
-        rounds_log: list[dict[str, Any]] = []
+        rounds_log: list[EvolRound] = []
         all_events: list[LineageEvent] = []
         if cfg.include_seed:
-            answer = await self._answer(record.prompt, (self.name, record.id, "seed"))
+            answer = await self._answer(record, record.prompt, (self.name, record.id, "seed"))
             seed_pair = record.child(("evol.seed",), instruction=record.prompt, input="", response=answer.text.strip())
             seed_pair.lineage.append(answer.event(self.name, decision="seed_answered"))
-            seed_pair.metadata["evol"] = {"seed_id": record.id, "chain": None, "round": 0, "ops": []}
+            seed_pair.metadata = EvolData(seed_id=record.id, seed_instruction=record.prompt).stored(seed_pair)
             outputs.append(seed_pair)
         n_evolved = 0
         for chain in range(cfg.chains_per_seed):
@@ -253,20 +285,21 @@ class Evolve(MapStage[EvolveConfig]):
             events: list[LineageEvent] = []
             for round_ in range(1, cfg.rounds + 1):
                 op = self.ctx.rng(record.id, chain, round_).choice(cfg.operations)
-                result = await self._round(current, op, (self.name, record.id, chain, round_), events)
+                result = await self._round(record, current, op, (self.name, record.id, chain, round_), events)
                 if isinstance(result, str):
                     # Dropped; the last good instruction goes back into the pool for the next round.
-                    rounds_log.append({"chain": chain, "round": round_, "op": op, "eliminated": result})
+                    rounds_log.append(EvolRound(chain=chain, round=round_, op=op, eliminated=result))
                     events.append(LineageEvent(stage=self.name, decision="eliminated", reason=result,
                                                details={"chain": chain, "round": round_, "op": op}))
                     continue
                 current, response = result
                 ops_applied = [*ops_applied, op]
-                rounds_log.append({"chain": chain, "round": round_, "op": op, "eliminated": None})
+                rounds_log.append(EvolRound(chain=chain, round=round_, op=op))
                 pair = record.child(("evol.evolve", chain, round_), instruction=current, input="", response=response)
                 pair.lineage.extend(events)
-                pair.metadata["evol"] = {"seed_id": record.id, "chain": chain, "round": round_, "ops": ops_applied,
-                                         "from": record.prompt}
+                pair.metadata = EvolData(
+                    seed_id=record.id, chain=chain, round=round_, ops=ops_applied, seed_instruction=record.prompt
+                ).stored(pair)
                 n_evolved += 1
                 if cfg.keep == "all":
                     outputs.append(pair)
@@ -275,11 +308,11 @@ class Evolve(MapStage[EvolveConfig]):
                 outputs.append(last_pair)
             all_events.extend(events)
         if n_evolved == 0 and not cfg.include_seed:
-            reasons = "; ".join(f"chain {r['chain']} round {r['round']} ({r['op']}): {r['eliminated']}" for r in rounds_log)
+            reasons = "; ".join(f"chain {r.chain} round {r.round} ({r.op}): {r.eliminated}" for r in rounds_log)
             traced = record.model_copy(deep=True)
             traced.lineage.extend(all_events)
-            traced.metadata["evol_rounds"] = rounds_log
+            traced.metadata = EvolData(seed_id=record.id, seed_instruction=record.prompt, rounds=rounds_log).stored(traced)
             raise Rejected(f"every evolution was eliminated: {reasons}", kind="eliminated", record=traced)
         for o in outputs:
-            o.metadata["evol_rounds"] = rounds_log
+            o.metadata = EvolData.get(o).update(rounds=rounds_log).stored(o)
         return outputs

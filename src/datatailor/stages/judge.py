@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -10,6 +10,7 @@ from datatailor.errors import Rejected
 from datatailor.scoring.judge import SCORES_ONLY, judge_pair
 from datatailor.records import FIELD_PATTERN, Record, field_update, read_field
 from datatailor.stages.base import MapStage, StageConfig, register
+from datatailor.stages.contract import Contract
 
 
 class PairwiseJudgeConfig(StageConfig):
@@ -31,6 +32,13 @@ class PairwiseJudge(MapStage[PairwiseJudgeConfig]):
     """Judge answer A against answer B; stores both orders' raw scores, means, verdict and consistency."""
 
     Config = PairwiseJudgeConfig
+    templates = {"template": ("question", "answer_1", "answer_2")}
+
+    @classmethod
+    def contract(cls, config: Any) -> Contract:
+        if config is None:
+            return Contract.of()
+        return Contract.of(needs=[config.question, config.a, config.b], provides=[config.output])
 
     async def process(self, record: Record) -> list[Record]:
         cfg = self.config

@@ -6,7 +6,7 @@ the reason (AlpaGasus kept pairs rated ≥ 4.5).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -14,6 +14,7 @@ from datatailor.errors import Rejected
 from datatailor.scoring.quality import QUALITY_TEMPLATE, SCORE_MAX, SCORE_MIN, rate_pair
 from datatailor.records import Record
 from datatailor.stages.base import MapStage, StageConfig, register
+from datatailor.stages.contract import Contract
 
 
 class QualityRateConfig(StageConfig):
@@ -33,6 +34,12 @@ class QualityRate(MapStage[QualityRateConfig]):
     """Rate each pair 0–5 for accuracy and helpfulness; optionally drop low-rated pairs."""
 
     Config = QualityRateConfig
+    needs = ("response",)
+    templates = {"template": ("instruction", "input", "response")}
+
+    @classmethod
+    def contract(cls, config: Any) -> Contract:
+        return Contract.of(cls.needs, [f"metadata.{config.key}"] if config is not None else [])
 
     async def process(self, record: Record) -> list[Record]:
         cfg = self.config

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from datatailor.records import LineageEvent, Record
 from datatailor.stages.base import BatchResult, BatchStage, StageConfig, register
+from datatailor.stages.contract import Contract
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -52,6 +53,10 @@ class Dedup(BatchStage[DedupConfig]):
     """Keep the first of each group of exact or near-duplicate records; drop the rest with a reason."""
 
     Config = DedupConfig
+
+    @classmethod
+    def contract(cls, config: Any) -> Contract:
+        return Contract.of(needs=["response"] if config is not None and config.compare == "response" else [])
 
     async def process_all(self, records: list[Record]) -> BatchResult:
         from datasketch import MinHash, MinHashLSH  # slow to import (pulls scipy): only when used

@@ -12,9 +12,16 @@ sustains thousands of requests per second. It can be made slow and unreliable on
 
 Faults and jitter are drawn from a generator seeded by (seed, request body, how many times that same
 body was seen), so a run's fault pattern does not depend on request scheduling, and a retried
-request gets a fresh draw. Replies echo the last user message (so tests can check content); when
-the request asks for JSON (`response_format` with a schema, or vLLM's `guided_json`), the reply is a
-JSON object valid for simple schemas.
+request gets a fresh draw. Replies echo the last user message (so tests can check content), or are
+`reply_text` when that is set; when the request asks for JSON (`response_format` with a schema, or
+vLLM's `guided_json`), the reply is a JSON object valid for simple schemas.
+
+A request with `logprobs: true` gets `choices[0].logprobs.content` in OpenAI's chat format. The reply is
+cut into tokens (one per digit, words and punctuation with their leading space) with made-up but fixed
+probabilities, so tests can compute the expected scores by hand: a digit token d has P(d) = 0.6,
+P(d−1) = 0.3 and P(d+1) = 0.1 (alternatives outside 0–9 are left out, their mass missing as in any
+top-k), written with the same leading space as d; any other token has probability 0.9 and no
+alternative. `top_logprobs` (default 0) caps how many alternatives are listed, most likely first.
 
 Use it in-process (`with MockOpenAIServer(MockConfig(...)) as server: server.url`) or as a separate
 process (`MockServerProcess`, or `python -m datatailor.testing.mock_openai --help`) so that its CPU
@@ -29,7 +36,9 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import random
+import re
 import select
 import signal
 import subprocess
@@ -67,6 +76,7 @@ class MockConfig:
     model: str = "mock-model"
     script: list[str] = field(default_factory=list)
     keep_bodies: int = 200
+    reply_text: str | None = None  # a fixed reply (instead of the echo) for requests without a JSON schema
 
     def __post_init__(self) -> None:
         total = self.rate_429 + self.rate_500 + self.rate_503 + self.rate_timeout + self.rate_truncated + self.rate_400
@@ -127,6 +137,28 @@ def _requested_schema(body: dict[str, Any]) -> dict[str, Any] | None:
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+_TOKEN = re.compile(r"\s?\d|\s?[A-Za-z]+|\s?[^\sA-Za-z\d]+|\s+")
+
+
+def mock_logprobs(text: str, top_logprobs: int) -> list[dict[str, Any]]:
+    """`choices[0].logprobs.content` for `text` (the fixed probabilities of the module docstring)."""
+    content: list[dict[str, Any]] = []
+    for token in _TOKEN.findall(text):
+        digit = token.strip()
+        if len(digit) == 1 and digit.isdigit():
+            space = token[: len(token) - 1]
+            d = int(digit)
+            options = [(token, 0.6)] + [(f"{space}{v}", p) for v, p in ((d - 1, 0.3), (d + 1, 0.1)) if 0 <= v <= 9]
+        else:
+            options = [(token, 0.9)]
+        alternatives = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in options]
+        content.append({
+            "token": token, "logprob": math.log(options[0][1]), "bytes": list(token.encode()),
+            "top_logprobs": alternatives[: max(0, top_logprobs)],
+        })
+    return content
 
 
 class _Connection(asyncio.Protocol):
@@ -373,6 +405,8 @@ class MockOpenAIServer:
         schema = _requested_schema(body)
         if schema is not None:
             text = json.dumps(example_for_schema(schema))
+        elif c.reply_text is not None:
+            text = c.reply_text
         else:
             words = f"Mock reply to: {last_user[: c.reply_chars]}".split()
             max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or len(words)
@@ -386,6 +420,9 @@ class MockOpenAIServer:
             "model": body.get("model") or c.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         }
+        if body.get("logprobs"):
+            top = body.get("top_logprobs")
+            payload["choices"][0]["logprobs"] = {"content": mock_logprobs(text, int(top) if isinstance(top, int) else 0)}
         if c.include_usage:
             payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                 "total_tokens": prompt_tokens + completion_tokens}
@@ -473,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         if f.type in ("bool",):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
-            caster = {"float": float, "int": int, "int | None": int, "str": str}[str(f.type)]
+            caster = {"float": float, "int": int, "int | None": int, "str": str, "str | None": str}[str(f.type)]
             parser.add_argument(flag, type=caster, default=None)
     args = parser.parse_args(argv)
     values: dict[str, Any] = json.loads(args.config_json) if args.config_json else {}
