@@ -138,6 +138,11 @@ def test_parse_equal_is_tolerant() -> None:
         assert parse_equal(text) is False
     with pytest.raises(ValueError):
         parse_equal("Maybe?")
+    # "Equal" followed by a named difference is not fooled into Equal.
+    for text in ("Equal, but the second prompt adds a word limit.", "Equal. However, the second asks for a table.",
+                 "They are the same except that the second requires sources."):
+        assert parse_equal(text) is False
+    assert parse_equal("Equal. Both ask for the same thing.") is True
 
 
 def test_rule_helpers() -> None:

@@ -58,6 +58,18 @@ def test_parse_model_reports_schema_mismatch() -> None:
         ("Assistant 1 is better than assistant 2.", None),
         ("Assistant 1: 6, Assistant 2: 9", (6, 9)),
         ("7.5 8.5", (7.5, 8.5)),
+        # "8/10" is one score of 8, never the pair (8, 10); a lone score is re-asked, not guessed.
+        ("8/10", None),
+        ("Assistant 1 gets 8/10.", None),
+        ("8 out of 10 and 6 out of 10", (8, 6)),
+        ("Scores (1-10): 8 7", (8, 7)),
+        # Labelled scores win over a leading line of other numbers.
+        ("Out of 3 criteria, 2 favour the first.\nAssistant 1: 8\nAssistant 2: 7", (8, 7)),
+        ("Score for Assistant 1: 9/10\nScore for Assistant 2: 4/10", (9, 4)),
+        ("Assistant 1's score is 3 and Assistant 2's score is 6.", (3, 6)),
+        # The first line with numbers must hold exactly two: three numbers is not a pair.
+        ("8 7 6", None),
+        ("Both did well.", None),
     ],
 )
 def test_parse_score_pair(text: str, expected: tuple[float, float] | None) -> None:
@@ -76,8 +88,17 @@ def test_parse_score_pair_rejects_out_of_range() -> None:
 def test_parse_single_score() -> None:
     assert parse_single_score("Score: 4.5\nThe answer is accurate.") == 4.5
     assert parse_single_score("4") == 4
+    # The labelled score, not the first digit: "(0-5)" is the scale.
+    assert parse_single_score("Score (0-5): 4") == 4
+    assert parse_single_score("Rating: 4/5 - accurate but short") == 4
+    assert parse_single_score("**3.5**\nIt misses one case.") == 3.5
+    assert parse_single_score("The score is 2. It is wrong.") == 2
     with pytest.raises(ValueError):
         parse_single_score("Excellent answer.")
+    with pytest.raises(ValueError):
+        parse_single_score("Of the 2 answers, this one is good.")  # a number that is not a score is not guessed
+    with pytest.raises(ValueError, match="outside"):
+        parse_single_score("Score: 7")
 
 
 def test_parse_numbered_list_variants() -> None:
@@ -97,6 +118,13 @@ def test_parse_numbered_list_variants() -> None:
 )
 def test_parse_use_case_skills_normalises_labels(text: str) -> None:
     assert parse_use_case_skills(text) == ("creative writing", ["role-play", "sports"])
+
+
+def test_a_skill_with_and_stays_one_skill() -> None:
+    assert parse_use_case_skills("Use case: business plan development\nSkills: market research and planning")[1] == [
+        "market research and planning"
+    ]
+    assert parse_use_case_skills("Use case: QA\nSkills: history, geography, and law")[1] == ["history", "geography", "law"]
 
 
 def test_parse_use_case_skills_caps_and_fails() -> None:

@@ -110,45 +110,79 @@ def parse_numbered_list(text: str, min_items: int = 1) -> list[str]:
 
 
 _NUM = r"(-?\d+(?:\.\d+)?)"
-_PAIR = re.compile(rf"^\s*(?:scores?\s*[:=]\s*)?\[?\(?\s*{_NUM}\s*(?:/\s*10)?\s*(?:,|;|\s|/|and)\s*{_NUM}", re.IGNORECASE)
+# "8/10" or "8 out of 10" is ONE score of 8: the denominator is removed before numbers are read.
+_DENOMINATOR = re.compile(r"(\d(?:\.\d+)?)\s*(?:/|out\s+of)\s*(?:10|5|100)\b", re.IGNORECASE)
+# A range in a label, "(1-10)" or "0–5", is not a score either.
+_RANGE = re.compile(r"\(?\b\d+\s*(?:-|–|to)\s*\d+\b\)?")
+_ASSISTANT_SCORE = re.compile(
+    r"assistant\s*([12])\s*(?:'s)?\s*(?:overall\s*)?(?:score|rating)?\s*(?:is|[:=\-])\s*\**\s*" + _NUM, re.IGNORECASE
+)
+_SCORE_FOR_ASSISTANT = re.compile(
+    r"(?:score|rating)\s*(?:for|of)\s*assistant\s*([12])\s*(?:is|[:=\-])\s*\**\s*" + _NUM, re.IGNORECASE
+)
 
 
-_LABELLED = re.compile(r"assistant\s*([12])\s*(?:'s)?\s*(?:score)?\s*[:=-]\s*" + _NUM, re.IGNORECASE)
+def _numbers(line: str) -> list[float]:
+    """The numbers of a line, after removing denominators ("8/10" → "8"), ranges and "Assistant 1/2" names."""
+    line = _DENOMINATOR.sub(r"\1", line)
+    line = _RANGE.sub(" ", line)
+    line = re.sub(r"assistant\s*[12]", " ", line, flags=re.IGNORECASE)
+    return [float(n) for n in re.findall(_NUM, line)]
 
 
 def parse_score_pair(text: str, low: float = 1, high: float = 10) -> tuple[float, float]:
-    """Two scores: "8 7", "8, 7", "Scores: 8/10, 7/10", "[8, 7]", or "Assistant 1: 8" / "Assistant 2: 7"."""
+    """The two scores of a pairwise judge reply.
+
+    Labelled scores win ("Assistant 1: 8" … "Assistant 2: 7", "Score for Assistant 2: 7/10"). Otherwise the
+    first line that holds any number must hold exactly two scores ("8 7", "8, 7", "Scores: 8/10, 7/10",
+    "[8, 7]"); "8/10" is the score 8, never the pair (8, 10). Anything else is rejected (and re-asked), never
+    guessed.
+    """
 
     def checked(a: float, b: float) -> tuple[float, float]:
         if not (low <= a <= high and low <= b <= high):
             raise ValueError(f"scores out of range {low}-{high}: {a}, {b}")
         return a, b
 
-    labelled = {m.group(1): float(m.group(2)) for m in _LABELLED.finditer(text)}
-    for line in text.strip().splitlines():
-        line = line.strip().strip("*`")
-        if not line or _LABELLED.search(line):
-            continue
-        m = _PAIR.match(line)
-        if m:
-            return checked(float(m.group(1)), float(m.group(2)))
-        # "Assistant 1"/"Assistant 2" are names, not scores.
-        nums = re.findall(_NUM, re.sub(r"assistant\s*[12]", "", line, flags=re.IGNORECASE))
-        if len(nums) == 2 and len(line) < 40:
-            return checked(float(nums[0]), float(nums[1]))
+    labelled: dict[str, float] = {}
+    for pattern in (_ASSISTANT_SCORE, _SCORE_FOR_ASSISTANT):
+        for m in pattern.finditer(_DENOMINATOR.sub(r"\1", text)):
+            labelled.setdefault(m.group(1), float(m.group(2)))
     if set(labelled) == {"1", "2"}:
         return checked(labelled["1"], labelled["2"])
+    for line in text.strip().splitlines():
+        nums = _numbers(line.strip().strip("*`"))
+        if not nums:
+            continue
+        if len(nums) == 2:
+            return checked(nums[0], nums[1])
+        raise ValueError(f"expected two scores on the first line with numbers, found {len(nums)}: {line.strip()[:80]!r}")
     raise ValueError("no line with two scores found")
 
 
+_LABELLED_SCORE = re.compile(r"\b(?:score|rating|grade)\b[^:\n=]{0,40}?(?:[:=]|\bis\b)\s*\**\s*" + _NUM, re.IGNORECASE)
+
+
 def parse_single_score(text: str, low: float = 0, high: float = 5) -> float:
-    """The first number in range on the reply's first lines ("Score: 4.5", "4", "4/5")."""
-    for line in text.strip().splitlines()[:5]:
-        for num in re.findall(_NUM, line):
-            value = float(num)
-            if low <= value <= high:
-                return value
-    raise ValueError(f"no score between {low} and {high} found")
+    """One rating on [low, high]: a labelled score wins ("Score (0-5): 4" is 4, "Rating: 4/5" is 4); else a
+    first line that is only a number ("4", "4/5", "**4.5**"). Anything else is rejected, not guessed."""
+
+    def checked(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"score {value:g} is outside {low:g}-{high:g}")
+        return value
+
+    cleaned = _DENOMINATOR.sub(r"\1", text)
+    if m := _LABELLED_SCORE.search(cleaned):
+        return checked(float(m.group(1)))
+    for line in cleaned.strip().splitlines():
+        bare = line.strip().strip("*`#. ")
+        if not bare:
+            continue
+        if re.fullmatch(_NUM, bare):
+            return checked(float(bare))
+        break
+    raise ValueError(f"no score between {low:g} and {high:g} found: expected e.g. 'Score: 4' on the first line")
 
 
 _USE_CASE = re.compile(r"^\s*[*#\-]*\s*(?:use[\s_-]*case|task)\s*[*]*\s*[:\-]\s*(.+)$", re.IGNORECASE)
@@ -170,7 +204,10 @@ def parse_use_case_skills(text: str, max_skills: int = 3) -> tuple[str, list[str
         if m := _SKILLS.match(line):
             rest = m.group(1).strip()
             if rest:
-                skills.extend(re.split(r"\s*[,;]\s*|\s+and\s+", rest))
+                # Split on commas/semicolons only: "market research and planning" is one skill. A list's closing
+                # "and" ("a, b, and c" / "a, b and c" after a comma) is dropped from the last item.
+                parts = re.split(r"\s*[,;]\s*", rest)
+                skills.extend(re.sub(r"^and\s+", "", p, flags=re.IGNORECASE) for p in parts)
             else:
                 for follow in lines[i + 1 :]:
                     item = _ITEM.match(follow)

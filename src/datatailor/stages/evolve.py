@@ -123,14 +123,25 @@ async def evolve(
 # ----------------------------------------------------------------------------- elimination checks
 
 
+_NAMES_A_DIFFERENCE = re.compile(
+    r"\b(but|however|although|though|except|whereas|yet|differ\w*|adds|added|additional|another|more|less|extra|"
+    r"narrower|broader|deeper)\b"
+)
+
+
 def parse_equal(text: str) -> bool:
-    """True for "Equal", False for "Not Equal"; tolerant of case, punctuation and a few synonyms."""
+    """True for "Equal", False for "Not Equal"; tolerant of case, punctuation and a few synonyms.
+
+    A reply that says "Equal" and then names a difference ("Equal, but the second adds a word limit") is read
+    as Not Equal: the difference it names is the information gain the check is about.
+    """
     t = re.sub(r"[^a-z ]+", " ", text.lower())
     t = " ".join(t.split())
-    if re.search(r"\b(not equal|unequal|not the same|different|differ)\b", t):
+    if re.search(r"\b(not equal|unequal|not the same|different|differ|differs)\b", t):
         return False
-    if re.search(r"\b(equal|the same|identical|same)\b", t):
-        return True
+    m = re.search(r"\b(equal|the same|identical|same)\b", t)
+    if m:
+        return not _NAMES_A_DIFFERENCE.search(t[m.end():])
     raise ValueError('expected "Equal" or "Not Equal"')
 
 
