@@ -4,42 +4,51 @@ what the scripted judge implies, and bad input must end with exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from datatailor.cli import main
+from datatailor.llm.base import CompletionRequest
 
 # Each test item names the answer the scripted candidate gives; the judge scores that answer against
 # the reference answer "REF" (always 5) like this, per order:
 #   GOOD 9 (win both orders)   SAME 5 (tie both)   BAD 2 (loss both)
 #   FLIP: whoever is shown first gets 6 (order decides: a flip)
 #   HALF: 7 when shown first, 5 when shown second (win + tie)
-#   JUNK: the judge never gives two scores (a parse failure, not a tie)
-KEYS = ["GOOD", "GOOD", "SAME", "BAD", "FLIP", "HALF", "JUNK"]
+#   JUNK: the judge never gives two scores (unjudgeable: a loss over N, never a tie)
+#   EMPTY: the candidate answers nothing; LONG: its answer is cut off by max_tokens (unanswered: losses)
+KEYS = ["GOOD", "GOOD", "SAME", "BAD", "FLIP", "HALF", "JUNK", "EMPTY", "LONG"]
+FIRST = {"GOOD": 9, "SAME": 5, "BAD": 2, "FLIP": 6, "HALF": 7}  # the candidate's score when shown first
+SECOND = {"GOOD": 9, "SAME": 5, "BAD": 2, "FLIP": 5, "HALF": 5}  # … when shown second (REF then gets 6 on FLIP)
 
-A1 = r"Answer of Assistant 1 >>>\s*"
-A2 = r"Answer of Assistant 2 >>>\s*"
+
+def judge(request: CompletionRequest) -> str:
+    """The scripted judge: reads the two answers it was given (routing by template, not by wording)."""
+    assert request.template == "judge/pairwise_scores.j2"
+    v = request.variables
+    if v["answer_1"] == "REF":
+        cand = v["answer_2"]
+        if cand not in SECOND:
+            return "I cannot decide between them."
+        return f"{6 if cand == 'FLIP' else 5} {SECOND[cand]}"
+    cand = v["answer_1"]
+    if cand not in FIRST:
+        return "I cannot decide between them."
+    return f"{FIRST[cand]} 5"
+
+
+def candidate(request: CompletionRequest) -> str:
+    key = re.search(r"key=(\w+)", request.variables["instruction"]).group(1)
+    return {"EMPTY": "", "LONG": "word " * 600}.get(key, key)
 
 
 def models_yaml(tmp_path: Path, with_reference: bool = True) -> Path:
-    judge_rules = [
-        {"match": A1 + "GOOD", "reply": "9 5"},
-        {"match": A2 + "GOOD", "reply": "5 9"},
-        {"match": A1 + "SAME", "reply": "5 5"},
-        {"match": A2 + "SAME", "reply": "5 5"},
-        {"match": A1 + "BAD", "reply": "2 5"},
-        {"match": A2 + "BAD", "reply": "5 2"},
-        {"match": A1 + "FLIP", "reply": "6 5"},
-        {"match": A2 + "FLIP", "reply": "6 5"},
-        {"match": A1 + "HALF", "reply": "7 5"},
-        {"match": A2 + "HALF", "reply": "5 5"},
-        {"match": ".*", "reply": "I cannot decide between them."},
-    ]
     models = {
-        "candidate": {"backend": "scripted", "model": "cand", "rules": [{"match": r"key=(\w+)", "reply": "{{ m[1] }}"}]},
-        "judge": {"backend": "scripted", "model": "judge", "rules": judge_rules},
+        "candidate": {"backend": "scripted", "model": "cand", "handler": "tests.test_eval_cli:candidate"},
+        "judge": {"backend": "scripted", "model": "judge", "handler": "tests.test_eval_cli:judge"},
     }
     if with_reference:
         models["reference"] = {"backend": "scripted", "model": "ref", "rules": [{"match": ".*", "reply": "REF"}]}
@@ -69,31 +78,89 @@ def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
     code = run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(out))
     assert code == 0
     ev = json.loads((out / "eval.json").read_text())
-    assert ev["items"] == 7 and ev["judged"] == 6
-    assert ev["failures"] == {"judge:parse_error": 1}
+    # N is the whole test set: the unjudgeable JUNK and the unanswered EMPTY and LONG are losses.
+    assert (ev["items"], ev["judged"], ev["unanswered"], ev["unjudgeable"]) == (9, 6, 2, 1)
+    assert ev["failures"] == {"judge:parse_error": 1, "answer-candidate:empty_response": 1, "answer-candidate:truncated": 1}
     strict = ev["by_rule"]["strict"]
-    assert (strict["wins"], strict["ties"], strict["losses"], strict["n"]) == (2, 3, 1, 6)
-    assert strict["crr"] == pytest.approx(5 / 6)
-    assert strict["wr1"] == pytest.approx((2 + 1.5) / 6)
-    assert strict["wr2"] == pytest.approx(2 / 3)
-    assert strict["qs"] == pytest.approx(5 / 6)
+    assert (strict["wins"], strict["ties"], strict["losses"], strict["n"]) == (2, 3, 4, 9)
+    assert strict["crr"] == pytest.approx(5 / 9)
+    assert strict["wr1"] == pytest.approx((2 + 1.5) / 9)
+    assert strict["wr2"] == pytest.approx(2 / 6)
+    assert strict["qs"] == pytest.approx(5 / 9)
     assert ev["metrics"] == strict and ev["rule"] == "strict"
+    judged_only = ev["judged_only"]["metrics"]
+    assert (judged_only["wins"], judged_only["ties"], judged_only["losses"], judged_only["n"]) == (2, 3, 1, 6)
     lenient, mean = ev["by_rule"]["lenient"], ev["by_rule"]["mean"]
-    assert (lenient["wins"], lenient["ties"], lenient["losses"]) == (3, 2, 1)
-    assert (mean["wins"], mean["ties"], mean["losses"]) == (3, 2, 1)
+    assert (lenient["wins"], lenient["ties"], lenient["losses"]) == (3, 2, 4)
+    assert (mean["wins"], mean["ties"], mean["losses"]) == (3, 2, 4)
     assert ev["position_consistency"] == pytest.approx(4 / 6)
     assert ev["flip_rate"] == pytest.approx(1 / 6)
+    assert ev["consistency_warning"] is None
     assert ev["models"]["reference"] == {"backend": "scripted", "model": "ref"}
-    # odd items: GOOD(1) SAME(3) FLIP(5) [JUNK(7) failed]; even: GOOD(2) BAD(4) HALF(6)
-    assert ev["by_category"]["odd"]["wins"] == 1 and ev["by_category"]["odd"]["ties"] == 2
-    assert ev["by_category"]["even"]["losses"] == 1
+    # odd items: GOOD(1) SAME(3) FLIP(5) JUNK(7) LONG(9); even: GOOD(2) BAD(4) HALF(6) EMPTY(8)
+    odd, even = ev["by_category"]["odd"], ev["by_category"]["even"]
+    assert (odd["wins"], odd["ties"], odd["losses"], odd["n"]) == (1, 2, 2, 5)
+    assert (even["wins"], even["ties"], even["losses"], even["n"]) == (1, 1, 2, 4)
     # raw scores of both orders are kept per item
     data = [json.loads(line) for line in (out / "run" / "data.jsonl").read_text().splitlines()]
     half = next(r for r in data if "HALF" in r["instruction"])
     assert half["metadata"]["judge"]["a_first"] == [7.0, 5.0] and half["metadata"]["judge"]["b_first"] == [5.0, 5.0]
-    assert "CRR 83.33" in (out / "eval.md").read_text()
+    md = (out / "eval.md").read_text()
+    assert "CRR 55.56" in md and "N = 9 (the whole test set): 6 judged, 2 unanswered by the candidate, 1 unjudgeable" in md
+    assert "Judged items only (not the headline): CRR 83.33" in md
     usage = json.loads((out / "run" / "usage.json").read_text())
     assert usage["run"]["roles"]["judge"]["requests"] > 0
+
+
+def first_wins(request: CompletionRequest) -> str:
+    """A judge that always prefers whichever answer it sees first (what a 0.5B judge does)."""
+    return "8 4"
+
+
+def test_a_judge_dominated_by_answer_order_is_called_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = yaml.safe_load(models_yaml(tmp_path).read_text())
+    models["models"]["judge"] = {"backend": "scripted", "model": "lazy", "handler": "tests.test_eval_cli:first_wins"}
+    path = tmp_path / "lazy.yaml"
+    path.write_text(yaml.safe_dump(models), encoding="utf-8")
+    out = tmp_path / "ev"
+    assert run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(path), "--out", str(out)) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["position_consistency"] == 0.0
+    assert "dominated by which answer it sees first" in ev["consistency_warning"]
+    assert "not meaningful" in (out / "eval.md").read_text()
+    assert "not meaningful" in capsys.readouterr().err
+    # a stricter threshold is a parameter
+    out2 = tmp_path / "ev2"
+    assert run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)),
+                   "--out", str(out2), "--consistency-threshold", "0.9") == 0
+    assert json.loads((out2 / "eval.json").read_text())["consistency_warning"]  # 4 of 6 consistent < 90 %
+
+
+def sampled_candidate(request: CompletionRequest) -> str:
+    """Answers depend on the call's sampling seed, as a real model's do at temperature > 0."""
+    return f"answer {request.sampling.seed % 1000}"
+
+
+def tie_judge(request: CompletionRequest) -> str:
+    return "5 5"
+
+
+def test_the_seed_reaches_the_models(tmp_path: Path) -> None:
+    models = yaml.safe_load(models_yaml(tmp_path).read_text())
+    models["models"]["candidate"] = {"backend": "scripted", "model": "s", "temperature": 0.7,
+                                     "handler": "tests.test_eval_cli:sampled_candidate"}
+    models["models"]["judge"] = {"backend": "scripted", "model": "tie", "handler": "tests.test_eval_cli:tie_judge"}
+    path = tmp_path / "sampled.yaml"
+    path.write_text(yaml.safe_dump(models), encoding="utf-8")
+
+    def answers(seed: int, name: str) -> list[str]:
+        out = tmp_path / name
+        assert run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(path), "--out", str(out),
+                       "--seed", str(seed), "--limit", "4") == 0
+        return [json.loads(line)["response"] for line in (out / "run" / "data.jsonl").read_text().splitlines()]
+
+    assert answers(0, "a") == answers(0, "b")
+    assert answers(0, "a") != answers(1, "c")
 
 
 def test_eval_resume_makes_no_new_calls(tmp_path: Path) -> None:

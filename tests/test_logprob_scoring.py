@@ -107,6 +107,13 @@ def test_names_and_denominators_are_not_scores() -> None:
     assert [tokens[i] for i in positions] == [" 8", " 7"]  # type: ignore[union-attr]
 
 
+def test_the_ends_of_the_scale_are_not_scores() -> None:
+    tokens = scripted_tokens("Score (0-5): 5")
+    assert [i for i in score_positions(tokens, 1, expect=[5])] == [len(tokens) - 1]  # type: ignore[union-attr]
+    tokens = scripted_tokens("On a scale from 1 to 10, out of 10: 1 10")
+    assert "".join(tokens[score_positions(tokens, 2)[0]:]) == " 1 10"  # type: ignore[index]
+
+
 def test_the_positions_follow_the_parsed_values() -> None:
     tokens = scripted_tokens("Scores (out of 10): 6 then 9")
     assert [tokens[i] for i in score_positions(tokens, 2, expect=[6, 9])] == [" 6", " 9"]  # type: ignore[union-attr]

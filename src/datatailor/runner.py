@@ -291,6 +291,9 @@ class Runner:
         # must fail before anything in --out is touched or spent.
         records = self._load_input()
         self._check_contract(records)
+        # Stages are built before the run directory is touched, so a stage's configuration error (e.g. no
+        # budget_pairs for codec.decode) fails first; the model pool is bound to them below.
+        stages = [self._build_stage(i) for i in range(len(self.recipe.stages))]
         previous = self._prepare_dir()
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(self.out / "recipe.json", self.recipe.to_json())
@@ -303,13 +306,15 @@ class Runner:
         if cache is None and self.recipe.cache is not False:
             cache = RequestCache(None if self.recipe.cache is True else self.recipe.resolve(str(self.recipe.cache)))
         pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed)
+        for stage in stages:
+            stage.ctx.models = pool
         self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))])
 
         summaries: list[dict[str, Any]] = []
         status, message, rounds = STATUS_COMPLETE, "", 1
         try:
             with self.progress:
-                records, summaries, rounds = await self._run_rounds(records, pool)
+                records, summaries, rounds = await self._run_rounds(records, stages)
         except RunAbort as abort:
             status, message = abort.status, str(abort)
         except BaseException as exc:
@@ -372,11 +377,10 @@ class Runner:
 
     # -- rounds -------------------------------------------------------------------
 
-    async def _run_rounds(self, inputs: list[Record], pool: ModelPool) -> tuple[list[Record], list[dict[str, Any]], int]:
+    async def _run_rounds(self, inputs: list[Record], stages: list[Stage]) -> tuple[list[Record], list[dict[str, Any]], int]:
         """Run every stage in order. When the run delivers fewer than `budget_pairs` and a stage can write
         more (`top_up_rounds`), run again: that stage writes more records and only they go through the
         later map stages (whole-set stages run again over the larger set). Stops at the stage's cap."""
-        stages = [self._build_stage(i, pool) for i in range(len(self.recipe.stages))]
         budget = self.recipe.budget_pairs
         topper = next((s for s in reversed(stages) if isinstance(s, BatchStage) and s.top_up_rounds() > 0), None)
         round = 1
@@ -396,11 +400,11 @@ class Runner:
             round += 1
             self._deficits[round] = budget - len(records)
 
-    def _build_stage(self, index: int, pool: ModelPool) -> Stage:
+    def _build_stage(self, index: int) -> Stage:
         config = self.recipe.stages[index]
         folder = self.stage_dir(index)
         ctx = StageContext(
-            models=pool,
+            models=None,  # type: ignore[arg-type]  # bound in run(), once the run directory is ready
             stage_name=self.recipe.stage_name(index),
             seed=self.recipe.seed,
             artifacts_dir=folder,

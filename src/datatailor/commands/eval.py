@@ -58,6 +58,14 @@ def eval_command(
     field: Optional[list[str]] = typer.Option(
         None, "--field", metavar="TARGET=COLUMN", help="Map a column of the test-set file: TARGET=COLUMN (targets instruction, input, response, category, id); repeatable."
     ),
+    scoring: str = typer.Option(
+        "sampled", "--scoring", help="sampled: the scores the judge wrote (the papers); logprob: expected scores from the judge's token probabilities."
+    ),
+    consistency_threshold: float = typer.Option(
+        0.6, "--consistency-threshold", min=0.0, max=1.0,
+        help="Below this position consistency the report says the verdicts are dominated by answer order.",
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the request cache."),
 ) -> int:
     """Answer a test set with a candidate and a reference model, judge each pair in both orders, and
     report CodecLM's CRR (strict rule) and CoachLM's WR1/WR2/QS with W/T/L in OUT/eval.json and eval.md.
@@ -67,6 +75,10 @@ def eval_command(
     hf:local:gemma-3-270m+ADAPTER_DIR (transformers + PEFT adapter, e.g. from `datatailor train`);
     openai:gpt-4o-mini or openai:MODEL@http://127.0.0.1:8000/v1; role:strong (a role of the --models file).
     --reference stored uses the test set's own reference answers (items without one are skipped).
+
+    N is the whole test set: an item the candidate did not answer (error, empty, cut off by max_tokens)
+    or that could not be judged counts as a loss; eval.json also gives the judged-only figures, labelled.
+    --seed reaches every model's sampling seed (at temperature > 0 another seed gives other answers).
 
     Exit 0 when complete, 3 when the budget ran out (raise it and re-run), 2 on a user or server error.
     """
@@ -78,6 +90,8 @@ def eval_command(
     fields = parse_field_options(field)
     if rule not in ("strict", "lenient", "mean"):
         raise UserError(f"--rule {rule!r}: expected strict, lenient or mean")
+    if scoring not in ("sampled", "logprob"):
+        raise UserError(f"--scoring {scoring!r}: expected sampled or logprob")
     cwd = Path.cwd()
     roles = load_models_file(models) if models else {}
     cand = resolve_role("candidate", candidate, roles, cwd)
@@ -88,7 +102,8 @@ def eval_command(
     ref = None if stored else resolve_role("reference", reference, roles, cwd)
     ts = resolve_testset(testset, fields=fields or None)
     plan = EvalPlan(testset=ts, candidate=cand, judge=jdg, reference=ref, rule=rule, limit=limit, seed=seed,  # type: ignore[arg-type]
-                    answer_max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
+                    answer_max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd,
+                    cache=not no_cache, consistency_threshold=consistency_threshold, scoring=scoring)
     if judge_template:
         plan.judge_template = judge_template
     if respond_template:
@@ -103,12 +118,14 @@ def eval_command(
 
     if summary["judged"] < summary["items"]:
         typer.secho(
-            f"warning: {summary['items'] - summary['judged']} item(s) not judged {summary['failures']}; "
-            f"they are left out of N (details: {out / 'run' / 'failures.jsonl'})",
+            f"note: {summary['unanswered']} item(s) unanswered by the candidate and {summary['unjudgeable']} unjudgeable "
+            f"{summary['failures']} count as losses (details: {out / 'run' / 'failures.jsonl'})",
             err=True, fg="yellow",
         )
+    if summary["consistency_warning"]:
+        typer.secho(f"warning: {summary['consistency_warning']}", err=True, fg="red")
     typer.echo(
-        f"{ts.name}: {summary['judged']} of {summary['items']} judged | {rule}: W/T/L {m['wins']}/{m['ties']}/{m['losses']} | "
+        f"{ts.name}: N={summary['items']} ({summary['judged']} judged) | {rule}: W/T/L {m['wins']}/{m['ties']}/{m['losses']} | "
         f"CRR {format_percent(m['crr'])} | WR1 {format_percent(m['wr1'])} | WR2 {format_percent(m['wr2'])} | QS {format_percent(m['qs'])} | "
         f"position consistency {format_percent(summary['position_consistency'])} | {out / 'eval.json'}"
     )
@@ -126,6 +143,8 @@ def rate_command(
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens"),
     force: bool = typer.Option(False, "--force"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    scoring: str = typer.Option("sampled", "--scoring", help="sampled: the score the rater wrote; logprob: the expected score over the 0-5 tokens."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the request cache."),
 ) -> int:
     """Rate every pair 0-5 (AlpaGasus style) and report the mean, the histogram over
     [0,3.5) [3.5,4) [4,4.5) [4.5,5] and the high-quality share (>= 4.5) in OUT/quality.json."""
@@ -142,7 +161,8 @@ def rate_command(
     roles = load_models_file(models) if models else {}
     jdg = resolve_role("judge", judge, roles, cwd)
     result, summary = run_rate(path, jdg, out, force=force, show_progress=progress, template=template or QUALITY_TEMPLATE,
-                               max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd)
+                               max_tokens=max_tokens, budget=_budget(budget_usd, budget_tokens), base_dir=cwd,
+                               cache=not no_cache, scoring=scoring)
     if summary is None:
         return _exit_code(result.status, result.message, out)
     mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"

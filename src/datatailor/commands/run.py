@@ -23,15 +23,18 @@ def run(
     budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Override the recipe's budget.max_usd."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Override the recipe's budget.max_tokens."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show live progress on stderr."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the request cache: every call goes to the model."),
     field: Optional[list[str]] = typer.Option(
         None, "--field", metavar="TARGET=COLUMN", help="Map a column of the input: TARGET=COLUMN (targets instruction, input, response, category, id); "
         "repeatable; overrides/extends the recipe's input.fields."
     ),
 ) -> int:
-    """Run a recipe. Prints where the data went and what it cost.
+    """Run a recipe. Prints where the data went, what it cost, and where each stage's report is.
 
-    Exit 0 when complete, 3 when the budget ran out (raise it and re-run to continue), 2 when a
-    server or input problem stopped the run, 130 on Ctrl-C (re-run to resume).
+    Exit 0 when complete; 4 when every stage finished but fewer pairs than asked were delivered (the
+    message names the stage, how many of how many, and why); 3 when the budget ran out (raise it and
+    re-run to continue); 2 when the recipe cannot work, or a server or input problem, or a stage that
+    failed the same way for its first records stopped the run; 130 on Ctrl-C (re-run to resume).
     """
     from datatailor.io import parse_field_options
     from datatailor.llm.usage import Budget
@@ -52,6 +55,8 @@ def run(
             max_usd=budget_usd if budget_usd is not None else b.max_usd,
             max_tokens=budget_tokens if budget_tokens is not None else b.max_tokens,
         )
+    if no_cache:
+        r.cache = False
     result = run_recipe_sync(r, out, force=force, show_progress=progress)
     total = result.usage.get("run", {}).get("all", {})
     summary = (
@@ -59,9 +64,15 @@ def run(
         f"this run: {total.get('requests', 0)} requests, {total.get('cache_hits', 0)} cache hits, "
         f"{total.get('prompt_tokens', 0) + total.get('completion_tokens', 0)} tokens, ${total.get('cost_usd', 0.0):.4f}"
     )
-    if result.status == "complete":
+    if result.status in ("complete", "shortfall"):
         typer.echo(summary)
+        for report in sorted(out.glob("stages/*/*.html")):
+            typer.echo(f"report: {report}")
+    if result.status == "complete":
         return 0
+    if result.status == "shortfall":
+        typer.secho(f"shortfall: {result.message}", err=True, fg="yellow")
+        return 4
     typer.secho(f"{result.status}: {result.message}", err=True, fg="yellow")
     typer.echo(f"checkpoints kept in {out}; re-run the same command to continue", err=True)
     return 3 if result.status == "budget_exhausted" else 2

@@ -16,8 +16,14 @@ The evaluation folder (`--out`) holds::
 
 The candidate is side A, so a verdict "a" is a candidate win. The headline rule is `strict`
 (CodecLM's CRR); WR1/WR2/QS are reported under the same rule, and every rule's table is kept.
-A comparison whose judge reply never parsed is a failure row, not a tie: it is left out of N and
-counted under `failures`.
+
+N is always the whole test set. An item the candidate did not answer (an error, an empty answer, an
+answer cut off by max_tokens) is a loss; so is an item that could not be judged (the reference
+failed, or the judge's reply did not parse in one of the orders) — the headline is a lower bound that
+failures can only lower, never raise. `eval.json` counts `judged`, `unanswered` and `unjudgeable`, and
+gives the judged-only figures beside the headline, labelled as such. When the judge's position
+consistency is below `consistency_threshold` (default 0.6), the report says plainly that its verdicts
+are dominated by answer order and the figures are not meaningful.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 from datatailor.errors import UserError
 from datatailor.scoring.judge import SCORES_ONLY, Rule
-from datatailor.evaluate.metrics import evaluate_scores, metric_table, percent, scores_from_summary, wtl_from_scores
+from datatailor.evaluate.metrics import WTL, evaluate_scores, metric_table, percent, scores_from_summary, wtl_from_scores
 from datatailor.evaluate.modelspec import describe_model, model_label
 from datatailor.scoring.quality import QUALITY_TEMPLATE, stored_scores, summarize_quality
 from datatailor.evaluate.testsets import TestSet, describe
@@ -60,6 +66,9 @@ class EvalPlan:
     seed: int = 0
     budget: Budget | None = None
     base_dir: Path = field(default_factory=Path.cwd)
+    cache: bool = True
+    consistency_threshold: float = 0.6
+    scoring: str = "sampled"  # or "logprob": expected scores from the judge's token probabilities
 
     @property
     def stored_reference(self) -> bool:
@@ -87,7 +96,8 @@ def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
                    "max_tokens": plan.answer_max_tokens})
     stages.append(
         {"type": "judge.pairwise", "name": "judge", "role": "judge", "a": "response", "b": "metadata.reference",
-         "rule": plan.rule, "template": plan.judge_template, "output": JUDGE_OUTPUT, "temperature": 0.0}
+         "rule": plan.rule, "template": plan.judge_template, "output": JUDGE_OUTPUT, "temperature": 0.0,
+         "scoring": plan.scoring}
     )
     data = {
         "name": f"eval-{plan.testset.name}",
@@ -96,6 +106,7 @@ def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
         "stages": stages,
         "seed": plan.seed,
         "budget": plan.budget.model_dump() if plan.budget else None,
+        "cache": plan.cache,
     }
     return parse_recipe(data, source=f"eval recipe ({plan.testset.name})", base_dir=plan.base_dir)
 
@@ -117,17 +128,19 @@ def run_eval(plan: EvalPlan, out: Path, *, force: bool = False, show_progress: b
     result = run_recipe_sync(recipe, out / "run", force=force, show_progress=show_progress)
     if result.status != "complete":
         return result, None
-    summary = summarize_eval(out / "run", plan, n_items=len(records))
+    summary = summarize_eval(out / "run", plan, records)
     write_json(out / "eval.json", summary)
     (out / "eval.md").write_text(render_eval_md(summary), encoding="utf-8")
     return result, summary
 
 
-def _failure_kinds(run_dir: Path) -> dict[str, int]:
+def _failure_rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "failures.jsonl"
-    if not path.is_file():
-        return {}
-    return dict(Counter(f"{row['stage']}:{row['kind']}" for _, row in read_jsonl_rows(path)))
+    return [row for _, row in read_jsonl_rows(path)] if path.is_file() else []
+
+
+def _failure_kinds(run_dir: Path) -> dict[str, int]:
+    return dict(Counter(f"{row['stage']}:{row['kind']}" for row in _failure_rows(run_dir)))
 
 
 def _usage(run_dir: Path) -> dict[str, Any]:
@@ -135,27 +148,61 @@ def _usage(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")).get("total", {}) if path.is_file() else {}
 
 
-def summarize_eval(run_dir: Path, plan: EvalPlan, n_items: int) -> dict[str, Any]:
-    """eval.json: every metric from the judged records of a finished evaluation run."""
-    judged = [r for r in read_records(run_dir / "data.jsonl") if isinstance(r.metadata.get("judge"), dict)]
-    scores = [scores_from_summary(r.metadata["judge"]) for r in judged]
-    overall = evaluate_scores(scores)
+CONSISTENCY_WARNING = (
+    "the judge gave the same verdict in both answer orders for only {share} of the judged items (below {threshold}): "
+    "its verdicts are dominated by which answer it sees first, so these figures are not meaningful; use a stronger "
+    "judge, or the logprob scoring mode"
+)
+
+
+def _with_losses(table: WTL, losses: int) -> WTL:
+    return WTL(wins=table.wins, ties=table.ties, losses=table.losses + losses)
+
+
+def summarize_eval(run_dir: Path, plan: EvalPlan, items: list[Record]) -> dict[str, Any]:
+    """eval.json: every metric over all N items of a finished evaluation run (see the module docstring)."""
+    judged = {r.id: r for r in read_records(run_dir / "data.jsonl") if isinstance(r.metadata.get("judge"), dict)}
+    failed = {row["id"]: row for row in _failure_rows(run_dir)}
+    unanswered = {i.id for i in items if i.id in failed and failed[i.id]["stage"] == "answer-candidate"}
+    unjudgeable = {i.id for i in items if i.id not in judged and i.id not in unanswered}
+    scores = {rid: scores_from_summary(r.metadata["judge"]) for rid, r in judged.items()}
+    judged_only = evaluate_scores(list(scores.values()))
+    by_rule = {
+        rule: metric_table(_with_losses(wtl_from_scores(scores.values(), rule), len(unanswered) + len(unjudgeable)))
+        for rule in ("strict", "lenient", "mean")
+    }
     by_category: dict[str, Any] = {}
-    for category in sorted({str(r.metadata.get("category")) for r in judged if r.metadata.get("category")}):
-        mine = [s for r, s in zip(judged, scores) if str(r.metadata.get("category")) == category]
-        by_category[category] = metric_table(wtl_from_scores(mine, plan.rule))
+    for category in sorted({str(i.metadata["category"]) for i in items if i.metadata.get("category") is not None}):
+        mine = [i for i in items if str(i.metadata.get("category")) == category]
+        lost = sum(1 for i in mine if i.id not in scores)
+        by_category[category] = metric_table(_with_losses(wtl_from_scores([scores[i.id] for i in mine if i.id in scores], plan.rule), lost))
+    consistency = judged_only["position_consistency"]
+    warning = None
+    if consistency is not None and consistency < plan.consistency_threshold:
+        warning = CONSISTENCY_WARNING.format(share=format_percent(consistency), threshold=format_percent(plan.consistency_threshold))
     return {
         "kind": "datatailor-eval",
         "testset": describe(plan.testset),
-        "items": n_items,
+        "items": len(items),
         "judged": len(scores),
+        "unanswered": len(unanswered),
+        "unjudgeable": len(unjudgeable),
         "failures": _failure_kinds(run_dir),
         "rule": plan.rule,
-        "metrics": overall["by_rule"][plan.rule],
-        "position_consistency": overall["position_consistency"],
-        "flip_rate": overall["flip_rate"],
-        "by_rule": overall["by_rule"],
+        "metrics": by_rule[plan.rule],
+        "by_rule": by_rule,
+        "judged_only": {
+            "note": "over the judged items only, leaving out unanswered and unjudgeable ones: not the headline",
+            "metrics": judged_only["by_rule"][plan.rule],
+            "by_rule": judged_only["by_rule"],
+        },
+        "position_consistency": consistency,
+        "flip_rate": judged_only["flip_rate"],
+        "consistency_threshold": plan.consistency_threshold,
+        "consistency_warning": warning,
         "by_category": by_category,
+        "seed": plan.seed,
+        "scoring": plan.scoring,
         "models": {
             "candidate": describe_model(plan.candidate),
             "reference": "stored" if plan.stored_reference else describe_model(plan.reference),
@@ -177,8 +224,15 @@ def render_eval_md(s: dict[str, Any]) -> str:
         f"# Evaluation on {s['testset']['name']}",
         "",
         f"Candidate `{model_label(s['models']['candidate'])}` against `{model_label(s['models']['reference'])}`; judge "
-        f"`{model_label(s['models']['judge'])}`, both orders, temperature 0.",
-        f"{s['judged']} of {s['items']} items judged" + (f"; failures: {s['failures']}" if s["failures"] else "") + ".",
+        f"`{model_label(s['models']['judge'])}`, both orders, temperature 0; seed {s.get('seed', 0)}.",
+        "",
+    ]
+    if s.get("consistency_warning"):
+        lines += [f"> **Warning:** {s['consistency_warning']}.", ""]
+    lines += [
+        f"N = {s['items']} (the whole test set): {s['judged']} judged, {s['unanswered']} unanswered by the candidate, "
+        f"{s['unjudgeable']} unjudgeable; unanswered and unjudgeable items count as losses"
+        + (f" (failures: {s['failures']})" if s["failures"] else "") + ".",
         "",
         "| rule | W | T | L | N | CRR % | WR1 % | WR2 % | QS % |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -194,8 +248,10 @@ def render_eval_md(s: dict[str, Any]) -> str:
         f"Judge position consistency: {format_percent(s['position_consistency'])} of comparisons gave the same verdict in "
         f"both orders; the winner flipped in {format_percent(s['flip_rate'])}.",
         "",
-        f"Headline ({s['rule']} rule): CRR {format_percent(m['crr'])}, WR1 {format_percent(m['wr1'])}, WR2 {format_percent(m['wr2'])}, "
-        f"QS {format_percent(m['qs'])} (W/T/L {m['wins']}/{m['ties']}/{m['losses']}).",
+        f"Headline ({s['rule']} rule, over all N): CRR {format_percent(m['crr'])}, WR1 {format_percent(m['wr1'])}, "
+        f"WR2 {format_percent(m['wr2'])}, QS {format_percent(m['qs'])} (W/T/L {m['wins']}/{m['ties']}/{m['losses']}).",
+        f"Judged items only (not the headline): CRR {format_percent(s['judged_only']['metrics']['crr'])} over "
+        f"{s['judged']} items.",
     ]
     if s["by_category"]:
         lines += ["", "| category | W | T | L | CRR % |", "|---|---|---|---|---|"]
@@ -212,14 +268,17 @@ def render_eval_md(s: dict[str, Any]) -> str:
 
 
 def build_rate_recipe(data_path: Path, judge: Any, *, template: str = QUALITY_TEMPLATE, seed: int = 0,
-                      max_tokens: int | None = None, budget: Budget | None = None, base_dir: Path | None = None) -> Recipe:
+                      max_tokens: int | None = None, budget: Budget | None = None, base_dir: Path | None = None,
+                      cache: bool = True, scoring: str = "sampled") -> Recipe:
     data = {
         "name": "quality-rating",
         "models": {"judge": judge.model_dump(mode="json")},
         "input": str(data_path),
-        "stages": [{"type": "quality.rate", "name": "rate", "role": "judge", "template": template, "max_tokens": max_tokens}],
+        "stages": [{"type": "quality.rate", "name": "rate", "role": "judge", "template": template, "max_tokens": max_tokens,
+                    "scoring": scoring}],
         "seed": seed,
         "budget": budget.model_dump() if budget else None,
+        "cache": cache,
     }
     return parse_recipe(data, source="rating recipe", base_dir=base_dir or Path.cwd())
 

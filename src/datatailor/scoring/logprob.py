@@ -44,8 +44,10 @@ LOGPROB_SAMPLING = {"temperature": 0.0, "top_logprobs": TOP_LOGPROBS}
 
 _SPACE = " \t\r\n\u2581\u0120"  # whitespace, SentencePiece "▁", byte-level BPE "Ġ"
 _NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?")
-# A number that is a name ("Assistant 1") or a denominator ("8/10") is not a score.
-_NOT_A_SCORE_BEFORE = re.compile(r"(?:assistant|answer)\s*$|/\s*$", re.IGNORECASE)
+# A number that is a name ("Assistant 1"), a denominator ("8/10", "out of 10") or an end of the scale
+# ("(0-5)", "from 1 to 10") is not a score.
+_NOT_A_SCORE_BEFORE = re.compile(r"(?:assistant|answer|out of)\s*$|/\s*$|\d\s*(?:[-\u2013]|to)\s*$", re.IGNORECASE)
+_NOT_A_SCORE_AFTER = re.compile(r"\s*(?:[-\u2013]|to)\s*\d", re.IGNORECASE)
 
 
 class LogprobsUnavailable(UserError, ValueError):
@@ -99,7 +101,8 @@ def _position_probs(pos: PositionLogprobs) -> tuple[dict[str, float], str]:
 def score_positions(tokens: Sequence[str], count: int, expect: Sequence[float] | None = None) -> list[int] | None:
     """Token indices where the first `count` scores of the reply start, or None if not found.
 
-    Numbers that are names ("Assistant 1") or denominators ("/10") are skipped. With `expect` (the
+    Numbers that are names ("Assistant 1"), denominators ("/10", "out of 10") or ends of the scale
+    ("(0-5)", "1 to 10") are skipped. With `expect` (the
     values a text parser read from the same reply), the positions are the first numbers, in order,
     whose values equal those; this keeps the logprob reading on the very numbers the parser chose.
     """
@@ -111,7 +114,9 @@ def score_positions(tokens: Sequence[str], count: int, expect: Sequence[float] |
         offset += len(token)
     candidates: list[tuple[int, float]] = []  # (token index, value)
     for m in _NUMBER.finditer(text):
-        if _NOT_A_SCORE_BEFORE.search(text[max(0, m.start() - 12) : m.start()]):
+        if _NOT_A_SCORE_BEFORE.search(text[max(0, m.start() - 12) : m.start()]) or _NOT_A_SCORE_AFTER.match(
+            text, m.end(), m.end() + 8
+        ):
             continue
         index = _token_at(starts, m.start())
         candidates.append((index, float(m.group(0))))

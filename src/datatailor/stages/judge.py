@@ -25,6 +25,13 @@ class PairwiseJudgeConfig(StageConfig):
     template: str = Field(SCORES_ONLY, description="Judge prompt template; must ask for two scores on the first line.")
     output: str = Field("metadata.judge", pattern=FIELD_PATTERN, description="Where the scores and verdict go.")
     temperature: float | None = Field(0.0, description="Judge temperature (the papers use 0).")
+    scoring: Literal["sampled", "logprob"] = Field(
+        "sampled",
+        description=(
+            "sampled: the scores the judge wrote (the papers); logprob: the expected score over the score tokens' "
+            "probabilities, where the backend exposes them (llama.cpp, transformers, OpenAI logprobs)."
+        ),
+    )
 
 
 @register("judge.pairwise")
@@ -55,6 +62,7 @@ class PairwiseJudge(MapStage[PairwiseJudgeConfig]):
             seed_key=(self.name, record.id),
             base_dir=self.ctx.base_dir,
             temperature=cfg.temperature,
+            mode=cfg.scoring,
         )
         summary = scores.summary(cfg.rule)
         event = gens[0].event(self.name, decision=f"verdict:{summary['verdict']}", reason=f"{cfg.rule} rule", **summary)

@@ -26,6 +26,9 @@ class QualityRateConfig(StageConfig):
         None, ge=SCORE_MIN, le=SCORE_MAX, description="Drop pairs rated below this (AlpaGasus used 4.5); none: keep all."
     )
     temperature: float | None = Field(0.0, description="Rater temperature.")
+    scoring: Literal["sampled", "logprob"] = Field(
+        "sampled", description="sampled: the score the rater wrote; logprob: the expected score over the 0-5 score tokens."
+    )
     max_tokens: int | None = Field(None, description="Override the model's max_tokens for the rating.")
 
 
@@ -53,9 +56,10 @@ class QualityRate(MapStage[QualityRateConfig]):
             base_dir=self.ctx.base_dir,
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
+            mode=cfg.scoring,
         )
         score = float(gen.value)
         if cfg.min_score is not None and score < cfg.min_score:
             raise Rejected(f"quality score {score:g} is below min_score {cfg.min_score:g}", kind="low_quality")
-        event = gen.event(self.name, decision="rated", reason=f"score {score:g}", score=score, reply=gen.text.strip()[:500])
+        event = gen.event(self.name, decision="rated", reason=f"score {score:g}", score=score, reply=gen.text.strip()[:500], **gen.detail())
         return [record.with_event(event, metadata={**record.metadata, cfg.key: score})]

@@ -36,6 +36,13 @@ class ContrastiveConfig(StageConfig):
     judge_template: str = Field(SCORES_ONLY, description="Pairwise scorer prompt; two scores on the first line.")
     improve_template: str = "codec/improve.j2"
     judge_temperature: float | None = Field(0.0, description="Scorer temperature (not given by the paper).")
+    scoring: Literal["sampled", "logprob"] = Field(
+        "sampled",
+        description=(
+            "sampled: the two numbers the scorer wrote (the paper); logprob: expected scores over the score tokens' "
+            "probabilities (llama.cpp, transformers, OpenAI), steadier with small judges."
+        ),
+    )
     improve_temperature: float | None = Field(0.7, description="Improver temperature (paper: 0.7).")
     response_max_tokens: int | None = Field(None, description="Override max_tokens of both answers.")
     consistency_threshold: float = Field(
@@ -115,6 +122,7 @@ class Contrastive(MapStage[ContrastiveConfig]):
         scores, judged = await judge_pair(
             self.ctx.model(cfg.judge_role), asked.prompt, strong_text, target_text,
             template=cfg.judge_template, base_dir=self.ctx.base_dir, seed_key=key, temperature=cfg.judge_temperature,
+            mode=cfg.scoring,
         )
         event = judged[0].event(self.name, decision="scored", iteration=iteration, G=scores.gap, **named_scores(scores))
         event.prompt_tokens += judged[1].prompt_tokens
