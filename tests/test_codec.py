@@ -28,6 +28,7 @@ from datatailor.recipe import Recipe, parse_recipe
 from datatailor.records import Record
 from datatailor.runner import RunResult, run_recipe_sync
 from datatailor.stages.codec import (
+    CodecData,
     clean_item,
     clean_skill,
     instructions_per_entry,
@@ -564,3 +565,94 @@ def test_record_ids_are_stable_and_distinct(seeds_run: tuple[Path, RunResult]) -
     data = [Record.model_validate(r) for r in rows(out / "data.jsonl")]
     assert len({r.id for r in data}) == len(data)
     assert all(r.parents for r in data)
+
+
+# ----------------------------------------------------------------------------- the method's rules
+
+
+def edge_target(request: CompletionRequest) -> str:
+    """For the threshold test: the target's quality is written into the instruction ("T=5" → QUALITY=5)."""
+    m = re.search(r"T=(\d+(?:\.\d+)?)", request.variables["instruction"])
+    return f"Target answer. QUALITY={m.group(1)}"
+
+
+def edge_strong(request: CompletionRequest) -> str:
+    if request.template == RESPOND:
+        return "Strong answer. QUALITY=8"
+    if request.template == JUDGE:
+        def q(a: str) -> str:
+            return re.search(r"QUALITY=(\d+(?:\.\d+)?)", a).group(1)
+        return f"{q(request.variables['answer_1'])} {q(request.variables['answer_2'])}"
+    if request.template == IMPROVE:
+        return f"New request: {request.variables['instruction']} and more"
+    raise AssertionError(request.template)
+
+
+def test_keep_only_when_the_gap_is_strictly_above_the_threshold(tmp_path: Path) -> None:
+    """|G| > 3, not ≥: strong scores 8, so a target at 5 gives G = 3 (dropped) and one at 4.5 gives 3.5 (kept)."""
+    rows_ = [{"instruction": "Edge case T=5"}, {"instruction": "Just over T=4.5"}]
+    models = {"strong": {"backend": "scripted", "model": "edge-s", "handler": "tests.test_codec:edge_strong"},
+              "target": {"backend": "scripted", "model": "edge-t", "handler": "tests.test_codec:edge_target"}}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
+    recipe = parse_recipe({"models": models, "input": str(path), "cache": False,
+                           "stages": [{"type": "codec.contrastive", "max_iterations": 1}]}, "t", tmp_path)
+    out = tmp_path / "out"
+    run(recipe, out)
+    (kept,) = rows(out / "data.jsonl")
+    assert kept["instruction"] == "Just over T=4.5" and result(kept)["G"] == 3.5
+    (dropped,) = rows(out / "failures.jsonl")
+    assert dropped["kind"] == "below_threshold" and result(dropped["record"])["G"] == 3.0
+
+
+def test_temperatures_follow_the_paper(tmp_path: Path) -> None:
+    """Generation (encode, decode, rubrics, improve) samples at 0.7 whatever the model's default; the scorer at 0;
+    answers at the model's own temperature."""
+    models = {role: {**cfg, "temperature": 0.2} for role, cfg in MODELS.items()}
+    CALLS.clear()
+    recipe = parse_recipe({"models": models, "input": str(_write(tmp_path, seed_rows(SEEDS[:3]))), "budget_pairs": 3,
+                           "cache": False, "stages": PIPELINE}, "t", tmp_path)
+    run(recipe, tmp_path / "out")
+    temps: dict[str, set[float]] = {}
+    for request in CALLS:
+        temps.setdefault(request.template, set()).add(request.sampling.temperature)
+    assert temps[ENCODE] == temps[DECODE] == temps[RUBRICS] == temps[IMPROVE] == {0.7}
+    assert temps[JUDGE] == {0.0}
+    assert temps[RESPOND] == {0.2}
+
+
+def _write(tmp_path: Path, rows_: list[dict[str, Any]]) -> Path:
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_), encoding="utf-8")
+    return path
+
+
+def test_actions_are_drawn_uniformly_with_their_paired_rubric() -> None:
+    from collections import Counter
+
+    from datatailor.records import derive_seed
+    from datatailor.stages.codec import pick_action
+
+    record = Record(id="x", instruction="i")
+    record.metadata = CodecData(use_case="u", skills=["s"], rubrics=[f"rubric {i}" for i in range(4)],
+                                actions=[f"action {i}" for i in range(4)]).stored(record)
+    counts: Counter[int] = Counter()
+    for n in range(800):
+        index, action, rubric = pick_action(record, __import__("random").Random(derive_seed(0, "c", n, "action", 2)))
+        assert action == f"action {index}" and rubric == f"rubric {index}"  # the i-th action with the i-th rubric
+        counts[index] += 1
+    assert set(counts) == {0, 1, 2, 3}
+    assert all(150 <= c <= 250 for c in counts.values()), counts  # 200 expected each
+
+
+def test_augmented_skills_are_drawn_without_replacement(tmp_path: Path) -> None:
+    stages = [
+        {"type": "codec.metadata", "entries": [{"use_case": "u1", "skills": ["s1", "s2"]}, {"use_case": "u2", "skills": ["s3", "s4"]}]},
+        {"type": "codec.augment", "pool_size": 12, "min_skills": 3, "max_skills": 3},
+    ]
+    out = tmp_path / "out"
+    run(make(tmp_path, stages), out)
+    augmented = [p for p in rows(pool_file(out)) if p["origin"] == "augmented"]
+    # 2 use cases × C(4, 3) = 8 possible entries of exactly three distinct skills.
+    assert len(augmented) == 8
+    assert all(len(set(p["skills"])) == 3 for p in augmented)

@@ -150,10 +150,13 @@ def test_missing_run_dir_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "r.html").exists()
 
 
-def test_method_of_stage_types() -> None:
-    assert method_of(["codec.encode", "codec.decode", "respond", "codec.contrastive"], None) == "CodecLM"
-    assert method_of(["self_instruct.generate", "respond"], "x") == "Self-Instruct"
-    assert method_of(["respond", "dedup"], "mine") == "custom (respond, dedup)"
+def test_method_comes_from_the_manifest_not_the_stage_names() -> None:
+    stage = lambda t, m: {"type": t, "method": m}  # noqa: E731
+    assert method_of([stage("codec.encode", "codec"), stage("respond", None), stage("codec.contrastive", "codec")], None) == "CodecLM"
+    assert method_of([stage("self_instruct", "self_instruct"), stage("respond", None)], "x") == "Self-Instruct"
+    # a stage named like a method but declaring none is not guessed from its name
+    assert method_of([stage("codec_like.thing", None), stage("dedup", None)], "mine") == "custom (codec_like.thing, dedup)"
+    assert method_of([stage("evol.evolve", "evol"), stage("codec.select", "codec")], None) == "Evol-Instruct + CodecLM"
     assert method_of([], "recipe-name") == "recipe-name"
 
 

@@ -25,9 +25,13 @@ FIRST = {"GOOD": 9, "SAME": 5, "BAD": 2, "FLIP": 6, "HALF": 7}  # the candidate'
 SECOND = {"GOOD": 9, "SAME": 5, "BAD": 2, "FLIP": 5, "HALF": 5}  # … when shown second (REF then gets 6 on FLIP)
 
 
+JUDGE_TEMPERATURES: set[float] = set()
+
+
 def judge(request: CompletionRequest) -> str:
     """The scripted judge: reads the two answers it was given (routing by template, not by wording)."""
     assert request.template == "judge/pairwise_scores.j2"
+    JUDGE_TEMPERATURES.add(request.sampling.temperature)
     v = request.variables
     if v["answer_1"] == "REF":
         cand = v["answer_2"]
@@ -74,6 +78,7 @@ def run_cli(*args: str) -> int:
 
 
 def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
+    JUDGE_TEMPERATURES.clear()
     out = tmp_path / "ev"
     code = run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(out))
     assert code == 0
@@ -88,6 +93,7 @@ def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
     assert strict["wr2"] == pytest.approx(2 / 6)
     assert strict["qs"] == pytest.approx(5 / 9)
     assert ev["metrics"] == strict and ev["rule"] == "strict"
+    assert JUDGE_TEMPERATURES == {0.0}  # the judge is asked at temperature 0 (the papers)
     judged_only = ev["judged_only"]["metrics"]
     assert (judged_only["wins"], judged_only["ties"], judged_only["losses"], judged_only["n"]) == (2, 3, 1, 6)
     lenient, mean = ev["by_rule"]["lenient"], ev["by_rule"]["mean"]

@@ -33,6 +33,7 @@ from datatailor.evaluate.modelspec import model_label
 from datatailor.scoring.quality import BUCKETS, QualitySummary, stored_scores, summarize_quality
 from datatailor.evaluate.testsets import shipped_testsets
 from datatailor.io import read_records
+from datatailor.stages.contract import method_title
 from datatailor.report.svg import OUTCOME_COLORS, bar_chart, empty_chart, stacked_shares
 
 FIGURE_IDS = (
@@ -46,22 +47,6 @@ FIGURE_IDS = (
     "fig-eval-metrics",
     "fig-eval-wtl",
 )
-
-# First component of a stage type → the method it belongs to (recipes may mix; all are listed).
-METHOD_PREFIXES = {
-    "codec": "CodecLM",
-    "refed": "REFED",
-    "coach": "CoachLM",
-    "teams": "TeaMs-RL",
-    "teamsrl": "TeaMs-RL",
-    "evol": "Evol-Instruct",
-    "evolve": "Evol-Instruct",
-    "self_instruct": "Self-Instruct",
-    "selfinstruct": "Self-Instruct",
-    "baseline": "Self-Instruct",
-    "baselines": "Self-Instruct",
-}
-
 
 @dataclass
 class RunSummary:
@@ -94,17 +79,14 @@ class RunSummary:
         return value / self.size
 
 
-def method_of(stage_types: list[str], recipe_name: str | None) -> str:
-    found: list[str] = []
-    for t in stage_types:
-        head = t.split(".", 1)[0].lower()
-        method = METHOD_PREFIXES.get(head)
-        if method and method not in found:
-            found.append(method)
+def method_of(stages: list[dict[str, Any]], recipe_name: str | None) -> str:
+    """The methods of a run, as the manifest records them for each stage (generic stages have none)."""
+    found = list(dict.fromkeys(t for s in stages if (t := method_title(s.get("method")))))
     if found:
         return " + ".join(found)
-    if stage_types:
-        return "custom (" + ", ".join(dict.fromkeys(stage_types)) + ")"
+    types = [s.get("type", "?") for s in stages]
+    if types:
+        return "custom (" + ", ".join(dict.fromkeys(types)) + ")"
     return recipe_name or "dataset"
 
 
@@ -157,7 +139,7 @@ def collect_run(path: Path, label: str, embedder: Embedder | None, test_items: l
             raise UserError(f"compare: {path} is not a datatailor run directory (no manifest.json)")
         manifest = _read_json(manifest_path)
         recipe = _read_json(path / "recipe.json") if (path / "recipe.json").is_file() else {}
-        stage_types = [s.get("type", "?") for s in recipe.get("stages", [])] or [s.get("type", "?") for s in manifest.get("stages", [])]
+        stage_types = [s.get("type", "?") for s in manifest.get("stages", [])] or [s.get("type", "?") for s in recipe.get("stages", [])]
         usage = _read_json(path / "usage.json").get("total", {}).get("all", {}) if (path / "usage.json").is_file() else {}
         budget = {k: v for k, v in (recipe.get("budget") or {}).items() if v is not None}
         if recipe.get("budget_pairs"):
@@ -167,7 +149,7 @@ def collect_run(path: Path, label: str, embedder: Embedder | None, test_items: l
         summary = RunSummary(
             label=label,
             path=path,
-            method=method_of(stage_types, manifest.get("recipe_name")),
+            method=method_of(manifest.get("stages", []), manifest.get("recipe_name")),
             recipe_name=manifest.get("recipe_name"),
             status=manifest.get("status", "?"),
             size=len(records) if data_path.is_file() else None,
@@ -344,7 +326,11 @@ def _eval_section(runs: list[RunSummary]) -> str:
         ])
     table = _table(["run · test set", "candidate", "reference", "rule", "W/T/L", "N", "CRR %", "WR1 %", "WR2 %", "QS %",
                     "judge position consistency %"], rows) if rows else ""
-    return (
+    warnings = "".join(
+        f'<p class="warning" role="alert"><strong>Warning ({escape(lab)}):</strong> {escape(e["consistency_warning"])}.</p>'
+        for (r, e), lab in zip(pairs, [_eval_label(r, e) for r, e in pairs]) if e.get("consistency_warning")
+    )
+    return warnings + (
         _figure("fig-eval-metrics", metrics, "CRR = (W+T)/N (CodecLM, strict rule); WR1 = (W+T/2)/N, WR2 = W/(W+L), "
                 "QS = (W+T)/N (CoachLM).")
         + _figure("fig-eval-wtl", wtl, "Verdicts of the candidate against the reference, judged in both orders.")
@@ -358,6 +344,7 @@ h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid 
 table{border-collapse:collapse;margin:.8rem 0;font-size:.85rem}th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left}
 th{background:#f4f4f4}figure{margin:1rem 0}figcaption{font-size:.8rem;color:#555;max-width:720px}
 .note{font-size:.85rem;color:#555}
+.warning{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}
 """
 
 

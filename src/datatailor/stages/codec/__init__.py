@@ -47,12 +47,12 @@ from datatailor.stages.codec.parsers import (
     parse_rubrics_actions,
 )
 from datatailor.stages.codec.pool import Augment, AugmentConfig, Encode, EncodeConfig, GivenMetadata, MetadataConfig, load_given_entries
-from datatailor.stages.codec.select import Select, SelectConfig
+from datatailor.stages.codec.select import BudgetSelect, CodecSelect, Select, SelectConfig
 
 __all__ = [
     "ActionStep", "Augment", "AugmentConfig", "CodecData", "ContrastiveResult", "Contrastive", "ContrastiveConfig",
     "Decode", "DecodeConfig", "Encode", "EncodeConfig", "GivenMetadata", "Improve", "ImproveConfig", "MetadataConfig",
-    "Rubrics", "RubricsConfig", "Select", "SelectConfig", "clean_item", "clean_skill", "codec_metadata", "entry_key",
+    "BudgetSelect", "CodecSelect", "Rubrics", "RubricsConfig", "Select", "SelectConfig", "clean_item", "clean_skill", "codec_metadata", "entry_key",
     "entry_record", "improve_instruction", "instructions_per_entry", "load_given_entries", "metadata_id",
     "named_scores", "parse_improved", "parse_instruction_list", "parse_rewritten", "parse_rubrics_actions", "pick_action",
 ]

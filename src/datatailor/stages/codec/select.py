@@ -38,14 +38,12 @@ def group_of(record: Record) -> str:
     return record.parents[0] if record.parents else record.id
 
 
-@register("codec.select")
 class Select(BatchStage[SelectConfig]):
     """Trim to exactly `budget_pairs` when more were kept; the order of the kept records is unchanged.
 
     Works on any method's pairs (spread then groups by the seed each pair came from)."""
 
     Config = SelectConfig
-    method = "codec"
 
     def __init__(self, config: SelectConfig, ctx):
         super().__init__(config, ctx)
@@ -79,3 +77,24 @@ class Select(BatchStage[SelectConfig]):
             outputs=[r for i, r in enumerate(records) if i in chosen],
             rejected={r.id: ("over_budget", reason) for i, r in enumerate(records) if i not in chosen},
         )
+
+
+@register("codec.select")
+class CodecSelect(Select):
+    """CodecLM's final selection: trim the pairs Contrastive Filtering kept to exactly `budget_pairs` (the paper
+    compares methods at equal size); `spread` keeps every metadata entry represented."""
+
+    method = "codec"
+
+
+class BudgetSelectConfig(SelectConfig):
+    type: Literal["select"] = "select"  # type: ignore[assignment]
+
+
+@register("select")
+class BudgetSelect(Select):
+    """Trim any method's pairs to exactly `budget_pairs` (the same rules as `codec.select`, for baselines and other
+    methods: `spread` groups by the seed each pair came from)."""
+
+    Config = BudgetSelectConfig
+

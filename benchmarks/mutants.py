@@ -1,0 +1,146 @@
+"""Mutation check: does the test suite notice when a method's rule is broken?
+
+Each mutant is a one-line change to a rule of a method (a threshold's comparison, a temperature, a sampling or
+pairing rule). For each, the script copies the repository to a temporary folder, applies the change, runs the
+offline test suite there (`pytest -x -m "not integration"`) and reports whether the suite failed ("caught") or
+passed ("SURVIVED"). A surviving mutant is a missing test.
+
+    python benchmarks/mutants.py                 # every mutant
+    python benchmarks/mutants.py --only gap      # mutants whose name contains "gap"
+    python benchmarks/mutants.py --list
+
+Exit status 1 when any mutant survives. Run from the repository root, in the project's virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    what: str
+
+
+MUTANTS = [
+    Mutant("gap-threshold-ge", "src/datatailor/stages/codec/contrastive.py",
+           "if abs(scores.gap) > cfg.threshold:", "if abs(scores.gap) >= cfg.threshold:",
+           "CodecLM keeps a pair when |G| ≥ 3 instead of |G| > 3"),
+    Mutant("encode-temperature", "src/datatailor/stages/codec/pool.py",
+           'temperature: float | None = Field(0.7, description="Sampling temperature (paper: 0.7).")',
+           'temperature: float | None = Field(None, description="Sampling temperature (paper: 0.7).")',
+           "the encoder samples at the model's temperature instead of 0.7"),
+    # The decoder's Field line is shared by several configs, so this one changes its call instead.
+    Mutant("decode-temperature", "src/datatailor/stages/codec/generation.py",
+           "parse=parse_instruction_list, seed_key=key,\n            temperature=self.config.temperature,",
+           "parse=parse_instruction_list, seed_key=key,\n            temperature=None,",
+           "the decoder samples at the model's temperature instead of 0.7"),
+    Mutant("improve-temperature", "src/datatailor/stages/codec/contrastive.py",
+           'improve_temperature: float | None = Field(0.7,', 'improve_temperature: float | None = Field(None,',
+           "the contrastive loop's improver samples at the model's temperature instead of 0.7"),
+    Mutant("judge-temperature", "src/datatailor/stages/codec/contrastive.py",
+           'judge_temperature: float | None = Field(0.0,', 'judge_temperature: float | None = Field(0.7,',
+           "the contrastive scorer samples at 0.7 instead of 0"),
+    Mutant("eval-judge-temperature", "src/datatailor/evaluate/evaluation.py",
+           '"output": JUDGE_OUTPUT, "temperature": 0.0,', '"output": JUDGE_OUTPUT, "temperature": 0.7,',
+           "the evaluation judge samples at 0.7 instead of 0"),
+    Mutant("first-action", "src/datatailor/stages/codec/generation.py",
+           "index = rng.randrange(len(data.actions))", "index = 0",
+           "always the first Self-Rubrics action instead of a uniform choice"),
+    Mutant("rubric-pairing", "src/datatailor/stages/codec/generation.py",
+           "data.rubrics[index] if index < len(data.rubrics) else None",
+           "data.rubrics[(index + 1) % len(data.rubrics)] if data.rubrics else None",
+           "an action is reported with the next action's rubric"),
+    Mutant("rubric-parse-pairing", "src/datatailor/stages/codec/parsers.py",
+           "return rubrics[:n], actions[:n]", "return rubrics[:n], actions[::-1][:n]",
+           "parsed actions are paired with the wrong rubrics"),
+    Mutant("skills-with-replacement", "src/datatailor/stages/codec/pool.py",
+           "chosen = set(rng.sample(skills_union, k))", "chosen = set(rng.choices(skills_union, k=k))",
+           "augmentation samples skills with replacement"),
+    Mutant("self-instruct-rouge-0.75", "src/datatailor/stages/baselines.py",
+           'rouge_threshold: float = Field(0.7,', 'rouge_threshold: float = Field(0.75,',
+           "Self-Instruct's ROUGE-L novelty threshold moved from 0.7 to 0.75"),
+    Mutant("self-instruct-rouge-strict", "src/datatailor/stages/baselines.py",
+           "if similarity >= cfg.rouge_threshold:", "if similarity > cfg.rouge_threshold:",
+           "Self-Instruct keeps a candidate at exactly ROUGE-L 0.7"),
+    Mutant("self-instruct-min-words", "src/datatailor/stages/baselines.py",
+           "min_words: int = Field(4, ge=1,", "min_words: int = Field(3, ge=1,",
+           "Self-Instruct keeps 3-word instructions (Alpaca drops them)"),
+    Mutant("score-pair-denominator", "src/datatailor/llm/structured.py",
+           '    line = _DENOMINATOR.sub(r"\\1", line)\n', "",
+           '"8/10" is read as the pair (8, 10)'),
+    Mutant("strict-rule-lenient", "src/datatailor/scoring/judge.py",
+           'return first if first == second and first != "tie" else "tie"',
+           'return first if first != "tie" else second',
+           "the strict rule (win both orders) becomes lenient"),
+    Mutant("evol-equal-reader", "src/datatailor/stages/evolve.py",
+           "return not _NAMES_A_DIFFERENCE.search(t[m.end():])", "return True",
+           'an "Equal, but …" reply is read as Equal'),
+]
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for rel in files.stdout.splitlines():
+        src = REPO / rel
+        if src.is_file():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+def run_mutant(m: Mutant, pytest_args: list[str]) -> tuple[bool, float, str]:
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        root = Path(tmp) / "main"
+        copy_repo(root)
+        if (REPO.parent / "shared").is_dir():
+            os.symlink(REPO.parent / "shared", Path(tmp) / "shared")
+        path = root / m.file
+        text = path.read_text(encoding="utf-8")
+        if text.count(m.old) != 1:
+            raise SystemExit(f"mutant {m.name}: expected exactly one occurrence of its line in {m.file}, found {text.count(m.old)}")
+        path.write_text(text.replace(m.old, m.new), encoding="utf-8")
+        env = dict(os.environ, PYTHONPATH=f"{root / 'src'}{os.pathsep}{root}", DATATAILOR_CACHE_DIR=str(Path(tmp) / "cache"))
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not integration", *pytest_args],
+                              cwd=root, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
+        return proc.returncode != 0, seconds, failed[0].removeprefix("FAILED ").split(" - ")[0] if failed else proc.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="run only mutants whose name contains this")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. a test file to run instead of the suite)")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or args.only in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:28s} {m.file}: {m.what}")
+        return 0
+    survived = 0
+    print(f"{'mutant':28s} {'result':9s} {'seconds':>7s}  first failing test")
+    for m in chosen:
+        caught, seconds, detail = run_mutant(m, args.pytest_args)
+        survived += not caught
+        print(f"{m.name:28s} {'caught' if caught else 'SURVIVED':9s} {seconds:7.1f}  {detail}", flush=True)
+    print(f"\n{len(chosen) - survived} of {len(chosen)} mutants caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
