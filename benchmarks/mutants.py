@@ -132,6 +132,12 @@ def main() -> int:
         for m in chosen:
             print(f"{m.name:28s} {m.file}: {m.what}")
         return 0
+    baseline = Mutant("baseline", "pyproject.toml", "[project]", "[project]", "no change: the suite must pass first")
+    failed, seconds, detail = run_mutant(baseline, args.pytest_args)
+    if failed:
+        print(f"the unchanged suite fails ({detail}): fix it before checking mutants", file=sys.stderr)
+        return 2
+    print(f"unchanged suite: passes in {seconds:.1f} s\n")
     survived = 0
     print(f"{'mutant':28s} {'result':9s} {'seconds':>7s}  first failing test")
     for m in chosen:

@@ -28,3 +28,11 @@ def test_every_stage_and_field_is_documented() -> None:
         for field in cls.Config.model_fields:
             if field not in ("type",):
                 assert f"| `{field}` |" in reference
+
+
+def test_user_facing_text_cites_papers_not_internal_notes() -> None:
+    """Stage descriptions, prompts, examples and docs cite the papers, never the project's research notes."""
+    places = [*(REPO / "src").rglob("*.py"), *(REPO / "src").rglob("*.j2"), *(REPO / "examples").rglob("*.*"),
+              *(REPO / "docs").glob("*.md"), REPO / "README.md"]
+    offenders = [str(p.relative_to(REPO)) for p in places if p.is_file() and "methods.md" in p.read_text(encoding="utf-8", errors="ignore")]
+    assert offenders == []

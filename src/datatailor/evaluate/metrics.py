@@ -4,8 +4,8 @@ A comparison puts a *candidate* answer against a *reference* answer and ends in 
 candidate: win, tie or loss. Counting those gives a W/T/L table, from which:
 
 * CodecLM's Capacity Recovery Ratio: CRR = (W + T) / N, with verdicts from the **strict** rule
-  (a win counts only if the candidate wins in both orders; methods.md §1.5);
-* CoachLM's WR1 = (W + T/2) / N, WR2 = W / (W + L), QS = (W + T) / N (methods.md §3.6).
+  (a win counts only if the candidate wins in both orders; CodecLM, arXiv 2404.05875);
+* CoachLM's WR1 = (W + T/2) / N, WR2 = W / (W + L), QS = (W + T) / N (CoachLM, arXiv 2311.13246).
 
 Every ratio is a fraction in [0, 1]; reports multiply by 100. A ratio whose denominator is zero is
 `None` ("n/a"): N = 0 means nothing was compared, and W + L = 0 (every comparison a tie) leaves WR2

@@ -9,7 +9,7 @@ and guesses "member" above a threshold. The ROC AUC over members (training pairs
 non-members (held-out pairs) summarises how well that works at every threshold: 0.5 means the
 attacker cannot tell the two apart (no measurable leakage), 1.0 means it always can. TeaMs-RL
 reports ≈ 0.47 for its model against ≈ 0.72 for a baseline; the paper's exact attack setup is not
-known (methods.md §4.8), this is the standard loss attack.
+known (TeaMs-RL, arXiv 2403.08694, reports only the AUC), this is the standard loss attack.
 
 The prompt is built with the same template the model was trained with: read from the adapter's or
 model's `train_config.yaml` when there is one, else `respond.j2`.

@@ -1,6 +1,6 @@
 """Pairwise LLM judge, asked in both orders, with the raw scores kept.
 
-Three aggregation rules over the same raw scores (methods.md §5.3):
+Three aggregation rules over the same raw scores:
 
 * `mean`    each side's two scores are averaged; the higher mean wins (CodecLM contrastive filtering);
 * `strict`  a side wins only if it scores higher in both orders, else tie (CodecLM evaluation / CRR);

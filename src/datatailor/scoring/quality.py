@@ -1,7 +1,7 @@
 """Data-quality rating: an AlpaGasus-style 0–5 score per pair, and CoachLM's summary of it.
 
 A judge model rates each (instruction, input, response) on 0–5 (prompt: prompts/eval/quality_rating.j2).
-The summary is CoachLM's (methods.md §3.5): the mean, a histogram over the buckets
+The summary is CoachLM's (arXiv 2311.13246): the mean, a histogram over the buckets
 [0, 3.5) [3.5, 4) [4, 4.5) [4.5, 5], and the high-quality share (score ≥ 4.5), its headline metric.
 The summary functions are pure; only `rate_pair` calls a model.
 

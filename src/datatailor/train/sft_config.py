@@ -17,7 +17,7 @@ from datatailor.io import read_yaml
 
 PresetName = Literal["codeclm", "teams_rl", "coachlm_coach"]
 
-# The papers' SFT settings (methods.md §1.6, §4.7 and the §5.1 cheat-sheet). The papers trained
+# The papers' SFT settings (CodecLM arXiv 2404.05875, TeaMs-RL arXiv 2403.08694 and CoachLM arXiv 2311.13246, as their papers and code give them). The papers trained
 # 6–7B models on several GPUs; `batch_size` here is their global batch, `micro_batch_size` is a
 # memory knob that does not change the optimisation.
 PRESETS: dict[str, dict[str, Any]] = {

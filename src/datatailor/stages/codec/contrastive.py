@@ -65,7 +65,7 @@ def named_scores(scores: PairwiseScores) -> dict[str, Any]:
 
 @register("codec.contrastive")
 class Contrastive(MapStage[ContrastiveConfig]):
-    """Contrastive Filtering with Self-Rubrics improvement (CodecLM, arXiv 2404.05875, §3.3 and §3.4).
+    """Contrastive Filtering with Self-Rubrics improvement (CodecLM, Wang et al., NAACL 2024, arXiv 2404.05875).
 
     Per iteration: strong and target answer; the judge scores both in both orders; G = S_strong − S_target
     (means over the orders). |G| > θ: keep (I, strong answer) when G > 0, (I, target answer) when G < 0.
