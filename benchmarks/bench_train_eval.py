@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 ALPACA_SEEDS = REPO.parent / "shared" / "data" / "stanford_alpaca" / "seed_tasks.jsonl"

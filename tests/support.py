@@ -67,3 +67,13 @@ def flaky_handler(request: CompletionRequest) -> str:
             raise LLMCallFailure(f"injected server error for question {n}")
         return f"Answer for {n}."
     return "ok"
+
+
+def judge_prefers_cand(request: CompletionRequest) -> str:
+    """A pairwise judge that scores the answer "CAND" 8 and the other 6, whichever order it is shown in."""
+    return "8 6" if request.variables["answer_1"] == "CAND" else "6 8"
+
+
+def judge_prefers_good(request: CompletionRequest) -> str:
+    """A pairwise judge that scores the answer "GOOD" 9 and the other 5, whichever order it is shown in."""
+    return "9 5" if request.variables["answer_1"] == "GOOD" else "5 9"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,8 @@ VOCAB = [f"w{i}" for i in range(400)]
 def generator(request: CompletionRequest) -> str:
     """Per call: a near copy of the first demo (ROUGE-L ≥ 0.7), a blocked task, a too-short one, an exact copy of
     the second demo, and four novel tasks made of random words (seeded by the call's sampling seed)."""
-    prompt = request.messages[-1].content
-    if "Here are some tasks" in prompt:
-        demos = re.findall(r"^\d+\. (.+)$", prompt.split("\n\nWrite ", 1)[0], re.MULTILINE)
+    if request.template == "baselines/self_instruct.j2":
+        demos = request.variables["demos"]
         rng = random.Random(request.sampling.seed)
         near = demos[0].rsplit(" ", 1)[0] + " quickly"
         novel = [f"Explain {' '.join(rng.sample(VOCAB, 8))} to a beginner." for _ in range(4)]

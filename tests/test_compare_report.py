@@ -77,8 +77,7 @@ def _make_run(tmp_path: Path, name: str, instructions: list[str], rate: bool, pr
 def _models_file(tmp_path: Path) -> Path:
     models = {
         "candidate": {"backend": "scripted", "model": "tuned", "rules": [{"match": ".*", "reply": "CAND"}]},
-        "judge": {"backend": "scripted", "model": "judge", "rules": [
-            {"match": r"Assistant 1 >>>\s*CAND", "reply": "8 6"}, {"match": r"Assistant 2 >>>\s*CAND", "reply": "6 8"}]},
+        "judge": {"backend": "scripted", "model": "judge", "handler": "tests.support:judge_prefers_cand"},
     }
     path = tmp_path / "models.yaml"
     path.write_text(yaml.safe_dump(models), encoding="utf-8")

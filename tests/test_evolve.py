@@ -23,6 +23,7 @@ from datatailor.llm.usage import UsageLedger
 from datatailor.recipe import parse_recipe
 from datatailor.runner import run_recipe_sync
 from datatailor.stages.evolve import (
+    EQUAL_TEMPLATE,
     OPERATIONS,
     clean_evolved,
     evolve,
@@ -50,31 +51,28 @@ def _between(text: str, start: str, end: str) -> str:
 
 
 def scripted(request: CompletionRequest) -> str:
-    # A re-ask ends with our repair message; the request itself is the last user turn before those.
-    prompt = next(m.content for m in reversed(request.messages) if m.role == "user" and not m.content.startswith("I could not read"))
-    if "Prompt to rewrite:" in prompt or "Inspiring prompt:" in prompt:
-        op = next(name for line, name in METHOD_LINES.items() if line in prompt)
-        if "Prompt to rewrite:" in prompt:
-            current = _between(prompt, "Prompt to rewrite:\n", "\n\nRewritten prompt:")
-            label = "Rewritten prompt:"
-        else:
-            current = _between(prompt, "Inspiring prompt:\n", "\n\nCreated prompt:")
-            label = "Created prompt:"
+    """Routes by the template's name and reads its variables (a re-ask keeps both)."""
+    template, v = request.template or "", request.variables or {}
+    if template.startswith("evol/") and template != EQUAL_TEMPLATE:
+        op = next(name for name, o in OPERATIONS.items() if o.template == template)
+        current = v["instruction"]
+        label = f"{OPERATIONS[op].answer_label}:"
         if "LEAK" in current or ("FLAKY" in current and op == "breadth"):
             return f"{label} {current} as the given prompt says"
         return f"{label} {current} [{op}]"
-    if "Call them equal" in prompt:
-        second = _between(prompt, "Second prompt:\n", "\n\nAnswer with")
+    if template == EQUAL_TEMPLATE:
+        second = v["second"]
         if "UNSURE" in second:
             return "Hard to say."
         return "Equal." if "SAME" in second else "not equal"
-    if "careful, helpful assistant" in request.messages[0].content:
+    if template == "respond.j2":
+        prompt = v["instruction"]
         if "SORRY" in prompt:
             return "I am sorry, but I cannot help with that request."
         if "STOP" in prompt:
             return "It is what it is, and that is all."
         return "A full answer " + "with many useful words " * 5
-    raise AssertionError(f"unexpected prompt {prompt[:100]!r}")
+    raise AssertionError(f"unexpected template {template!r}")
 
 
 MODELS = {"strong": {"backend": "scripted", "model": "evolver", "handler": "tests.test_evolve:scripted"}}

@@ -7,7 +7,6 @@ with the same request cache (zero requests, every call a cache hit, same bytes).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datatailor.llm.base import CompletionRequest
+
 import json
 import os
 import signal
@@ -178,10 +180,7 @@ def test_parse_error_after_reasks(tmp_path: Path) -> None:
 
 def test_reask_repairs_a_bad_reply(tmp_path: Path) -> None:
     # First reply is prose; the re-ask (which carries the parse error) gets valid JSON.
-    models = {"strong": {"backend": "scripted", "model": "m", "rules": [
-        {"match": "could not read", "reply": '{"score": 7}'},
-        {"match": ".*", "reply": "Seven, I think."},
-    ]}}
+    models = {"strong": {"backend": "scripted", "model": "m", "handler": "tests.test_runner:json_on_reask"}}
     stages = [{"type": "generate", "role": "strong", "template": "t.j2", "output": "metadata.x",
                "schema_fields": {"score": "int"}}]
     (tmp_path / "t.j2").write_text("Rate: {{ instruction }}")
@@ -283,3 +282,8 @@ def test_user_error_mid_run_leaves_a_resumable_folder(tmp_path: Path) -> None:
     result = run(recipe, tmp_path / "out")
     assert result.status == "complete"
     assert {f["kind"] for f in read_jsonl(tmp_path / "out/failures.jsonl")} == {"no_rule"}
+
+
+def json_on_reask(request: CompletionRequest) -> str:
+    """Prose the first time; valid JSON when re-asked (the re-ask adds the reply and the error as turns)."""
+    return '{"score": 7}' if len(request.messages) > 1 else "Seven, I think."

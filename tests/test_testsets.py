@@ -208,8 +208,7 @@ def test_eval_field_option(tmp_path: Path) -> None:
     models = {
         "candidate": {"backend": "scripted", "model": "cand", "rules": [{"match": ".*", "reply": "GOOD"}]},
         "reference": {"backend": "scripted", "model": "ref", "rules": [{"match": ".*", "reply": "REF"}]},
-        "judge": {"backend": "scripted", "model": "judge", "rules": [
-            {"match": r"Answer of Assistant 1 >>>\s*GOOD", "reply": "9 5"}, {"match": ".*", "reply": "5 9"}]},
+        "judge": {"backend": "scripted", "model": "judge", "handler": "tests.support:judge_prefers_good"},
     }
     (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": models}), encoding="utf-8")
     base = ["eval", "--testset", str(path), "--models", str(tmp_path / "models.yaml"), "--no-progress"]

@@ -262,12 +262,12 @@ def _resolve_paths(config: Any, base_dir: Path | None) -> Any:
     if base_dir is None:
         return config
     updates: dict[str, str] = {}
-    for field in ("model", "adapter"):
-        value = getattr(config, field, None)
+    for name in ("model", "adapter"):
+        value = getattr(config, name, None)
         if isinstance(value, str) and value and not value.startswith("local:"):
             path = Path(value).expanduser()
             if not path.is_absolute() and (base_dir / path).exists() and not path.exists():
-                updates[field] = str(base_dir / path)
+                updates[name] = str(base_dir / path)
     return config.model_copy(update=updates) if updates else config
 
 

@@ -118,7 +118,9 @@ class ScriptedBackend:
         limit = request.sampling.max_tokens
         finish = "stop"
         if _count(text) > limit:
-            text = " ".join(text.split()[:limit])
+            # Cut after the limit-th word, keeping the text's own layout (newlines), as a real model's prefix.
+            ends = [m.end() for m in re.finditer(r"\S+", text)]
+            text = text[: ends[limit - 1]]
             finish = "length"
         if request.sampling.top_logprobs is None:
             logprobs = None

@@ -202,7 +202,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f" of a data budget of {budget}" + ("" if report["budget_met"] else " (budget not met: filtering dropped the rest)") if budget else ""),
         f"- Kept with the strong answer (G > {report['threshold']}): {report['kept_strong']}; with the target answer "
         f"(G < -{report['threshold']}): {report['kept_target']}; kept below the threshold (flag): {report['kept_below_threshold']}",
-        f"- Dropped: " + (", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"),
+        "- Dropped: " + (", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"),
         f"- Metadata pool: {report['pool_size']} entries"
         + (f" (requested {report['pool_requested']})" if report.get("pool_requested") is not None else "")
         + (", " + ", ".join(f"{k} {v}" for k, v in report["pool_origins"].items()) if report["pool_origins"] else ""),
