@@ -656,3 +656,24 @@ def test_augmented_skills_are_drawn_without_replacement(tmp_path: Path) -> None:
     # 2 use cases × C(4, 3) = 8 possible entries of exactly three distinct skills.
     assert len(augmented) == 8
     assert all(len(set(p["skills"])) == 3 for p in augmented)
+
+
+def test_the_report_says_when_the_judge_is_dominated_by_answer_order() -> None:
+    from datatailor.report.codec import build_codec_report, render_markdown
+
+    def kept(n: int, consistent: bool) -> Record:
+        history = [{"iteration": 1, "G": 0.0, "scores": {"position_consistent": consistent}}]
+        r = Record(id=f"r{n}", instruction="i", response="a")
+        r.metadata = CodecData(contrastive={"kept": "strong", "below_threshold": True, "iteration": 1, "G": 0.0,
+                                            "threshold": 3.0, "history": history}).stored(r)
+        return r
+
+    lazy = build_codec_report([kept(i, i == 0) for i in range(4)], [], [], threshold=3, max_iterations=1, budget_pairs=4)
+    assert lazy["position_consistency"] == 0.25
+    assert "dominated by which answer it sees first" in lazy["consistency_warning"]
+    assert "**Warning:**" in render_markdown(lazy)
+    fine = build_codec_report([kept(i, i != 0) for i in range(4)], [], [], threshold=3, max_iterations=1, budget_pairs=4)
+    assert fine["position_consistency"] == 0.75 and fine["consistency_warning"] is None
+    strict = build_codec_report([kept(i, i != 0) for i in range(4)], [], [], threshold=3, max_iterations=1, budget_pairs=4,
+                                consistency_threshold=0.8)
+    assert strict["consistency_warning"]

@@ -50,6 +50,20 @@ def fields_table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> str:
     return "\n".join(rows)
 
 
+def contract_lines(stage_cls: Any) -> list[str]:
+    """A stage's declared contract as Markdown list lines (method, needs, provides, clears, templates)."""
+    from datatailor.stages.contract import METHODS, describe
+
+    method = METHODS.get(stage_cls.method)
+    lines = [f"- method: {method.title} ({method.paper})" if method else "- method: generic (engine)"]
+    for label, caps in (("needs", stage_cls.needs), ("provides", stage_cls.provides), ("clears", stage_cls.clears)):
+        if caps:
+            lines.append(f"- {label}: " + ", ".join("every field (writes new records)" if c == "*" else describe(c) for c in caps))
+    for fld, variables in stage_cls.templates.items():
+        lines.append(f"- template `{fld}` gets: " + ", ".join(f"`{v}`" for v in variables))
+    return lines
+
+
 def _doc(obj: Any) -> str:
     return inspect.cleandoc(obj.__doc__ or "").strip()
 
@@ -90,7 +104,7 @@ def render_reference() -> str:
         parts += [f"### `backend: {backend}`", "", _doc(cls), "", fields_table(cls), ""]
     parts += ["#### Scripted rules (`rules:` items)", "", fields_table(ScriptedRule), "", "## Stages", ""]
     for type_name, stage_cls in sorted(load_all().items()):
-        parts += [f"### `type: {type_name}`", "", _doc(stage_cls), "", fields_table(stage_cls.Config), ""]
+        parts += [f"### `type: {type_name}`", "", _doc(stage_cls), "", *contract_lines(stage_cls), "", fields_table(stage_cls.Config), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 

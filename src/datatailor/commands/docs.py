@@ -17,19 +17,21 @@ def register(app: typer.Typer) -> None:
 
 def stages(stage_type: Optional[str] = typer.Argument(None, help="Show one stage's fields.")) -> int:
     """List the stage types a recipe can use, or the fields of one."""
-    from datatailor.docs import _doc, fields_table
+    from datatailor.docs import _doc, contract_lines, fields_table
     from datatailor.stages import load_all
+    from datatailor.stages.contract import method_title
 
     registry = load_all()
     if stage_type is None:
         for name, cls in sorted(registry.items()):
             first = (_doc(cls).splitlines() or [""])[0]
-            typer.echo(f"{name:22s} {first}")
+            typer.echo(f"{name:22s} {method_title(cls.method) or 'generic':14s} {first}")
         return 0
     if stage_type not in registry:
         raise UserError(f"unknown stage type {stage_type!r} (known: {', '.join(sorted(registry))})")
     cls = registry[stage_type]
     typer.echo(f"{stage_type}: {_doc(cls)}\n")
+    typer.echo("\n".join(contract_lines(cls)) + "\n")
     typer.echo(fields_table(cls.Config))
     return 0
 
