@@ -43,7 +43,8 @@ def _small_recipe() -> dict[str, Any]:
         if stage["type"] == "codec.decode":
             stage["max_tokens"] = 80
         if stage["type"] == "codec.contrastive":
-            stage.update(max_iterations=2, response_max_tokens=40)
+            # Answers cut at 40 tokens keep CI fast; they are kept, flagged `truncated` in lineage.
+            stage.update(max_iterations=2, response_max_tokens=40, keep_truncated=True)
     return data
 
 
@@ -59,7 +60,7 @@ def test_codec_example_end_to_end(tmp_path: Path) -> None:
     result = run_recipe_sync(recipe, out, show_progress=False)
     assert result.status == "complete", result.message
 
-    pool = _rows(out / "metadata.jsonl")
+    pool = _rows(out / "stages" / "01-codec.augment" / "metadata.jsonl")
     assert 1 <= len(pool) <= 2 and all(p["seeds"] and p["skills"] for p in pool)
     decoded = [r for row in _rows(out / "stages" / "03-codec.decode" / "outputs.jsonl") for r in row["records"]]
     assert decoded, "the strong model wrote no instruction"
@@ -70,7 +71,7 @@ def test_codec_example_end_to_end(tmp_path: Path) -> None:
     data = _rows(out / "data.jsonl")
     assert len(data) == min(len(kept), 2)
     for pair in data:
-        codec = pair["metadata"]["codec"]
+        codec = pair["metadata"]["codec"]["contrastive"]
         scores = codec["scores"]
         raw = [scores[order][side] for order in ("strong_shown_first", "target_shown_first") for side in ("strong", "target")]
         assert all(1 <= s <= 10 for s in raw)
@@ -78,10 +79,11 @@ def test_codec_example_end_to_end(tmp_path: Path) -> None:
         assert pair["response"].strip() and pair["response"] == codec[f"{codec['kept']}_response"]
         assert any(e["decision"] == "scored" for e in pair["lineage"])
 
-    report = json.loads((out / "codec_report.json").read_text())
+    report_dir = out / "stages" / "04-codec.contrastive"
+    report = json.loads((report_dir / "codec_report.json").read_text())
     assert report["instructions"] == len(decoded) and report["kept"] == len(kept)
     assert report["pool_size"] == len(pool)
-    assert (out / "codec_report.md").is_file() and (out / "codec_report.html").is_file()
+    assert (report_dir / "codec_report.md").is_file() and (report_dir / "codec_report.html").is_file()
 
     again = run_recipe_sync(recipe, out, show_progress=False)
     assert again.status == "complete"

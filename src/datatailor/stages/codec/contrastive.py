@@ -45,6 +45,13 @@ class ContrastiveConfig(StageConfig):
     )
     improve_temperature: float | None = Field(0.7, description="Improver temperature (paper: 0.7).")
     response_max_tokens: int | None = Field(None, description="Override max_tokens of both answers.")
+    keep_truncated: bool = Field(
+        False,
+        description=(
+            "Keep a pair whose kept answer was cut off by max_tokens (default: such an instruction fails as `truncated`; "
+            "a cut-off target answer is still judged, since running out of room is how the target behaves)."
+        ),
+    )
     consistency_threshold: float = Field(
         0.6, ge=0, le=1,
         description="The report warns that G is dominated by answer order when the judge's position consistency is below this.",
@@ -103,14 +110,18 @@ class Contrastive(MapStage[ContrastiveConfig]):
         events.append(gen.event(self.name, decision="improved", iteration=iteration, action=action, rubric=rubric))
         return gen.value, ActionStep(action=action, rubric=rubric, before=instruction, iteration=iteration)
 
-    async def _score(self, record: Record, instruction: str, iteration: int, events: list[LineageEvent]) -> tuple[str, str, PairwiseScores]:
-        """Both answers, judged in both orders: (strong answer, target answer, scores)."""
+    async def _score(
+        self, record: Record, instruction: str, iteration: int, events: list[LineageEvent]
+    ) -> tuple[str, str, bool, PairwiseScores]:
+        """Both answers, judged in both orders: (strong answer, target answer, whether the target's was cut off, scores)."""
         cfg = self.config
         key = (self.name, record.id, iteration)
         asked = record.model_copy(update={"instruction": instruction, "response": None})
         strong, target = await asyncio.gather(
-            self.answer(cfg.strong_role, asked, seed_key=(*key, "strong"), max_tokens=cfg.response_max_tokens),
-            self.answer(cfg.target_role, asked, seed_key=(*key, "target"), max_tokens=cfg.response_max_tokens),
+            self.answer(cfg.strong_role, asked, seed_key=(*key, "strong"), max_tokens=cfg.response_max_tokens,
+                        keep_truncated=cfg.keep_truncated),
+            self.answer(cfg.target_role, asked, seed_key=(*key, "target"), max_tokens=cfg.response_max_tokens,
+                        keep_truncated=True),
             return_exceptions=True,
         )
         for side, gen in (("strong", strong), ("target", target)):
@@ -129,7 +140,7 @@ class Contrastive(MapStage[ContrastiveConfig]):
         event.completion_tokens += judged[1].completion_tokens
         event.cost_usd += judged[1].cost_usd
         events.append(event)
-        return strong_text, target_text, scores
+        return strong_text, target_text, target.truncated, scores
 
     async def process(self, record: Record) -> list[Record]:
         cfg = self.config
@@ -147,10 +158,14 @@ class Contrastive(MapStage[ContrastiveConfig]):
                     step.update(action=link.action, rubric=link.rubric)
                 step["instruction"] = instruction
                 history.append(step)
-                strong_text, target_text, scores = await self._score(record, instruction, iteration, events)
+                strong_text, target_text, target_truncated, scores = await self._score(record, instruction, iteration, events)
                 step.update(scores=named_scores(scores), G=scores.gap)
                 if abs(scores.gap) > cfg.threshold:
                     side = "strong" if scores.gap > 0 else "target"
+                    if side == "target" and target_truncated and not cfg.keep_truncated:
+                        raise RecordFailure(
+                            f"G = {scores.gap:+.2f} keeps the target's answer, but it was cut off by max_tokens", kind="truncated"
+                        )
                     return [self._kept(record, instruction, side, strong_text, target_text, history, chain, events, False)]
         except RecordFailure as failure:
             failure.record = self._trace(record, history, chain, events)
