@@ -101,10 +101,10 @@ def copy_repo(dest: Path) -> None:
             shutil.copy2(src, target)
 
 
-def run_mutant(m: Mutant, pytest_args: list[str]) -> tuple[bool, float, str]:
+def run_mutant(m: Mutant, snapshot: Path, pytest_args: list[str]) -> tuple[bool, float, str]:
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
         root = Path(tmp) / "main"
-        copy_repo(root)
+        shutil.copytree(snapshot, root)
         if (REPO.parent / "shared").is_dir():
             os.symlink(REPO.parent / "shared", Path(tmp) / "shared")
         path = root / m.file
@@ -132,8 +132,12 @@ def main() -> int:
         for m in chosen:
             print(f"{m.name:28s} {m.file}: {m.what}")
         return 0
+    # One snapshot of the working tree at the start, so edits made while this runs do not leak into it.
+    snapshot_dir = tempfile.TemporaryDirectory(prefix="mutants-snapshot-")
+    snapshot = Path(snapshot_dir.name) / "main"
+    copy_repo(snapshot)
     baseline = Mutant("baseline", "pyproject.toml", "[project]", "[project]", "no change: the suite must pass first")
-    failed, seconds, detail = run_mutant(baseline, args.pytest_args)
+    failed, seconds, detail = run_mutant(baseline, snapshot, args.pytest_args)
     if failed:
         print(f"the unchanged suite fails ({detail}): fix it before checking mutants", file=sys.stderr)
         return 2
@@ -141,7 +145,7 @@ def main() -> int:
     survived = 0
     print(f"{'mutant':28s} {'result':9s} {'seconds':>7s}  first failing test")
     for m in chosen:
-        caught, seconds, detail = run_mutant(m, args.pytest_args)
+        caught, seconds, detail = run_mutant(m, snapshot, args.pytest_args)
         survived += not caught
         print(f"{m.name:28s} {'caught' if caught else 'SURVIVED':9s} {seconds:7.1f}  {detail}", flush=True)
     print(f"\n{len(chosen) - survived} of {len(chosen)} mutants caught")

@@ -249,3 +249,18 @@ def test_run_refuses_before_touching_out_when_a_stage_cannot_start(tmp_path: Pat
                              {"type": "codec.decode"}])
 
     assert not (tmp_path / "out").exists()
+
+
+def test_tokens_in_lineage_add_up_to_usage(tmp_path: Path) -> None:
+    """Every call's tokens appear once across the final records and failure rows: fan-out never double counts."""
+    recipe = parse_recipe({"models": MODELS, "input": str(write_rows(tmp_path, seed_rows(SEEDS[:4]))), "stages": CODEC,
+                           "budget_pairs": 6, "cache": False}, "t", tmp_path)
+    run_recipe_sync(recipe, tmp_path / "out", show_progress=False)
+    out = tmp_path / "out"
+    records = read_jsonl(out / "data.jsonl") + [f["record"] for f in read_jsonl(out / "failures.jsonl")]
+    in_lineage = sum(e["prompt_tokens"] + e["completion_tokens"] for r in records for e in r["lineage"])
+    usage = json.loads((out / "usage.json").read_text())["total"]["all"]
+    assert in_lineage == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+    stages = json.loads((out / "usage.json").read_text())["total"]["stages"]
+    assert sum(s["requests"] for s in stages.values()) == usage["requests"]
+    assert set(stages) == {"codec.encode", "codec.rubrics", "codec.decode", "codec.contrastive"}

@@ -156,6 +156,7 @@ SHARED_DIGESTS = {
     "coachlm/CoachLM150 Test Set.json": "0b1b9ef5e41f732c",
     "coachlm/Expert Revision Dataset.json": "aed5ba25fdd18f89",
     "coachlm/example.json": "6beb8b2733548a85",
+    "lima/train.jsonl": "b8d517426c18ecf6",  # conversations as plain strings, user first (REFED's references)
     "mt_bench/question.jsonl": "2df8ba41ff339742",
     "self_instruct_user_oriented/user_oriented_instructions.jsonl": "488f93417da50258",
     "stanford_alpaca/seed_tasks.jsonl": "387f452a23c9b7c2",
@@ -169,7 +170,6 @@ NOT_INSTRUCTION_DATA = {
     "fastchat_judge_prompts/judge_prompts.jsonl": "unrecognised row",
     "mt_bench/reference_answer/gpt-4.jsonl": "unrecognised row",
     "vicuna_bench/reference_answer/gpt-4.jsonl": "unrecognised row",
-    "lima/train.jsonl": "each turn must be an object",  # conversations as plain strings: not a supported layout
 }
 
 
@@ -345,3 +345,22 @@ def test_bad_field_option_is_a_user_error(tmp_path: Path, capsys: pytest.Capture
     assert not (tmp_path / "out").exists()
     assert main(["eval", "--testset", "vicuna80", "--out", str(tmp_path / "ev"), "--field", value]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_lima_conversations_of_plain_strings(shared_data: Path) -> None:
+    records = read_records(shared_data / "lima" / "train.jsonl")
+    single = [r for r in records if "turns" not in r.metadata]
+    assert (len(records), len(single)) == (1030, 1000)  # LIMA train: exactly 1,000 single-turn pairs
+    assert single[0].instruction.startswith("Can brain cells move?") and single[0].response
+    multi = next(r for r in records if "turns" in r.metadata)
+    assert multi.metadata["turns"][0]["from"] == "human" and multi.metadata["source"] == "multi_turn"
+
+
+def test_plain_string_conversations(tmp_path: Path) -> None:
+    rows = [{"conversations": ["Q?", "A."]}, {"conversations": ["Q1?", "A1.", "Q2?"]}, {"conversations": ["Q", {"x": 1}]}]
+    path = write_rows(tmp_path / "c.jsonl", rows[:2])
+    pair, multi = read_records(path)
+    assert (pair.instruction, pair.response, pair.metadata) == ("Q?", "A.", {})
+    assert [t["value"] for t in multi.metadata["turns"]] == ["Q1?", "A1.", "Q2?"]
+    with pytest.raises(UserError, match="line 1"):
+        read_records(write_rows(tmp_path / "bad.jsonl", rows[2:]))

@@ -263,8 +263,22 @@ def _chat_turns(turns: list[Any], role_key: str, text_key: str, user: set[str], 
     return {"instruction": first_user, "response": reply, "metadata": meta}
 
 
+def _alternating_turns(turns: list[Any]) -> dict[str, Any]:
+    """A conversation as plain strings, user first and alternating (LIMA's layout)."""
+    if not turns or not all(isinstance(t, str) for t in turns):
+        raise ValueError("a conversation of plain strings must hold only strings")
+    meta: dict[str, Any] = {}
+    if len(turns) != 2:
+        # Not one (instruction, response) pair: the whole conversation stays, marked as multi-turn.
+        meta["turns"] = [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]
+    return {"instruction": turns[0], "response": turns[1] if len(turns) > 1 else None, "metadata": meta}
+
+
 def _from_sharegpt(row: dict[str, Any]) -> dict[str, Any]:
-    return _chat_turns(row["conversations"], "from", "value", {"human", "user"}, {"gpt", "assistant", "bot", "model"})
+    turns = get_field(row, "conversations")
+    if isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns):
+        return _alternating_turns(turns)
+    return _chat_turns(turns, "from", "value", {"human", "user"}, {"gpt", "assistant", "bot", "model"})
 
 
 def _from_messages(row: dict[str, Any]) -> dict[str, Any]:

@@ -95,18 +95,42 @@ class Record(BaseModel):
         return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, sort_keys=False)
 
 
-FIELD_PATTERN = r"^(instruction|input|prompt|response|metadata\.[A-Za-z_][A-Za-z0-9_]*)$"
+# A field a stage can write: instruction, input, response, or a top-level metadata.<key>.
+WRITABLE_FIELD = r"^(instruction|input|response|metadata\.[A-Za-z_][A-Za-z0-9_]*)$"
+# A readable field: instruction, input, prompt, response, or metadata.<key>[.<key>…] (e.g. metadata.refed.draft).
+FIELD_PATTERN = r"^(instruction|input|prompt|response|metadata(\.[A-Za-z_][A-Za-z0-9_]*)+)$"
 
 
 def read_field(record: Record, path: str) -> Any:
-    """Value of `instruction`, `input`, `prompt`, `response` or `metadata.<key>`."""
+    """Value of `instruction`, `input`, `prompt`, `response` or `metadata.<key>[.<key>…]` (None where absent)."""
     if path.startswith("metadata."):
-        return record.metadata.get(path.split(".", 1)[1])
+        value: Any = record.metadata
+        for key in path.split(".")[1:]:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
     return getattr(record, path)
 
 
+def inherit_once(children: list["Record"], parent: "Record") -> None:
+    """Children that copy `parent`'s lineage count its calls once: on the first child only.
+
+    A record that fans out (an entry into instructions, a reference into synthesized pairs) hands each
+    child a copy of its lineage; summing tokens over the children would count the parent's calls once per
+    child. The other children keep the events (what was done) with zero tokens and $, marked shared.
+    """
+    inherited = len(parent.lineage)
+    for child in children[1:]:
+        for event in child.lineage[:inherited]:
+            if event.prompt_tokens or event.completion_tokens or event.cost_usd:
+                event.prompt_tokens = event.completion_tokens = 0
+                event.cost_usd = 0.0
+                event.details["counted_on"] = children[0].id
+
+
 def field_update(record: Record, path: str, value: Any) -> dict[str, Any]:
-    """The `changes` dict that sets `path` to `value` (for Record.with_event / model_copy)."""
+    """The `changes` dict that sets `path` to `value` (for Record.with_event / model_copy); one metadata level."""
+    if path.count(".") > 1:
+        raise ValueError(f"{path}: only a top-level metadata key can be written")
     if path.startswith("metadata."):
         return {"metadata": {**record.metadata, path.split(".", 1)[1]: value}}
     if path == "prompt":

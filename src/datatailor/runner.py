@@ -300,8 +300,8 @@ class Runner:
         # "running" marks the folder as ours at once; a killed run leaves it so, and is resumed.
         self._write_manifest(STATUS_RUNNING, "in progress (if no process is running, it was killed: re-run to resume)", [], previous, started, count=False)
         usage_path = self.out / "usage.json"
-        prev_usage = UsageLedger.previous_from_json(json.loads(usage_path.read_text())) if usage_path.exists() else {}
-        ledger = UsageLedger(prev_usage, self.recipe.budget)
+        prev = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+        ledger = UsageLedger(UsageLedger.previous_from_json(prev), self.recipe.budget, UsageLedger.previous_stages_from_json(prev))
         cache = self._cache
         if cache is None and self.recipe.cache is not False:
             cache = RequestCache(None if self.recipe.cache is True else self.recipe.resolve(str(self.recipe.cache)))

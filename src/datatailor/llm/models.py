@@ -131,14 +131,19 @@ class RoleModel:
         messages: list[Message] | None = None,
         schema: type[BaseModel] | None = None,
         parse: Callable[[str], T] | None = None,
+        accept_last: Callable[[Any], T] | None = None,
         seed_key: Any = None,
+        stage: str | None = None,
         **sampling: Any,
     ) -> Generation[Any]:
         """Render `prompt` with `variables` (or send `messages`), call the model, parse the reply.
 
         `schema` asks for JSON matching a pydantic model; `parse` is a plain-text parser that raises
         ValueError. A reply that does not parse is re-asked `max_parse_retries` times with the error;
-        after that the call raises `ParseFailure`.
+        after that the call raises `ParseFailure` — unless `accept_last` is given: then the last reply is
+        read by it (it gets the reply text, or the schema's object when the reply matched the schema but not
+        a stricter check in `parse`), and only a reply it cannot read either fails. Use it to take "7 of the
+        10 instructions asked for" after the re-asks, and record the shortfall.
         """
         if isinstance(prompt, str):
             prompt = load_prompt(prompt)
@@ -171,7 +176,7 @@ class RoleModel:
         completion: Completion | None = None
         attempts = self.config.max_parse_retries + 1
         for attempt in range(1, attempts + 1):
-            completion, cached = await self._complete(request, template_hash)
+            completion, cached = await self._complete(request, template_hash, stage)
             all_cached &= cached
             total_in += completion.prompt_tokens
             total_out += completion.completion_tokens
@@ -179,14 +184,22 @@ class RoleModel:
             try:
                 if schema is not None:
                     value: Any = parse_model(completion.text, schema)
+                    if parse is not None:
+                        value = parse(value)  # a stricter check of the parsed object (e.g. how many items)
                 elif parse is not None:
                     value = parse(completion.text)
                 else:
                     value = completion.text
             except ValueError as exc:
                 error = str(exc)
-                request = self._reask(request, completion.text, error, schema is not None)
-                continue
+                if attempt == attempts and accept_last is not None:
+                    try:
+                        value = accept_last(parse_model(completion.text, schema) if schema is not None else completion.text)
+                    except ValueError:
+                        break
+                else:
+                    request = self._reask(request, completion.text, error, schema is not None)
+                    continue
             return Generation(
                 text=completion.text,
                 value=value,
@@ -216,22 +229,22 @@ class RoleModel:
             }
         )
 
-    async def _complete(self, request: CompletionRequest, template_hash: str | None) -> tuple[Completion, bool]:
+    async def _complete(self, request: CompletionRequest, template_hash: str | None, stage: str | None = None) -> tuple[Completion, bool]:
         key = cache_key(self.identity, request, template_hash) if self.cache is not None else None
         if key is not None and (hit := self.cache.get(key)) is not None:  # type: ignore[union-attr]
-            self.ledger.record_cache_hit(self.role)
+            self.ledger.record_cache_hit(self.role, stage)
             return hit, True
         self.ledger.check_budget()
         async with self._semaphore:
             try:
                 completion = await self.backend.complete(request)
             except LLMCallFailure:
-                self.ledger.record_failure(self.role)
+                self.ledger.record_failure(self.role, stage)
                 raise
         cost = _price(self.config, completion.prompt_tokens, completion.completion_tokens)
         self.ledger.record_request(
             self.role, completion.prompt_tokens, completion.completion_tokens, cost,
-            truncated=completion.finish_reason == "length",
+            truncated=completion.finish_reason == "length", stage=stage,
         )
         if key is not None:
             self.cache.put(key, completion)  # type: ignore[union-attr]

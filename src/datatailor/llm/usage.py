@@ -43,29 +43,38 @@ class Budget(BaseModel):
 
 
 class UsageLedger:
-    """Counts usage per role for this invocation, on top of what earlier invocations spent."""
+    """Counts usage per role, and per stage, for this invocation, on top of what earlier invocations spent."""
 
-    def __init__(self, previous: dict[str, RoleUsage] | None = None, budget: Budget | None = None):
+    def __init__(self, previous: dict[str, RoleUsage] | None = None, budget: Budget | None = None,
+                 previous_stages: dict[str, RoleUsage] | None = None):
         self.previous = dict(previous or {})
+        self.previous_stages = dict(previous_stages or {})
         self.run: dict[str, RoleUsage] = {}
+        self.run_stages: dict[str, RoleUsage] = {}
         self.budget = budget or Budget()
 
-    def _role(self, role: str) -> RoleUsage:
-        return self.run.setdefault(role, RoleUsage())
+    def _entries(self, role: str, stage: str | None) -> list[RoleUsage]:
+        entries = [self.run.setdefault(role, RoleUsage())]
+        if stage is not None:
+            entries.append(self.run_stages.setdefault(stage, RoleUsage()))
+        return entries
 
-    def record_request(self, role: str, prompt_tokens: int, completion_tokens: int, cost: float, truncated: bool = False) -> None:
-        u = self._role(role)
-        u.requests += 1
-        u.truncated += int(truncated)
-        u.prompt_tokens += prompt_tokens
-        u.completion_tokens += completion_tokens
-        u.cost_usd = round(u.cost_usd + cost, 10)
+    def record_request(self, role: str, prompt_tokens: int, completion_tokens: int, cost: float, truncated: bool = False,
+                       stage: str | None = None) -> None:
+        for u in self._entries(role, stage):
+            u.requests += 1
+            u.truncated += int(truncated)
+            u.prompt_tokens += prompt_tokens
+            u.completion_tokens += completion_tokens
+            u.cost_usd = round(u.cost_usd + cost, 10)
 
-    def record_failure(self, role: str) -> None:
-        self._role(role).failed_requests += 1
+    def record_failure(self, role: str, stage: str | None = None) -> None:
+        for u in self._entries(role, stage):
+            u.failed_requests += 1
 
-    def record_cache_hit(self, role: str) -> None:
-        self._role(role).cache_hits += 1
+    def record_cache_hit(self, role: str, stage: str | None = None) -> None:
+        for u in self._entries(role, stage):
+            u.cache_hits += 1
 
     def total(self) -> dict[str, RoleUsage]:
         roles = sorted(set(self.previous) | set(self.run))
@@ -84,17 +93,26 @@ class UsageLedger:
         if b.max_tokens is not None and tokens >= b.max_tokens:
             raise BudgetExhausted(f"budget reached: {tokens} of {b.max_tokens} tokens spent")
 
+    def total_stages(self) -> dict[str, RoleUsage]:
+        names = sorted(set(self.previous_stages) | set(self.run_stages))
+        return {n: self.previous_stages.get(n, RoleUsage()).add(self.run_stages.get(n, RoleUsage())) for n in names}
+
     def as_json(self) -> dict:
-        def dump(d: dict[str, RoleUsage]) -> dict:
+        def dump(d: dict[str, RoleUsage], stages: dict[str, RoleUsage]) -> dict:
             per_role = {r: u.model_dump() for r, u in sorted(d.items())}
             summed = RoleUsage()
             for u in d.values():
                 summed = summed.add(u)
-            return {"roles": per_role, "all": summed.model_dump()}
+            return {"roles": per_role, "all": summed.model_dump(), "stages": {n: u.model_dump() for n, u in sorted(stages.items())}}
 
-        return {"run": dump(self.run), "total": dump(self.total())}
+        return {"run": dump(self.run, self.run_stages), "total": dump(self.total(), self.total_stages())}
 
     @staticmethod
     def previous_from_json(data: dict) -> dict[str, RoleUsage]:
         roles = (data.get("total") or {}).get("roles") or {}
         return {r: RoleUsage.model_validate(u) for r, u in roles.items()}
+
+    @staticmethod
+    def previous_stages_from_json(data: dict) -> dict[str, RoleUsage]:
+        stages = (data.get("total") or {}).get("stages") or {}
+        return {n: RoleUsage.model_validate(u) for n, u in stages.items()}

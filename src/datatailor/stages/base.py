@@ -184,7 +184,9 @@ class Stage(ABC, Generic[C]):
             raise RuntimeError(
                 f"{type(self).__name__} passes {sorted(variables)} to {template_field}, but declares {declared}"
             )
-        return await self.ctx.model(role).generate(self.prompt(template_field), variables, seed_key=seed_key, **options)
+        return await self.ctx.model(role).generate(
+            self.prompt(template_field), variables, seed_key=seed_key, stage=self.name, **options
+        )
 
     async def answer(
         self, role: str, record: Record, *, template_field: str = "respond_template", seed_key: Any,

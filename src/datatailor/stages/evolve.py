@@ -250,7 +250,7 @@ class Evolve(MapStage[EvolveConfig]):
         """One evolution: (evolved, response) when it survives, else the elimination reason."""
         cfg = self.config
         try:
-            gen = await evolve(self.ctx.model(cfg.role), current, op, seed_key=key, base_dir=self.ctx.base_dir,
+            gen = await evolve(self.ctx.model(cfg.role), current, op, seed_key=key, base_dir=self.ctx.base_dir, stage=self.name,
                                temperature=cfg.temperature)
         except ParseFailure as exc:
             return f"no instruction in the reply ({exc})"
@@ -259,7 +259,8 @@ class Evolve(MapStage[EvolveConfig]):
         if phrase := leaked_phrase(evolved, cfg.leak_phrases):
             return f"copies the template phrase {phrase!r}"
         try:
-            equal = await is_equal(self.ctx.model(cfg.equal_role), current, evolved, seed_key=key, base_dir=self.ctx.base_dir)
+            equal = await is_equal(self.ctx.model(cfg.equal_role), current, evolved, seed_key=key, base_dir=self.ctx.base_dir,
+                                   stage=self.name)
         except ParseFailure as exc:
             return f"the information-gain check did not parse ({exc})"
         events.append(equal.event(self.name, decision="equal" if equal.value else "not_equal", round=key[-1]))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, create_model
 
 from datatailor.errors import RecordFailure
-from datatailor.records import Record
+from datatailor.records import WRITABLE_FIELD, Record
 from datatailor.stages.base import RECORD_VARIABLES, MapStage, StageConfig, record_variables, register
 from datatailor.stages.contract import Contract
 
@@ -54,7 +54,7 @@ class GenerateConfig(StageConfig):
     output: str = Field(
         "response",
         description="Where the result goes: instruction, input, response, or metadata.<key>.",
-        pattern=r"^(instruction|input|response|metadata\.[A-Za-z_][A-Za-z0-9_]*)$",
+        pattern=WRITABLE_FIELD,
     )
     schema_fields: dict[str, Literal["str", "int", "float", "bool", "list[str]"]] | None = Field(
         None, description="Ask for JSON with these fields (structured output); the object is stored."

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from datatailor.errors import Rejected
 from datatailor.scoring.judge import SCORES_ONLY, judge_pair
-from datatailor.records import FIELD_PATTERN, Record, field_update, read_field
+from datatailor.records import FIELD_PATTERN, WRITABLE_FIELD, Record, field_update, read_field
 from datatailor.stages.base import MapStage, StageConfig, register
 from datatailor.stages.contract import Contract
 
@@ -23,7 +23,15 @@ class PairwiseJudgeConfig(StageConfig):
         "strict", description="mean: average both orders; strict: win both orders (CodecLM); lenient: AlpaGasus."
     )
     template: str = Field(SCORES_ONLY, description="Judge prompt template; must ask for two scores on the first line.")
-    output: str = Field("metadata.judge", pattern=FIELD_PATTERN, description="Where the scores and verdict go.")
+    output: str = Field("metadata.judge", pattern=WRITABLE_FIELD, description="Where the scores and verdict go.")
+    keep: Literal["all", "a", "b"] = Field(
+        "all",
+        description=(
+            "all: keep every record; a (or b): a filter that keeps a record only when that answer wins under `rule` "
+            "(e.g. REFED's judge filter: the improved response A must beat the draft B in both orders); the others "
+            "are dropped as `judge_filter`, their scores in the failure row."
+        ),
+    )
     temperature: float | None = Field(0.0, description="Judge temperature (the papers use 0).")
     scoring: Literal["sampled", "logprob"] = Field(
         "sampled",
@@ -36,7 +44,10 @@ class PairwiseJudgeConfig(StageConfig):
 
 @register("judge.pairwise")
 class PairwiseJudge(MapStage[PairwiseJudgeConfig]):
-    """Judge answer A against answer B; stores both orders' raw scores, means, verdict and consistency."""
+    """Judge answer A against answer B; stores both orders' raw scores, means, verdict and consistency.
+
+    With `keep: a` it is a filter: a record is kept only when A wins under `rule` (REFED's LLM-judge filter keeps
+    a pair when its improved response beats the draft; usable on any method's output)."""
 
     Config = PairwiseJudgeConfig
     templates = {"template": ("question", "answer_1", "answer_2")}
@@ -63,9 +74,18 @@ class PairwiseJudge(MapStage[PairwiseJudgeConfig]):
             base_dir=self.ctx.base_dir,
             temperature=cfg.temperature,
             mode=cfg.scoring,
+            stage=self.name,
         )
         summary = scores.summary(cfg.rule)
         event = gens[0].event(self.name, decision=f"verdict:{summary['verdict']}", reason=f"{cfg.rule} rule", **summary)
         event.prompt_tokens += gens[1].prompt_tokens
         event.completion_tokens += gens[1].completion_tokens
-        return [record.with_event(event, **field_update(record, cfg.output, summary))]
+        event.cost_usd += gens[1].cost_usd
+        judged = record.with_event(event, **field_update(record, cfg.output, summary))
+        if cfg.keep != "all" and summary["verdict"] != cfg.keep:
+            raise Rejected(
+                f"{cfg.a if cfg.keep == 'a' else cfg.b} did not win under the {cfg.rule} rule (verdict {summary['verdict']}; "
+                f"scores with A first {summary['a_first']}, with B first {summary['b_first']})",
+                kind="judge_filter", record=judged,
+            )
+        return [judged]

@@ -57,6 +57,7 @@ class QualityRate(MapStage[QualityRateConfig]):
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
             mode=cfg.scoring,
+            stage=self.name,
         )
         score = float(gen.value)
         if cfg.min_score is not None and score < cfg.min_score:

@@ -133,7 +133,7 @@ class Contrastive(MapStage[ContrastiveConfig]):
         scores, judged = await judge_pair(
             self.ctx.model(cfg.judge_role), asked.prompt, strong_text, target_text,
             template=cfg.judge_template, base_dir=self.ctx.base_dir, seed_key=key, temperature=cfg.judge_temperature,
-            mode=cfg.scoring,
+            mode=cfg.scoring, stage=self.name,
         )
         event = judged[0].event(self.name, decision="scored", iteration=iteration, G=scores.gap, **named_scores(scores))
         event.prompt_tokens += judged[1].prompt_tokens

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from datatailor.errors import RecordFailure, UserError
 from datatailor.llm.models import Generation
-from datatailor.records import Record
+from datatailor.records import Record, inherit_once
 from datatailor.stages.base import BatchResult, BatchStage, MapStage, Stage, StageConfig, register
 from datatailor.stages.codec.data import ActionStep, CodecData, codec_metadata, entry_key
 from datatailor.stages.codec.parsers import parse_improved, parse_instruction_list, parse_rubrics_actions, text_key
@@ -214,6 +214,7 @@ class Decode(BatchStage[DecodeConfig]):
             child.metadata = data.stored(child)
             child.lineage.append(event)
             children.append(child)
+        inherit_once(children, entry)
         return children
 
 
