@@ -357,7 +357,30 @@ class Runner:
             for fmt in self.recipe.output.formats:
                 export_records(final, self.out / f"data.{fmt}.jsonl", fmt)
         self._write_manifest(status, message, summaries, previous, started, shortfall=shortfall, rounds=rounds)
+        if final is not None:
+            self._method_reports(summaries)
         return RunResult(status, self.out, len(final or []), n_failures, message, ledger.as_json(), shortfall)
+
+    def _method_reports(self, summaries: list[dict[str, Any]]) -> None:
+        """Run-level reports of the methods the recipe used (e.g. REFED's), from the finished run directory.
+
+        They read what the run wrote, so they come last; a report that fails leaves the data as it is and
+        says so in the manifest."""
+        from datatailor.stages.contract import method_report
+
+        errors: list[str] = []
+        for key in dict.fromkeys(s.get("method") for s in summaries):
+            write = method_report(key)
+            if write is None:
+                continue
+            try:
+                write(self.out)
+            except Exception as exc:  # the data is written; the report's failure is recorded, not hidden
+                errors.append(f"{key} report: {type(exc).__name__}: {exc}")
+        if errors:
+            manifest = json.loads((self.out / "manifest.json").read_text(encoding="utf-8"))
+            manifest["report_errors"] = errors
+            write_json(self.out / "manifest.json", manifest)
 
     def _load_input(self) -> list[Record]:
         if self.recipe.input is None:

@@ -66,7 +66,7 @@ def run(
     )
     if result.status in ("complete", "shortfall"):
         typer.echo(summary)
-        for report in sorted(out.glob("stages/*/*.html")):
+        for report in sorted([*out.glob("stages/*/*.html"), *out.glob("reports/*.html")]):
             typer.echo(f"report: {report}")
     if result.status == "complete":
         return 0

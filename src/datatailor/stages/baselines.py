@@ -26,7 +26,7 @@ from datatailor.io import write_json
 from datatailor.llm.models import Generation
 from datatailor.llm.structured import parse_numbered_list
 from datatailor.records import Record, stable_hash
-from datatailor.scoring.text import rouge_l, rouge_tokens
+from datatailor.scoring.novelty import NoveltyIndex
 from datatailor.stages.base import BatchResult, BatchStage, Delivery, StageConfig, register
 from datatailor.stages.namespace import Namespace
 
@@ -47,38 +47,6 @@ class SelfInstructData(Namespace):
     demos: list[str]
     max_rouge_l: float
     closest: str | None = None
-
-
-class NoveltyIndex:
-    """Texts seen so far, answering: how similar (ROUGE-L) is a new text to the closest one?"""
-
-    def __init__(self) -> None:
-        self._tokens: list[list[str]] = []
-        self._counts: list[Counter[str]] = []
-        self.ids: list[str] = []
-
-    def add(self, text_id: str, text: str) -> None:
-        tokens = rouge_tokens(text)
-        self._tokens.append(tokens)
-        self._counts.append(Counter(tokens))
-        self.ids.append(text_id)
-
-    def closest(self, text: str) -> tuple[float, str | None]:
-        """(highest ROUGE-L, id of that text). Pairs whose token overlap cannot beat the best so far are skipped."""
-        tokens = rouge_tokens(text)
-        counts = Counter(tokens)
-        best, best_id = 0.0, None
-        for i, other in enumerate(self._tokens):
-            if not tokens or not other:
-                continue
-            # The LCS cannot be longer than the multiset overlap, which bounds the F-measure from above.
-            overlap = sum((counts & self._counts[i]).values())
-            if 2 * overlap / (len(tokens) + len(other)) <= best:
-                continue
-            score = rouge_l(tokens, other)
-            if score > best:
-                best, best_id = score, self.ids[i]
-        return best, best_id
 
 
 def candidate_problem(text: str, min_words: int, max_words: int, blocked: tuple[str, ...] | list[str]) -> str | None:

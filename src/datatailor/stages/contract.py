@@ -42,6 +42,9 @@ class Method:
     key: str
     title: str
     paper: str
+    # "module:function" taking the run directory: the method's run report, written when a run that used the
+    # method's stages finishes (None: the method reports from a stage, or not at all).
+    report: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -50,7 +53,8 @@ METHODS: dict[str, Method] = {
         Method("codec", "CodecLM", "Wang et al., CodecLM: Aligning Language Models with Tailored Synthetic Data, NAACL 2024 (arXiv 2404.05875)"),
         Method("self_instruct", "Self-Instruct", "Wang et al., Self-Instruct, ACL 2023 (arXiv 2212.10560); Alpaca's variant (Taori et al., 2023)"),
         Method("evol", "Evol-Instruct", "Xu et al., WizardLM: Empowering Large Language Models to Follow Complex Instructions (arXiv 2304.12244)"),
-        Method("refed", "REFED", "Mehri et al., Reference-Level Feedback (arXiv 2502.04511)"),
+        Method("refed", "REFED", "Mehri et al., Reference-Level Feedback, EACL 2026 (arXiv 2502.04511)",
+               report="datatailor.report.refed:write_refed_report"),
         Method("coachlm", "CoachLM", "Liu et al., CoachLM: Automatic Instruction Revisions Improve the Data Quality in LLM Instruction Tuning, ICDE 2024 (arXiv 2311.13246)"),
         Method("teams_rl", "TeaMs-RL", "Gu et al., TeaMs-RL (arXiv 2403.08694)"),
     )
@@ -229,3 +233,14 @@ def check_templates(stages: Sequence["StageConfig"], registry: dict[str, type["S
                     f"which this stage does not pass (it passes: {', '.join(sorted(passed))})"
                 )
     return problems
+
+
+def method_report(key: str | None):
+    """The report function of a method, if it has one."""
+    import importlib
+
+    method = METHODS.get(key or "")
+    if method is None or method.report is None:
+        return None
+    module, _, func = method.report.partition(":")
+    return getattr(importlib.import_module(module), func)

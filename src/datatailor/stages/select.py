@@ -93,3 +93,50 @@ class Dedup(BatchStage[DedupConfig]):
             exact_seen.setdefault(key, record.id)
             kept.append(record.with_event(LineageEvent(stage=self.name, decision="kept", reason="no earlier duplicate")))
         return BatchResult(outputs=kept, rejected=rejected)
+
+
+class RougeFilterConfig(StageConfig):
+    type: Literal["filter.rouge"] = "filter.rouge"
+    threshold: float = Field(0.7, gt=0, le=1, description="Keep a record only if its ROUGE-L with every kept one is below this (Self-Instruct: 0.7).")
+    compare: Literal["instruction", "prompt", "response"] = Field("instruction", description="Which text is compared.")
+    order: Literal["random", "input"] = Field(
+        "random", description="random: visit records in a seeded random order (REFED's subset selection starts from a random sample); input: in input order."
+    )
+
+
+@register("filter.rouge")
+class RougeFilter(BatchStage[RougeFilterConfig]):
+    """Greedy ROUGE-L novelty filter, usable on any method's output (REFED's ROUGE-L selection, Self-Instruct's rule):
+    visit the records (in a seeded random order by default) and keep one only if its ROUGE-L F-measure with every
+    record kept so far is below `threshold`; the others are dropped as `too_similar`, naming the closest. Kept
+    records stay in input order."""
+
+    Config = RougeFilterConfig
+
+    @classmethod
+    def contract(cls, config: Any) -> Contract:
+        return Contract.of(needs=["response"] if config is not None and config.compare == "response" else [])
+
+    async def process_all(self, records: list[Record]) -> BatchResult:
+        from datatailor.scoring.novelty import NoveltyIndex
+
+        cfg = self.config
+        visit = list(range(len(records)))
+        if cfg.order == "random":
+            self.ctx.rng("rouge-order").shuffle(visit)
+        index = NoveltyIndex()
+        kept: set[int] = set()
+        rejected: dict[str, tuple[str, str]] = {}
+        for i in visit:
+            text = dedup_text(records[i], cfg.compare)
+            similarity, closest = index.closest(text)
+            if similarity >= cfg.threshold:
+                rejected[records[i].id] = ("too_similar", f"ROUGE-L {similarity:.3f} ≥ {cfg.threshold} with {closest}")
+                continue
+            index.add(records[i].id, text)
+            kept.add(i)
+        outputs = [
+            r.with_event(LineageEvent(stage=self.name, decision="kept", reason=f"ROUGE-L < {cfg.threshold} with every kept record"))
+            for i, r in enumerate(records) if i in kept
+        ]
+        return BatchResult(outputs=outputs, rejected=rejected)

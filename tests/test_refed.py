@@ -1,0 +1,354 @@
+"""REFED on a scripted teacher: exact size, the reference draw, feedback once per drawn reference, the count of new
+instructions, one bad reply costing one item, multi-turn references, the ablations' feedback calls, the filters'
+keep rules, resume after kill -9, and the report.
+
+The scripted teacher routes by template name and reads the variables it was rendered with:
+
+* instruction feedback → {"subject_areas": "areas of <ref>", "relevant_skills": "skills of <ref>"};
+* response feedback    → {"response_feedback": "feedback on <instruction>"};
+* synthesis            → exactly n new instructions (a reference containing SHORT gives n − 2, one with EXTRA n + 3);
+* respond              → "Draft answer to: <instruction>";
+* improve              → {"analysis": …, "implementation_strategy": …, "improved_response": "Improved: <draft>"};
+  for an instruction containing BADIMPROVE, text that is not JSON (every time).
+* the judge prefers a response starting with "Improved" (8 vs 5) in both orders; for HALFJUDGE only when shown first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from datatailor.llm.base import CompletionRequest
+from datatailor.recipe import parse_recipe
+from datatailor.runner import RunResult, run_recipe_sync
+from datatailor.stages.refed import Instructions, at_least_one, clean_instructions, exactly
+from tests.conftest import cli_env
+from tests.support import read_jsonl
+
+CALLS: list[CompletionRequest] = []
+
+
+def teacher(request: CompletionRequest) -> str:
+    CALLS.append(request)
+    t, v = request.template, request.variables or {}
+    if t == "refed/instruction_feedback.j2":
+        ref = json.loads(v["pair"])["instruction"]
+        return json.dumps({"subject_areas": f"areas of {ref}", "relevant_skills": f"skills of {ref}"})
+    if t == "refed/response_feedback.j2":
+        return json.dumps({"response_feedback": f"feedback on {json.loads(v['pair'])['instruction'][:40]}"})
+    if t == "refed/synthesize.j2":
+        ref, n = json.loads(v["reference_instruction"]), v["n"]
+        count = n - 2 if "SHORT" in ref else n + 3 if "EXTRA" in ref else n
+        tag = request.sampling.seed % 997
+        bad = ["BADIMPROVE task"] if "BADREF" in ref and v["feature_name"] == "subject areas" else []
+        items = bad + [f"New task {i} ({v['feature_name']}, {tag}) inspired by {ref[:30]}" for i in range(count - len(bad))]
+        return json.dumps({"instructions": items})
+    if t == "refed/respond.j2":
+        return f"Draft answer to: {v['instruction']}"
+    if t == "refed/improve.j2":
+        instruction = json.loads(v["instruction"])
+        if "BADIMPROVE" in instruction:
+            return "I'd rather just chat about it."
+        return json.dumps({
+            "analysis": {"original_strengths": ["clear"], "improvement_opportunities": ["depth"], "relevant_feedback": ["add detail"]},
+            "implementation_strategy": {"planned_changes": ["add an example"], "rationale": "deeper"},
+            "improved_response": f"Improved: {json.loads(v['response'])} With an example.",
+        })
+    if t == "judge/pairwise_scores.j2":
+        a, b = v["answer_1"], v["answer_2"]
+        if "HALFJUDGE" in v["question"]:
+            return "8 5" if a.startswith("Improved") else "5 5"  # improved wins shown first, ties shown second
+        return f"{8 if a.startswith('Improved') else 5} {8 if b.startswith('Improved') else 5}"
+    raise AssertionError(f"unexpected template {t!r}")
+
+
+MODELS = {"teacher": {"backend": "scripted", "model": "teacher", "handler": "tests.test_refed:teacher"},
+          "judge": {"backend": "scripted", "model": "judge", "handler": "tests.test_refed:teacher"}}
+
+REFERENCES = [
+    {"conversations": [f"How do I do thing {i} well?", f"A careful answer about thing {i}."]} for i in range(6)
+] + [
+    {"conversations": ["Multi question 1?", "Answer 1.", "Follow-up?", "Answer 2."]},
+    {"instruction": "A pair without a response"},
+]
+
+FULL = [
+    {"type": "refed.references", "pairs_per_reference": 6},
+    {"type": "refed.feedback"},
+    {"type": "refed.synthesize", "per_feature": 3},
+    {"type": "refed.respond"},
+    {"type": "refed.improve"},
+    {"type": "select"},
+]
+
+
+def write_refs(tmp_path: Path, rows: list[dict[str, Any]] = REFERENCES) -> Path:
+    path = tmp_path / "refs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def run(tmp_path: Path, stages: list[dict[str, Any]], name: str = "out", rows: list[dict[str, Any]] = REFERENCES, **fields: Any) -> RunResult:
+    recipe = parse_recipe({"models": MODELS, "input": str(write_refs(tmp_path, rows)), "stages": stages, "cache": False, **fields},
+                          "test-refed", tmp_path)
+    return run_recipe_sync(recipe, tmp_path / name, show_progress=False)
+
+
+def ns(r: dict[str, Any]) -> dict[str, Any]:
+    return r["metadata"]["refed"]
+
+
+def stage_usage(tmp_path: Path, name: str = "out") -> dict[str, dict[str, Any]]:
+    return json.loads((tmp_path / name / "usage.json").read_text())["total"]["stages"]
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def test_full_refed_delivers_exactly_the_budget_with_evidence(tmp_path: Path) -> None:
+    result = run(tmp_path, FULL, budget_pairs=10)
+    assert result.status == "complete" and result.records == 10
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    for pair in data:
+        d = ns(pair)
+        assert pair["response"] == f"Improved: {d['draft']} With an example."  # the improved response is the target
+        assert d["draft"] == f"Draft answer to: {pair['instruction']}"
+        assert d["feature"] in ("subject_areas", "relevant_skills") and d["feature_text"].startswith(("areas of", "skills of"))
+        assert d["analysis"]["relevant_feedback"] == ["add detail"] and d["strategy"]["rationale"] == "deeper"
+        assert d["response_feedback"].startswith("feedback on") and d["feedback_applied"] == "reference"
+        assert {e["stage"] for e in pair["lineage"]} >= {"refed.feedback", "refed.synthesize", "refed.respond", "refed.improve"}
+        assert all("cost_usd" in e for e in pair["lineage"])
+    # 10 pairs at 6 per reference: ceil(10 / 6) = 2 references drawn, 12 pairs made, 2 trimmed by select.
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    refs = next(s for s in manifest["stages"] if s["name"] == "refed.references")
+    assert refs["outputs"] == 2 and refs["failure_kinds"] == {"multi_turn": 1, "no_response": 1}
+    select = next(s for s in manifest["stages"] if s["name"] == "select")
+    assert (select["inputs"], select["outputs"]) == (12, 10)
+    # one call per step: 2 feedback per reference, 2 synthesis per reference, 1 draft + 1 improvement per pair
+    usage = stage_usage(tmp_path)
+    assert (usage["refed.feedback"]["requests"], usage["refed.synthesize"]["requests"]) == (4, 4)
+    assert (usage["refed.respond"]["requests"], usage["refed.improve"]["requests"]) == (12, 12)
+
+
+def test_references_are_drawn_without_replacement_and_reused_only_after_all(tmp_path: Path) -> None:
+    run(tmp_path, [{"type": "refed.references", "count": 8}])
+    drawn = read_jsonl(tmp_path / "out" / "data.jsonl")
+    sources = [ns(r)["reference_id"] for r in drawn]
+    assert len(set(sources[:6])) == 6  # the first pass uses each of the 6 references once
+    assert [ns(r)["draw_pass"] for r in drawn] == [1] * 6 + [2] * 2
+    assert set(sources[6:]) <= set(sources[:6]) and len({r["id"] for r in drawn}) == 8  # reused, with their own ids
+    # the order is the seed's: the same seed gives it again, another seed another one
+    run(tmp_path, [{"type": "refed.references", "count": 8}], name="again")
+    run(tmp_path, [{"type": "refed.references", "count": 8}], name="other", seed=1)
+    assert [ns(r)["reference_id"] for r in read_jsonl(tmp_path / "again" / "data.jsonl")] == sources
+    assert [ns(r)["reference_id"] for r in read_jsonl(tmp_path / "other" / "data.jsonl")] != sources
+
+
+def test_multi_turn_rows_are_not_references(tmp_path: Path) -> None:
+    run(tmp_path, [{"type": "refed.references", "count": 2}])
+    failures = {f["kind"]: f for f in read_jsonl(tmp_path / "out" / "failures.jsonl")}
+    assert set(failures) == {"multi_turn", "no_response"}
+    assert "4 turns" in failures["multi_turn"]["message"] and "single-turn" in failures["multi_turn"]["message"]
+
+
+def test_feedback_is_collected_once_per_drawn_reference_only(tmp_path: Path) -> None:
+    CALLS.clear()
+    stages = [{"type": "refed.references", "count": 8}, {"type": "refed.feedback"}]
+    run(tmp_path, stages)
+    drawn = read_jsonl(tmp_path / "out" / "data.jsonl")
+    asked = Counter(json.loads(c.variables["pair"])["instruction"] for c in CALLS)
+    assert set(asked) == {ns(r)["reference_instruction"] for r in drawn}  # 6 distinct references drawn
+    assert all(count == 2 for count in asked.values())  # instruction + response feedback, once each
+    # the two references drawn again in pass 2 reuse their feedback: no call, no tokens counted twice
+    assert stage_usage(tmp_path)["refed.feedback"]["requests"] == 12
+    reused = [r for r in drawn if ns(r)["draw_pass"] == 2]
+    assert all(ns(r)["subject_areas"] and e["details"].get("shared_call") for r in reused for e in r["lineage"] if e["stage"] == "refed.feedback")
+    shared = read_jsonl(tmp_path / "out" / "stages" / "01-refed.feedback" / "shared_calls.jsonl")
+    assert len(shared) == 12  # checkpointed as collected
+
+
+def test_an_undrawn_reference_gets_no_feedback(tmp_path: Path) -> None:
+    CALLS.clear()
+    run(tmp_path, [{"type": "refed.references", "count": 2}, {"type": "refed.feedback"}])
+    assert len({json.loads(c.variables["pair"])["instruction"] for c in CALLS}) == 2
+
+
+def test_the_count_of_new_instructions_is_enforced(tmp_path: Path) -> None:
+    rows = [{"instruction": "EXTRA reference task", "output": "answer"}, {"instruction": "SHORT reference task", "output": "answer"}]
+    stages = [{"type": "refed.references", "count": 2}, {"type": "refed.feedback"},
+              {"type": "refed.synthesize", "per_feature": 5, "features": ["subject_areas"]}]
+    run(tmp_path, stages, rows=rows)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    per_ref = Counter(ns(r)["reference_instruction"] for r in data)
+    assert per_ref == {"EXTRA reference task": 5, "SHORT reference task": 3}  # 8 cut to 5; 3 after the re-asks
+    short = next(r for r in data if ns(r)["reference_instruction"].startswith("SHORT"))
+    event = next(e for e in short["lineage"] if e["stage"] == "refed.synthesize")
+    assert (event["details"]["requested"], event["details"]["returned"]) == (5, 3)
+    assert stage_usage(tmp_path)["refed.synthesize"]["requests"] == 1 + 3  # EXTRA once; SHORT asked and re-asked twice
+    obj = Instructions(instructions=["A", "a!", " ", "B", "Ref", 3, {"text": "C"}])
+    assert clean_instructions(obj.instructions, "ref") == ["A", "B"]
+    assert exactly(Instructions(instructions=["x1", "x2", "x3"]), 2, "r") == ["x1", "x2"]
+    with pytest.raises(ValueError, match="1 new, distinct instructions in the list; 2 were asked for"):
+        exactly(Instructions(instructions=["x1", "x1"]), 2, "r")
+    with pytest.raises(ValueError):
+        at_least_one(Instructions(instructions=["r"]), "r")
+
+
+def test_one_unparsable_improvement_loses_one_item(tmp_path: Path) -> None:
+    rows = [{"instruction": "BADREF reference task", "output": "answer"}]
+    stages = [s for s in FULL if s["type"] != "select"]
+    stages[0] = {"type": "refed.references", "count": 1}
+    run(tmp_path, stages, rows=rows, systematic_failures=0)
+    failures = read_jsonl(tmp_path / "out" / "failures.jsonl")
+    assert [(f["stage"], f["kind"]) for f in failures] == [("refed.improve", "parse_error")]
+    assert failures[0]["record"]["instruction"] == "BADIMPROVE task"
+    assert len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 5  # the other 5 of the 6 pairs
+
+
+# ----------------------------------------------------------------------------- the ablations
+
+
+VARIANTS = {
+    "no_synthesis": [{"type": "refed.references", "pairs_per_reference": 1}, {"type": "select"}],
+    "instruction_feedback": [
+        {"type": "refed.references", "pairs_per_reference": 6}, {"type": "refed.feedback", "collect": ["instruction"]},
+        {"type": "refed.synthesize", "per_feature": 3}, {"type": "refed.respond"}, {"type": "select"},
+    ],
+    "sample_feedback": [
+        {"type": "refed.references", "pairs_per_reference": 6}, {"type": "refed.feedback", "collect": ["instruction"]},
+        {"type": "refed.synthesize", "per_feature": 3}, {"type": "refed.respond"}, {"type": "refed.sample_feedback"},
+        {"type": "refed.improve", "feedback": "sample"}, {"type": "select"},
+    ],
+    "refed": FULL,
+}
+
+
+def test_each_variant_delivers_the_same_size_with_its_own_feedback_calls(tmp_path: Path) -> None:
+    feedback: dict[str, int] = {}
+    for name, stages in VARIANTS.items():
+        result = run(tmp_path, stages, name=name, budget_pairs=5)
+        assert result.records == 5, name
+        usage = stage_usage(tmp_path, name)
+        feedback[name] = sum(u["requests"] for s, u in usage.items() if s in ("refed.feedback", "refed.sample_feedback"))
+        report = json.loads((tmp_path / name / "reports" / "refed_report.json").read_text())
+        assert report["cost"]["feedback_calls"] == feedback[name] and report["kept_pairs"] == 5
+    # 1 reference; sample-level feedback is one call per generated pair (6) instead of one per reference
+    assert feedback == {"no_synthesis": 0, "instruction_feedback": 1, "sample_feedback": 1 + 6, "refed": 2}
+    data = read_jsonl(tmp_path / "sample_feedback" / "data.jsonl")
+    assert all(ns(r)["feedback_applied"] == "sample" and ns(r)["sample_feedback"] for r in data)
+    plain = read_jsonl(tmp_path / "instruction_feedback" / "data.jsonl")
+    assert all(r["response"].startswith("Draft answer") and ns(r)["analysis"] is None for r in plain)
+
+
+def test_improve_with_sample_feedback_needs_the_sample_feedback_stage(tmp_path: Path) -> None:
+    from datatailor.errors import UserError
+
+    stages = [s for s in VARIANTS["sample_feedback"] if s["type"] != "refed.sample_feedback"]
+    with pytest.raises(UserError, match=r"refed.improve\) needs sample-level response feedback"):
+        run(tmp_path, stages, budget_pairs=5)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def test_judge_filter_keeps_a_pair_only_when_the_improved_response_wins_both_orders(tmp_path: Path) -> None:
+    rows = [{"instruction": "Plain task", "output": "a"}, {"instruction": "HALFJUDGE task", "output": "a"}]
+    stages = [s for s in FULL if s["type"] != "select"]
+    stages[0] = {"type": "refed.references", "count": 2}
+    stages[2] = {"type": "refed.synthesize", "per_feature": 1, "features": ["subject_areas"]}
+    judge = {"type": "judge.pairwise", "role": "judge", "a": "response", "b": "metadata.refed.draft", "rule": "strict", "keep": "a"}
+    run(tmp_path, [*stages, judge], rows=rows)
+    kept = read_jsonl(tmp_path / "out" / "data.jsonl")
+    dropped = [f for f in read_jsonl(tmp_path / "out" / "failures.jsonl") if f["kind"] == "judge_filter"]
+    assert [ns(r)["reference_instruction"] for r in kept] == ["Plain task"]
+    # wins when shown first, ties when shown second: the lenient rule would keep it, the strict rule does not
+    assert [ns(f["record"])["reference_instruction"] for f in dropped] == ["HALFJUDGE task"]
+    assert dropped[0]["record"]["metadata"]["judge"]["a_first"] == [8.0, 5.0]
+    assert kept[0]["metadata"]["judge"]["verdict"] == "a"
+    report = json.loads((tmp_path / "out" / "reports" / "refed_report.json").read_text())
+    assert (report["judge"]["judged"], report["judge"]["prefers_improved"], report["judge"]["ties"]) == (2, 1, 1)
+    assert report["judge"]["position_consistency"] == 0.5
+
+
+def test_rouge_filter_keeps_only_novel_instructions(tmp_path: Path) -> None:
+    base = [f"w{i}" for i in range(10)]
+    rows = [{"instruction": " ".join(base)}, {"instruction": " ".join(base[:7] + ["x7", "x8", "x9"])},  # ROUGE-L 0.70
+            {"instruction": " ".join(base[:7] + ["y7", "y8", "y9", "y10"])}, {"instruction": "something else entirely"}]
+    path = write_refs(tmp_path, rows)
+    recipe = parse_recipe({"models": {}, "input": str(path), "stages": [{"type": "filter.rouge", "order": "input"}]}, "t", tmp_path)
+    run_recipe_sync(recipe, tmp_path / "out", show_progress=False)
+    kept = [r["instruction"] for r in read_jsonl(tmp_path / "out" / "data.jsonl")]
+    assert kept == [rows[0]["instruction"], rows[2]["instruction"], rows[3]["instruction"]]
+    (dropped,) = read_jsonl(tmp_path / "out" / "failures.jsonl")
+    assert dropped["kind"] == "too_similar" and "0.700" in dropped["message"]
+
+
+def test_random_subset_is_the_seeds(tmp_path: Path) -> None:
+    rows = [{"instruction": f"Task number {i}", "output": "a"} for i in range(12)]
+    picks = []
+    for seed in (0, 0, 1):
+        name = f"s{len(picks)}"
+        recipe = parse_recipe({"models": {}, "input": str(write_refs(tmp_path, rows)), "budget_pairs": 4, "seed": seed,
+                               "stages": [{"type": "select", "strategy": "random"}]}, "t", tmp_path)
+        run_recipe_sync(recipe, tmp_path / name, show_progress=False)
+        picks.append([r["instruction"] for r in read_jsonl(tmp_path / name / "data.jsonl")])
+    assert len(picks[0]) == 4 and picks[0] == picks[1] and picks[0] != picks[2]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_after_kill_9_during_synthesis(tmp_path: Path) -> None:
+    refs = write_refs(tmp_path, [{"instruction": f"Reference task {i}", "output": "a"} for i in range(6)])
+    recipe_path = tmp_path / "refed.yaml"
+    slow = {**MODELS["teacher"], "latency_s": 0.05}
+    recipe_path.write_text(yaml.safe_dump({"models": {"teacher": slow}, "input": str(refs), "budget_pairs": 36,
+                                           "stages": [dict(s, concurrency=2) for s in FULL]}), encoding="utf-8")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "datatailor", "run", str(recipe_path), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoint = out / "stages" / "03-refed.respond" / "outputs.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 6):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "ended early"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not (out / "data.jsonl").exists(), "the process should be killed part-way"
+    calls_done = calls_in_checkpoints(out)
+    done = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    clean = tmp_path / "clean"
+    subprocess.run(cmd[:-3] + ["--out", str(clean), "--no-progress"], env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c3")),
+                   check=True, capture_output=True, timeout=120)
+    assert (out / "data.jsonl").read_bytes() == (clean / "data.jsonl").read_bytes()
+    resumed = json.loads((out / "usage.json").read_text())["run"]["all"]["requests"]
+    clean_total = json.loads((clean / "usage.json").read_text())["total"]["all"]["requests"]
+    # What was checkpointed is not asked again; at most the calls in flight at the kill are (2 records at a time,
+    # 2 calls each at most).
+    assert clean_total - calls_done <= resumed <= clean_total - calls_done + 4
+
+
+def calls_in_checkpoints(out: Path) -> int:
+    """Model calls whose results a killed run had checkpointed: shared feedback calls, and one call per event of
+    the synthesis, draft and improvement stages in the checkpointed records."""
+    calls = sum(len(read_jsonl(p)) for p in out.glob("stages/*/shared_calls.jsonl"))
+    for stage in ("02-refed.synthesize", "03-refed.respond", "04-refed.improve"):
+        path = out / "stages" / stage / "outputs.jsonl"
+        if path.exists():
+            for row in read_jsonl(path):
+                if stage.endswith("synthesize"):
+                    calls += len({r["metadata"]["refed"]["feature"] for r in row["records"]})
+                else:
+                    calls += len(row["records"])
+    return calls
