@@ -95,10 +95,21 @@ def build_codec_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
     return out_dir / codec_report.REPORT_HTML, codec_report.FIGURE_IDS
 
 
+def build_refed_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
+    """A REFED run on the scripted teacher of tests/test_refed.py, with its judge filter; the run writes the report."""
+    from datatailor.report import refed as refed_report
+    from tests.test_refed import FULL, run
+
+    judge = {"type": "judge.pairwise", "role": "judge", "a": "response", "b": "metadata.refed.draft", "rule": "strict"}
+    run(tmp_path, [*FULL[:-1], judge, FULL[-1]], budget_pairs=8)
+    return tmp_path / "out" / "reports" / "refed_report.html", refed_report.FIGURE_IDS
+
+
 # One line per HTML report the project writes.
 REPORTS = [
     pytest.param(build_compare_report, id="compare"),
     pytest.param(build_codec_report, id="codec"),
+    pytest.param(build_refed_report, id="refed"),
 ]
 
 
