@@ -55,7 +55,8 @@ METHODS: dict[str, Method] = {
         Method("evol", "Evol-Instruct", "Xu et al., WizardLM: Empowering Large Language Models to Follow Complex Instructions (arXiv 2304.12244)"),
         Method("refed", "REFED", "Mehri et al., Reference-Level Feedback, EACL 2026 (arXiv 2502.04511)",
                report="datatailor.report.refed:write_refed_report"),
-        Method("coachlm", "CoachLM", "Liu et al., CoachLM: Automatic Instruction Revisions Improve the Data Quality in LLM Instruction Tuning, ICDE 2024 (arXiv 2311.13246)"),
+        Method("coachlm", "CoachLM", "Liu et al., CoachLM: Automatic Instruction Revisions Improve the Data Quality in LLM Instruction Tuning, ICDE 2024 (arXiv 2311.13246)",
+               report="datatailor.report.coach:write_coach_report"),
         Method("teams_rl", "TeaMs-RL", "Gu et al., TeaMs-RL (arXiv 2403.08694)"),
     )
 }

@@ -1,0 +1,245 @@
+"""CoachLM: the training set from expert revisions (repairs, revision size, α, held-out split), the coach format,
+`coach.revise` on a scripted coach (every reason an original is kept, the rating gate, the prompted coach, resume
+after kill -9), the report, and the prompt used identically in training and revision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from datatailor.llm.base import CompletionRequest
+from datatailor.prompts import load_prompt
+from datatailor.recipe import parse_recipe
+from datatailor.records import Record
+from datatailor.runner import run_recipe_sync
+from datatailor.stages.base import record_variables
+from datatailor.stages.coach import Pair, directive, load_expert_pairs, parse_pair, prepare, select_alpha, serialize_pair, split
+from datatailor.stages.coach.prepare import ExpertPair
+from datatailor.train.sft_data import load_pairs, pair_messages
+from tests.conftest import cli_env
+from tests.support import read_jsonl, write_rows
+
+# ----------------------------------------------------------------------------- the training set
+
+
+def fake(i: int, distance: int) -> ExpertPair:
+    before = Pair(f"task {i}", "", "x")
+    return ExpertPair(id=f"p{i:02d}", before=before, after=Pair(f"task {i}", "", "x" + "y" * distance), stored_distance=distance)
+
+
+def test_alpha_keeps_the_largest_revisions_or_the_smallest() -> None:
+    pairs = [fake(i, d) for i, d in enumerate([5, 50, 10, 40, 20, 30, 60, 1, 2, 3])]
+    top = select_alpha(pairs, 0.3, "descending")
+    assert [p.distance for p in top] == [60, 50, 40]  # ceil(0.3 × 10) = 3, largest first (the CoachLM README)
+    assert [p.distance for p in select_alpha(pairs, 0.3, "ascending")] == [1, 2, 3]
+    assert len(select_alpha(pairs, 0.25, "descending")) == 3  # ceil(2.5)
+    with pytest.raises(Exception, match="alpha"):
+        select_alpha(pairs, 0.0, "descending")
+
+
+def test_the_held_out_split_never_enters_training(tmp_path: Path) -> None:
+    report = prepare("coachlm", tmp_path, alpha=0.3, holdout=50, seed=3)
+    train = read_jsonl(tmp_path / "train.jsonl")
+    held = read_jsonl(tmp_path / "heldout.jsonl")
+    assert (report["pairs"], report["heldout"], len(held)) == (2301, 50, 50)
+    assert len(train) == report["train"] == 676  # ceil(0.3 × 2,251)
+    held_pairs = {serialize_pair(h["Raw Instruction"], h["Raw Input"], h["Raw Response"]) for h in held}
+    assert not held_pairs & {t["input"] for t in train}
+    assert [r["Raw Instruction"] for r in read_jsonl(tmp_path / "shots.jsonl")] == [parse_pair(t["input"]).instruction for t in train]
+    # the split is the seed's
+    other = prepare("coachlm", tmp_path / "other", holdout=50, seed=4)
+    assert other["heldout"] == 50 and read_jsonl(tmp_path / "other" / "heldout.jsonl") != held
+    assert min(t["distance"] for t in train) >= report["train_distance"]["min"] >= 401
+
+
+def test_input_embedded_in_the_input_field_is_re_split_on_the_real_rows() -> None:
+    pairs = load_expert_pairs("coachlm")
+    resplit = [p for p in pairs if "input_resplit" in p.repairs]
+    assert len(resplit) == 21
+    poem = next(p for p in resplit if p.before.instruction.startswith("Given the compose"))
+    assert (poem.before.instruction, poem.before.input) == ("Given the compose a poem.", "A river flows gracefully through the town.")
+    assert all("Input:" not in (p.before.input + p.after.input) for p in pairs)
+    assert sum(1 for p in pairs if "empty_instruction" in p.repairs) == 2
+    # the revision size is the stored Distance for the rows the file's layout reproduces
+    assert sum(1 for p in pairs if p.as_stored_distance == p.stored_distance) >= 2000
+
+
+def test_training_rows_use_the_coach_format() -> None:
+    pairs = load_expert_pairs("coachlm")
+    rest, held = split(pairs, 10, 0)
+    assert len(rest) == 2291 and not {p.id for p in held} & {p.id for p in rest}
+
+
+# ----------------------------------------------------------------------------- the coach format
+
+
+def test_serialization_round_trips() -> None:
+    pair = Pair("Summarise:\n- one\n- two", "", "A summary\n\nwith two paragraphs.")
+    assert parse_pair(serialize_pair(**pair.fields())) == pair
+    with_input = Pair("Translate", "Bonjour [[ not a marker ]]", "Hello")
+    assert parse_pair(serialize_pair(**with_input.fields())) == with_input
+
+
+def test_the_parser_cleans_up_or_refuses() -> None:
+    text = "Sure! Here is the revision:\n[[INSTRUCTION]]\nDo X.\n[[INPUT]]\n\n[[RESPONSE]]\nStep 1.\nStep 1.\nStep 2.\n[[INSTRUCTION]]\nrepeated"
+    assert parse_pair(text) == Pair("Do X.", "", "Step 1.\nStep 2.")  # preamble dropped, repeats collapsed, repeat ignored
+    assert parse_pair("[[instruction]]\nA\n[[ RESPONSE ]]\nB") == Pair("A", "", "B")  # marker case and spaces
+    with pytest.raises(ValueError, match="no response section"):
+        parse_pair("[[INSTRUCTION]]\nDo X.\n[[INPUT]]\nsomething that was cut off")  # truncated
+    assert parse_pair("[[INSTRUCTION]]\nDo X.\n[[RESPONSE]]\n   ") == Pair("Do X.", "", "")  # empty: the stage decides
+    with pytest.raises(ValueError):
+        parse_pair("I improved it: do X better.")
+
+
+def test_training_and_revision_render_the_same_prompt(tmp_path: Path) -> None:
+    prepare("coachlm", tmp_path, holdout=10)
+    (row,) = [r for r, _ in zip(read_jsonl(tmp_path / "train.jsonl"), range(1))]
+    records, _ = load_pairs(tmp_path / "train.jsonl", limit=1)
+    trained = pair_messages(records[0], load_prompt("respond.j2"))
+    revision_request = Record(id="x", instruction=directive(), input=row["input"])
+    assert load_prompt("respond.j2").render(**record_variables(revision_request)) == trained
+
+
+# ----------------------------------------------------------------------------- coach.revise
+
+
+SEEN: list[CompletionRequest] = []
+
+
+def coach(request: CompletionRequest) -> str:
+    """Revises according to a keyword in the pair: GOOD, PROSE, EMPTY, SHORT, LONG, ECHO, SAME, CUT."""
+    SEEN.append(request)
+    v = request.variables
+    pair = parse_pair(v["input"] if request.template == "respond.j2" else v["pair"])
+    text = pair.instruction
+    if "PROSE" in text:
+        return "I think this pair is fine, but the answer could be longer."
+    if "EMPTY" in text:
+        return serialize_pair(pair.instruction, pair.input, " ")
+    if "SHORT" in text:
+        return serialize_pair(pair.instruction, pair.input, "No.")
+    if "LONG" in text:
+        return serialize_pair(pair.instruction, pair.input, pair.response * 10)
+    if "ECHO" in text:
+        return serialize_pair(directive(), pair.input, directive())
+    if "SAME" in text:
+        return serialize_pair(**pair.fields())
+    if "CUT" in text:
+        return serialize_pair(pair.instruction, pair.input, pair.response + " more " * 400)
+    return serialize_pair(pair.instruction + " Be specific.", pair.input, pair.response + " Here is one more step and an example.")
+
+
+ROWS = [{"instruction": f"{kw} task: explain the water cycle", "input": "", "output": "Water evaporates, condenses and falls as rain."}
+        for kw in ("GOOD", "PROSE", "EMPTY", "SHORT", "LONG", "ECHO", "SAME", "CUT")]
+COACH = {"backend": "scripted", "model": "coach", "handler": "tests.test_coach:coach", "max_tokens": 200}
+
+
+def revise(tmp_path: Path, stages: list[dict[str, Any]], rows: list[dict[str, Any]] = ROWS, name: str = "out", **models: Any):
+    recipe = parse_recipe({"models": {"coach": COACH, **models}, "input": str(write_rows(tmp_path / "pairs.jsonl", rows)),
+                           "stages": stages, "cache": False}, "test-coach", tmp_path)
+    return run_recipe_sync(recipe, tmp_path / name, show_progress=False)
+
+
+def test_a_bad_revision_never_replaces_the_pair(tmp_path: Path) -> None:
+    result = revise(tmp_path, [{"type": "coach.revise"}])
+    assert result.status == "complete" and result.records == len(ROWS) and result.failures == 0  # nothing dropped
+    data = {r["instruction"].split()[0]: r for r in read_jsonl(tmp_path / "out" / "data.jsonl")}
+    reasons = {k: r["metadata"]["coach"]["kept_original"] for k, r in data.items()}
+    assert reasons == {"GOOD": None, "PROSE": "unparsable", "EMPTY": "empty_field", "SHORT": "too_short",
+                       "LONG": "too_long", "ECHO": "copies_prompt", "SAME": "unchanged", "CUT": "truncated"}
+    good = data["GOOD"]
+    assert good["instruction"].endswith("Be specific.") and good["response"].endswith("an example.")
+    assert good["metadata"]["coach"]["changed"] == ["instruction", "response"] and good["metadata"]["coach"]["edit_distance"] == 51
+    for key, r in data.items():
+        if key != "GOOD":  # the original pair is kept as it was, with the reason
+            assert r["response"] == ROWS[0]["output"] and r["instruction"] == f"{key} task: explain the water cycle"
+            assert r["metadata"]["coach"]["reason"]
+    assert data["PROSE"]["metadata"]["coach"]["revision"] is None and data["SHORT"]["metadata"]["coach"]["revision"]["response"] == "No."
+    assert all(r.sampling.temperature == 0.0 for r in SEEN)  # greedy, as the paper's coach
+    report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
+    assert (report["pairs"], report["revised"]) == (8, 1)
+    assert report["kept_original"] == {"unparsable": 1, "empty_field": 1, "too_short": 1, "too_long": 1, "copies_prompt": 1,
+                                       "unchanged": 1, "truncated": 1}
+    assert report["fields_changed"] == {"instruction": 1, "response": 1}
+
+
+def rater(request: CompletionRequest) -> str:
+    """Rates 3 a pair not yet revised (except those marked HIGH, rated 5) and 5 a revised one."""
+    v = request.variables
+    return "Score: 5" if "HIGH" in v["instruction"] or "Be specific" in v["instruction"] else "Score: 3"
+
+
+def test_the_rating_gate_revises_only_low_rated_pairs_then_re_rates(tmp_path: Path) -> None:
+    rows = [{"instruction": f"{kw} task {i}: explain tides", "input": "", "output": "The moon pulls the oceans."}
+            for i, kw in enumerate(["GOOD", "HIGH GOOD", "GOOD", "HIGH GOOD"])]
+    judge = {"backend": "scripted", "model": "rater", "handler": "tests.test_coach:rater"}
+    stages = [{"type": "quality.rate", "role": "judge"}, {"type": "coach.revise", "revise_below": 4.5},
+              {"type": "quality.rate", "name": "rate-after", "role": "judge", "key": "quality_after"}]
+    SEEN.clear()
+    revise(tmp_path, stages, rows, judge=judge)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert [r["metadata"]["coach"]["revised"] for r in data] == [True, False, True, False]
+    assert [r["metadata"]["coach"]["kept_original"] for r in data] == [None, "rated_high", None, "rated_high"]
+    assert len(SEEN) == 2  # the highly rated pairs were not sent to the coach
+    report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
+    assert report["quality_before"]["high_quality_share"] == 0.5 and report["quality_after"]["high_quality_share"] == 1.0
+    # the gate needs a rating: without a quality.rate stage the recipe is refused
+    from datatailor.errors import UserError
+
+    with pytest.raises(UserError, match="needs `metadata.quality`"):
+        revise(tmp_path, [{"type": "coach.revise", "revise_below": 4.5}], rows, name="no-rating")
+
+
+def test_the_prompted_coach_shows_expert_revisions(tmp_path: Path) -> None:
+    SEEN.clear()
+    revise(tmp_path, [{"type": "coach.revise", "mode": "prompted", "shots": 2}], ROWS[:1])
+    (request,) = SEEN
+    assert request.template == "coach/prompted.j2" and len(request.variables["examples"]) == 2
+    assert all(parse_pair(e["before"]) and parse_pair(e["after"]) for e in request.variables["examples"])
+    assert request.variables["directive"] == directive()
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert data[0]["metadata"]["coach"]["mode"] == "prompted" and data[0]["metadata"]["coach"]["revised"]
+
+
+def test_closeness_to_the_expert_revision_is_reported(tmp_path: Path) -> None:
+    prepare("coachlm", tmp_path / "prep", holdout=5)
+    heldout = tmp_path / "prep" / "heldout.jsonl"
+    recipe = parse_recipe({"models": {"coach": COACH}, "input": str(heldout), "stages": [{"type": "coach.revise"}], "cache": False},
+                          "t", tmp_path)
+    run_recipe_sync(recipe, tmp_path / "out", show_progress=False)
+    report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
+    c = report["closeness_to_expert"]
+    assert c["pairs"] == 5 and 0 < c["rouge_l"] <= 1 and 0 < c["edit_similarity_original"] <= 1
+
+
+def test_resume_after_kill_9_mid_revision(tmp_path: Path) -> None:
+    rows = [{"instruction": f"GOOD task {i}: explain", "input": "", "output": "An answer."} for i in range(40)]
+    recipe_path = tmp_path / "coach.yaml"
+    recipe_path.write_text(yaml.safe_dump({"models": {"coach": {**COACH, "latency_s": 0.05}},
+                                           "input": str(write_rows(tmp_path / "pairs.jsonl", rows)),
+                                           "stages": [{"type": "coach.revise", "concurrency": 2}]}), encoding="utf-8")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "datatailor", "run", str(recipe_path), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoint = out / "stages" / "00-coach.revise" / "outputs.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 8):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "ended early"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    done_before = len(read_jsonl(checkpoint))
+    assert 8 <= done_before < 40
+    resumed = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "usage.json").read_text())["run"]["all"]["requests"] == 40 - done_before
+    assert len(read_jsonl(out / "data.jsonl")) == 40
