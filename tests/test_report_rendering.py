@@ -105,11 +105,37 @@ def build_refed_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
     return tmp_path / "out" / "reports" / "refed_report.html", refed_report.FIGURE_IDS
 
 
+def build_coach_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
+    """A CoachLM run on the scripted coach of tests/test_coach.py (every kept-original reason), rated before and after."""
+    from datatailor.report import coach as coach_report
+    from tests.test_coach import ROWS, revise
+
+    judge = {"backend": "scripted", "model": "rater", "handler": "tests.test_coach:rater"}
+    revise(tmp_path, [{"type": "quality.rate", "role": "judge"}, {"type": "coach.revise"},
+                      {"type": "quality.rate", "name": "after", "role": "judge", "key": "quality_after"}], ROWS, judge=judge)
+    return tmp_path / "out" / "reports" / "coachlm_report.html", coach_report.FIGURE_IDS
+
+
+def build_teams_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
+    """A TeaMs-RL run on the scripted world of tests/test_teams.py: 2 TRPO updates, then generation."""
+    pytest.importorskip("sb3_contrib")
+    from datatailor.recipe import parse_recipe
+    from datatailor.report import teams as teams_report
+    from datatailor.runner import run_recipe_sync
+    from tests.test_teams import TRAIN, recipe
+
+    stages = [{**TRAIN, "updates": 2}, {"type": "teams.generate", "schedule": "official", "keep": "all", "elimination": False}]
+    run_recipe_sync(parse_recipe(recipe(tmp_path, stages), "t", tmp_path), tmp_path / "out", show_progress=False)
+    return tmp_path / "out" / "reports" / "teams_rl_report.html", teams_report.FIGURE_IDS
+
+
 # One line per HTML report the project writes.
 REPORTS = [
     pytest.param(build_compare_report, id="compare"),
     pytest.param(build_codec_report, id="codec"),
     pytest.param(build_refed_report, id="refed"),
+    pytest.param(build_coach_report, id="coachlm"),
+    pytest.param(build_teams_report, id="teams_rl"),
 ]
 
 
