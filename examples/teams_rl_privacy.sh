@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The privacy check TeaMs-RL reports (Gu et al., arXiv 2403.08694): fine-tune the target on TeaMs-RL data and on
+# Evol-Instruct data of the same size from the same seeds, then attack each tuned model with loss-based membership
+# inference (`datatailor privacy`): ROC AUC 0.5 means the model does not reveal which pairs it was trained on; the
+# paper reports an AUC closer to 0.5 for TeaMs-RL (0.47 vs 0.72 in a third-party summary).
+#
+#   bash examples/teams_rl_privacy.sh          # runs/teams-privacy (OUT=...); PAIRS=8 members + 8 non-members
+#
+# On the CPU with the embedded models at a tiny size (about 15-25 minutes on 2 cores): 8 + 8 pairs give a very noisy
+# AUC; the figure exercises the check, it does not reproduce the paper's. For real use raise PAIRS and SEEDS and
+# point the models at the paper's (examples/teams_rl_openai.yaml).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUT="$(mkdir -p "${OUT:-runs/teams-privacy}" && cd "${OUT:-runs/teams-privacy}" && pwd)"
+PAIRS="${PAIRS:-8}"
+SEEDS="${SEEDS:-4}"
+BUDGET=$((2 * PAIRS))   # half trained on (members), half held out (non-members)
+
+qwen() { printf '    backend: llamacpp\n    model: local:qwen2.5-coder-0.5b-instruct\n    temperature: %s\n    max_tokens: %s\n' "$1" "$2"; }
+
+# 1. The two datasets, same seeds, same size.
+{
+  echo "name: teams-rl-privacy"; echo "seed: 0"; echo "budget_pairs: $BUDGET"
+  echo "input: {path: $HERE/data/self_instruct_seeds.jsonl, limit: $SEEDS}"
+  echo "models:"; echo "  rewriter:"; qwen 0.0 120; echo "  reviewer:"; qwen 0.0 8; echo "  expert:"; qwen 0.7 200
+  echo "stages:"
+  echo "  - {type: teams.train, updates: 2, n_envs: 2}"
+  echo "  - {type: teams.generate, schedule: official, keep: all, elimination: false, respond_template: $HERE/templates/short_answer.j2}"
+  echo "  - {type: select, strategy: random}"
+} > "$OUT/teams.yaml"
+{
+  echo "name: evol-privacy"; echo "seed: 0"; echo "budget_pairs: $BUDGET"
+  echo "input: {path: $HERE/data/self_instruct_seeds.jsonl, limit: $SEEDS}"
+  echo "models:"; echo "  strong:"; qwen 0.7 200
+  echo "stages:"
+  echo "  - {type: evol.evolve, rounds: 6, respond_template: $HERE/templates/short_answer.j2}"
+  echo "  - {type: select, strategy: random}"
+} > "$OUT/evol.yaml"
+for method in teams evol; do
+  datatailor run "$OUT/$method.yaml" --out "$OUT/$method" || { code=$?; [ "$code" -eq 4 ] || exit "$code"; }
+  n=$(grep -c . "$OUT/$method/data.jsonl" || true)
+  half=$((n / 2))
+  head -n "$half" "$OUT/$method/data.jsonl" > "$OUT/$method.members.jsonl"
+  tail -n "$half" "$OUT/$method/data.jsonl" > "$OUT/$method.nonmembers.jsonl"
+  # 2. The same training settings for both targets.
+  if [ ! -f "$OUT/$method-tuned/train_report.json" ]; then
+    datatailor train --data "$OUT/$method.members.jsonl" --base local:gemma-3-270m --out "$OUT/$method-tuned" \
+      --epochs 3 --batch-size 2 --max-length 384
+  fi
+  # 3. Membership inference against the tuned target.
+  datatailor privacy --model "$OUT/$method-tuned" --members "$OUT/$method.members.jsonl" \
+    --nonmembers "$OUT/$method.nonmembers.jsonl" --out "$OUT/$method.privacy.json"
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for method in ("teams", "evol"):
+    r = json.loads((out / f"{method}.privacy.json").read_text())
+    print(f"{method:6s} AUC {r['auc']:.3f}  ({r['n_members']} members, {r['n_nonmembers']} non-members)")
+PY
