@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from datatailor.llm.base import CompletionRequest
 from datatailor.recipe import Recipe, parse_recipe
@@ -77,3 +81,23 @@ def judge_prefers_cand(request: CompletionRequest) -> str:
 def judge_prefers_good(request: CompletionRequest) -> str:
     """A pairwise judge that scores the answer "GOOD" 9 and the other 5, whichever order it is shown in."""
     return "9 5" if request.variables["answer_1"] == "GOOD" else "5 9"
+
+
+def kill_9_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], timeout_s: float = 60) -> None:
+    """Start `cmd`, wait until `ready()` holds (failing if the process ends first or time runs out), then kill it
+    with SIGKILL: nothing of the run gets a chance to clean up, as in a crash or an out-of-memory kill."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout_s
+    try:
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "the run ended early"
+            assert time.time() < deadline, "the run never reached the point to kill it at"
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0

@@ -5,11 +5,8 @@ after kill -9), the report, and the prompt used identically in training and revi
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from datatailor.stages.coach import Pair, directive, load_expert_pairs, parse_pa
 from datatailor.stages.coach.prepare import ExpertPair
 from datatailor.train.sft_data import load_pairs, pair_messages
 from tests.conftest import cli_env
-from tests.support import read_jsonl, write_rows
+from tests.support import kill_9_when, line_count, read_jsonl, write_rows
 
 # ----------------------------------------------------------------------------- the training set
 
@@ -229,14 +226,8 @@ def test_resume_after_kill_9_mid_revision(tmp_path: Path) -> None:
                                            "stages": [{"type": "coach.revise", "concurrency": 2}]}), encoding="utf-8")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "datatailor", "run", str(recipe_path), "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = out / "stages" / "00-coach.revise" / "outputs.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 8):
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "ended early"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_9_when(cmd, cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), lambda: line_count(checkpoint) >= 8)
     done_before = len(read_jsonl(checkpoint))
     assert 8 <= done_before < 40
     resumed = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=120)

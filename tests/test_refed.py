@@ -16,11 +16,8 @@ The scripted teacher routes by template name and reads the variables it was rend
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,7 @@ from datatailor.recipe import parse_recipe
 from datatailor.runner import RunResult, run_recipe_sync
 from datatailor.stages.refed import Instructions, at_least_one, clean_instructions, exactly
 from tests.conftest import cli_env
-from tests.support import read_jsonl
+from tests.support import kill_9_when, line_count, read_jsonl
 
 CALLS: list[CompletionRequest] = []
 
@@ -316,14 +313,8 @@ def test_resume_after_kill_9_during_synthesis(tmp_path: Path) -> None:
                                            "stages": [dict(s, concurrency=2) for s in FULL]}), encoding="utf-8")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "datatailor", "run", str(recipe_path), "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = out / "stages" / "03-refed.respond" / "outputs.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 6):
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "ended early"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_9_when(cmd, cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), lambda: line_count(checkpoint) >= 6)
     assert not (out / "data.jsonl").exists(), "the process should be killed part-way"
     calls_done = calls_in_checkpoints(out)
     done = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=120)

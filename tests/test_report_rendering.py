@@ -92,7 +92,7 @@ def build_codec_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
     out_dir.mkdir()
     codec_report.write_codec_report(out_dir, kept=kept, dropped=dropped, pool=pool, threshold=1.0,
                                     max_iterations=2, budget_pairs=5)
-    return out_dir / codec_report.REPORT_HTML, codec_report.FIGURE_IDS
+    return out_dir / f"{codec_report.REPORT_STEM}.html", codec_report.FIGURE_IDS
 
 
 def build_refed_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:

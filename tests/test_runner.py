@@ -5,11 +5,8 @@ from __future__ import annotations
 from datatailor.llm.base import CompletionRequest
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from datatailor.errors import UserError
 from datatailor.io import read_records
 from datatailor.prompts import load_prompt
 from tests.conftest import cli_env
-from tests.support import echo_model, make_recipe, questions, read_jsonl, run, write_rows
+from tests.support import echo_model, kill_9_when, line_count, make_recipe, questions, read_jsonl, run, write_rows
 
 RESPOND = [{"type": "respond", "role": "strong"}]
 
@@ -238,16 +235,8 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "datatailor", "run", str(recipe_path), "--out", str(out), "--no-progress"]
     env = cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "cache-kill"))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = out / "stages" / "00-respond" / "outputs.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "the run ended early"
-        if checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 10:
-            break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_9_when(cmd, env, lambda: line_count(checkpoint) >= 10)
     partial = len(checkpoint.read_text().splitlines())
     assert 10 <= partial < 40, "the process should be killed part-way"
     assert not (out / "data.jsonl").exists()

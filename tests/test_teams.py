@@ -13,12 +13,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ from datatailor.recipe import parse_recipe  # noqa: E402
 from datatailor.runner import run_recipe_sync  # noqa: E402
 from datatailor.stages.teams import OPERATIONS, EvolCore, Observer, bias_vector, decode_action  # noqa: E402
 from tests.conftest import cli_env  # noqa: E402
-from tests.support import read_jsonl, write_rows  # noqa: E402
+from tests.support import kill_9_when, read_jsonl, write_rows  # noqa: E402
 
 GOOD = {"A": "deepening", "B": "concretizing"}
 
@@ -271,14 +268,9 @@ def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "datatailor", "run", str(path), "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoints = out / "stages" / "00-teams.train" / "policy" / "checkpoints"
-    deadline = time.time() + 90
-    while time.time() < deadline and len(list(checkpoints.glob("update_*.zip"))) < 3:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "ended early"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    kill_9_when(cmd, cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")),
+                lambda: len(list(checkpoints.glob("update_*.zip"))) >= 3, timeout_s=90)
     done_before = len(list(checkpoints.glob("update_*.zip")))
     assert 3 <= done_before < 12
     resumed = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=180)

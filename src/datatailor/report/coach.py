@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from html import escape
 from pathlib import Path
 from typing import Any
 
-from datatailor.io import atomic_open, write_json
 from datatailor.journal import read_journal
+from datatailor.report.page import figure, summary_page, write_report_files
 from datatailor.report.svg import bar_chart, empty_chart
 from datatailor.scoring.quality import BUCKETS, HIGH_QUALITY, summarize_quality
 from datatailor.scoring.text import rouge_l_text
@@ -130,10 +129,6 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(fig_id: str, svg: str, caption: str) -> str:
-    return f'<figure id="{fig_id}">{svg}<figcaption>{escape(caption)}</figcaption></figure>'
-
-
 def render_html(r: dict[str, Any], markdown: str) -> str:
     hist = r["edit_distance"]["histogram"]
     distance = (bar_chart("Edit distance of the revisions", list(hist), [("pairs", list(hist.values()))], fmt=lambda v: f"{v:.0f}")
@@ -146,30 +141,18 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
     quality = (bar_chart("Quality rating (0-5) before and after", [label for label, _, _ in BUCKETS], series, y_max=1.0,
                          fmt=lambda v: f"{100 * v:.0f}%", legend=True)
                if series else empty_chart("Quality rating", "not rated: add quality.rate stages before and after coach.revise"))
-    summary = escape(markdown.replace("# CoachLM report", "").strip())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>CoachLM report</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222;padding:0 1rem}}
-pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}} figure{{margin:1rem 0}} figcaption{{font-size:.8rem;color:#555}}
-</style></head><body>
-<h1>CoachLM report</h1>
-<pre>{summary}</pre>
-{_figure("fig-edit-distance", distance, "Characters changed from the original pair to the revised one, over the revised pairs.")}
-{_figure("fig-kept-reasons", reasons, "Pairs whose original was kept, by the reason the revision was not used.")}
-{_figure("fig-quality", quality, "Share of pairs per 0-5 rating bucket, before and after revision (high quality is 4.5 or more).")}
-</body></html>
-"""
+    summary = markdown.replace("# CoachLM report", "").strip()
+    return summary_page("CoachLM report", summary, [
+        figure("fig-edit-distance", distance, "Characters changed from the original pair to the revised one, over the revised pairs."),
+        figure("fig-kept-reasons", reasons, "Pairs whose original was kept, by the reason the revision was not used."),
+        figure("fig-quality", quality, "Share of pairs per 0-5 rating bucket, before and after revision (high quality is 4.5 or more)."),
+    ])
 
 
 def write_coach_report(run_dir: Path) -> dict[str, Any]:
     report = build_coach_report(run_dir)
     markdown = render_markdown(report)
     folder = run_dir / "reports"
-    write_json(folder / "coachlm_report.json", report)
-    with atomic_open(folder / "coachlm_report.md") as fh:
-        fh.write(markdown)
-    with atomic_open(folder / "coachlm_report.html") as fh:
-        fh.write(render_html(report, markdown))
+    write_report_files(folder, "coachlm_report", report, markdown, render_html(report, markdown))
     return report
 

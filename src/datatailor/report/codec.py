@@ -18,12 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datatailor.io import atomic_open, write_json
+from datatailor.report.page import figure, write_report_files
 from datatailor.records import Record
 
-REPORT_JSON = "codec_report.json"
-REPORT_MD = "codec_report.md"
-REPORT_HTML = "codec_report.html"
+REPORT_STEM = "codec_report"
 
 # G lies in [-9, 9] on a 1–10 scale; one bin per point.
 GAP_EDGES = list(range(-9, 10))
@@ -258,7 +256,7 @@ def _bars(rows: list[tuple[str, int]]) -> str:
 
 
 def _figure(fig_id: str, rows: list[tuple[str, int]], caption: str) -> str:
-    return f'<figure id="{fig_id}">{_bars(rows)}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    return figure(fig_id, _bars(rows), caption)
 
 
 def render_html(report: dict[str, Any], markdown: str) -> str:
@@ -304,9 +302,5 @@ def write_codec_report(out_dir: Path, **inputs: Any) -> dict[str, Any]:
     """Build the report and write its three files into `out_dir`; returns the numbers."""
     report = build_codec_report(**inputs)
     markdown = render_markdown(report)
-    write_json(out_dir / REPORT_JSON, report)
-    with atomic_open(out_dir / REPORT_MD) as fh:
-        fh.write(markdown)
-    with atomic_open(out_dir / REPORT_HTML) as fh:
-        fh.write(render_html(report, markdown))
+    write_report_files(out_dir, REPORT_STEM, report, markdown, render_html(report, markdown))
     return report

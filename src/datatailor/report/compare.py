@@ -34,6 +34,7 @@ from datatailor.scoring.quality import BUCKETS, QualitySummary, stored_scores, s
 from datatailor.evaluate.testsets import shipped_testsets
 from datatailor.io import read_records
 from datatailor.stages.contract import method_title
+from datatailor.report.page import figure
 from datatailor.report.svg import OUTCOME_COLORS, bar_chart, empty_chart, stacked_shares
 
 FIGURE_IDS = (
@@ -188,10 +189,6 @@ def _num(value: float | int | None, spec: str = ".2f") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
-def _figure(fig_id: str, svg: str, caption: str) -> str:
-    return f'<figure id="{fig_id}">{svg}<figcaption>{escape(caption)}</figcaption></figure>'
-
-
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -221,9 +218,9 @@ def _size_cost_figures(runs: list[RunSummary]) -> str:
     cost_svg = (bar_chart("Dollars per kept pair", labels, [("$ / pair", cost)], fmt=lambda v: f"{v:.2g}")
                 if any(v is not None for v in cost) else empty_chart("Dollars per kept pair", "no usage.json found"))
     return (
-        _figure("fig-size", size, "Pairs in each run's final data.jsonl.")
-        + _figure("fig-calls-per-pair", calls_svg, "Model requests (cache hits excluded) divided by kept pairs.")
-        + _figure("fig-cost-per-pair", cost_svg, "Dollars spent (usage.json, all invocations) divided by kept pairs.")
+        figure("fig-size", size, "Pairs in each run's final data.jsonl.")
+        + figure("fig-calls-per-pair", calls_svg, "Model requests (cache hits excluded) divided by kept pairs.")
+        + figure("fig-cost-per-pair", cost_svg, "Dollars spent (usage.json, all invocations) divided by kept pairs.")
     )
 
 
@@ -239,7 +236,7 @@ def _quality_section(runs: list[RunSummary]) -> str:
              *[str(r.quality.histogram[b]) for b, _, _ in BUCKETS], r.quality_source or ""]
             for r in rated]  # type: ignore[union-attr]
     table = _table(["run", "rated", "mean (0-5)", "high quality ≥ 4.5 (%)", *[b for b, _, _ in BUCKETS], "source"], rows) if rows else ""
-    return _figure("fig-quality", svg, "AlpaGasus-style 0-5 ratings, bucketed as in CoachLM.") + table
+    return figure("fig-quality", svg, "AlpaGasus-style 0-5 ratings, bucketed as in CoachLM.") + table
 
 
 def _diversity_section(runs: list[RunSummary]) -> str:
@@ -274,10 +271,10 @@ def _diversity_section(runs: list[RunSummary]) -> str:
     table = _table(["run", "distinct-1", "distinct-2", "ROUGE-L self-sim. (mean max)", "max ROUGE-L > 0.7 (%)",
                     "embedding distance", "instruction words", "response words"], rows) if rows else ""
     return (
-        _figure("fig-diversity", svg, "Distinct-n over instructions; 1 - mean max ROUGE-L against the other instructions; "
+        figure("fig-diversity", svg, "Distinct-n over instructions; 1 - mean max ROUGE-L against the other instructions; "
                 "mean pairwise cosine distance of all-MiniLM-L6-v2 embeddings (n/a when not computed).")
         + table
-        + _figure("fig-lengths", lengths, "Mean instruction (with input) and response length in words.")
+        + figure("fig-lengths", lengths, "Mean instruction (with input) and response length in words.")
     )
 
 
@@ -293,7 +290,7 @@ def _contamination_section(runs: list[RunSummary], testsets: list[str]) -> str:
     rows = [[r.label, str(r.contamination["flagged_pairs"]), percent(r.contamination["flagged_share"], 2),  # type: ignore[index]
              *[str(r.contamination["by_testset"].get(ts, {}).get("pairs", 0)) for ts in testsets]] for r in have]  # type: ignore[index]
     table = _table(["run", "flagged pairs", "flagged (%)", *testsets], rows) if rows else ""
-    return _figure("fig-contamination", svg, "13-gram overlap or ≥ 80 % trigram containment of a test item in a pair's prompt "
+    return figure("fig-contamination", svg, "13-gram overlap or ≥ 80 % trigram containment of a test item in a pair's prompt "
                    "(`datatailor export --decontaminate` drops them).") + table
 
 
@@ -331,9 +328,9 @@ def _eval_section(runs: list[RunSummary]) -> str:
         for (r, e), lab in zip(pairs, [_eval_label(r, e) for r, e in pairs]) if e.get("consistency_warning")
     )
     return warnings + (
-        _figure("fig-eval-metrics", metrics, "CRR = (W+T)/N (CodecLM, strict rule); WR1 = (W+T/2)/N, WR2 = W/(W+L), "
+        figure("fig-eval-metrics", metrics, "CRR = (W+T)/N (CodecLM, strict rule); WR1 = (W+T/2)/N, WR2 = W/(W+L), "
                 "QS = (W+T)/N (CoachLM).")
-        + _figure("fig-eval-wtl", wtl, "Verdicts of the candidate against the reference, judged in both orders.")
+        + figure("fig-eval-wtl", wtl, "Verdicts of the candidate against the reference, judged in both orders.")
         + table
     )
 

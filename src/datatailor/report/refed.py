@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from html import escape
 from pathlib import Path
 from typing import Any
 
-from datatailor.io import atomic_open, write_json
 from datatailor.journal import read_journal
+from datatailor.report.page import figure, summary_page, write_report_files
 from datatailor.report.svg import bar_chart, empty_chart
 from datatailor.scoring.text import ngrams, rouge_l_text, tokenize
 
@@ -189,10 +188,6 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(fig_id: str, svg: str, caption: str) -> str:
-    return f'<figure id="{fig_id}">{svg}<figcaption>{escape(caption)}</figcaption></figure>'
-
-
 def render_html(r: dict[str, Any], markdown: str) -> str:
     hist = r["pairs_per_reference"]["histogram"]
     pairs = (bar_chart("Pairs per reference", [str(k) for k in hist], [("references", list(hist.values()))], fmt=lambda v: f"{v:.0f}")
@@ -204,20 +199,12 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
     lengths = (bar_chart("Mean words: draft vs improved", ["draft", "improved"],
                          [("words", [imp["draft_words_mean"], imp["improved_words_mean"]])], fmt=lambda v: f"{v:.0f}")
                if imp["improved_pairs"] else empty_chart("Mean words: draft vs improved", "no improved pair"))
-    summary = escape(markdown.split("| stage |")[0].replace("# REFED report", "").strip())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>REFED report</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222;padding:0 1rem}}
-pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}} figure{{margin:1rem 0}} figcaption{{font-size:.8rem;color:#555}}
-</style></head><body>
-<h1>REFED report</h1>
-<pre>{summary}</pre>
-{_figure("fig-pairs-per-reference", pairs, "How many kept pairs each drawn reference yielded (at most 2 features × 10 instructions in the paper).")}
-{_figure("fig-calls-per-stage", calls, "Model requests made by each stage over the whole run (cache hits not counted).")}
-{_figure("fig-lengths", lengths, "Mean length in words of the draft and of the improved response, over the improved pairs.")}
-</body></html>
-"""
+    summary = markdown.split("| stage |")[0].replace("# REFED report", "").strip()
+    return summary_page("REFED report", summary, [
+        figure("fig-pairs-per-reference", pairs, "How many kept pairs each drawn reference yielded (at most 2 features × 10 instructions in the paper)."),
+        figure("fig-calls-per-stage", calls, "Model requests made by each stage over the whole run (cache hits not counted)."),
+        figure("fig-lengths", lengths, "Mean length in words of the draft and of the improved response, over the improved pairs."),
+    ])
 
 
 def write_refed_report(run_dir: Path) -> dict[str, Any]:
@@ -225,9 +212,5 @@ def write_refed_report(run_dir: Path) -> dict[str, Any]:
     report = build_refed_report(run_dir)
     markdown = render_markdown(report)
     folder = run_dir / REPORT_DIR
-    write_json(folder / "refed_report.json", report)
-    with atomic_open(folder / "refed_report.md") as fh:
-        fh.write(markdown)
-    with atomic_open(folder / "refed_report.html") as fh:
-        fh.write(render_html(report, markdown))
+    write_report_files(folder, "refed_report", report, markdown, render_html(report, markdown))
     return report

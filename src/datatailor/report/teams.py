@@ -16,12 +16,11 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from html import escape
 from pathlib import Path
 from typing import Any
 
-from datatailor.io import atomic_open, write_json
 from datatailor.journal import read_journal
+from datatailor.report.page import figure, summary_page, write_report_files
 from datatailor.report.svg import bar_chart, empty_chart
 
 FIGURE_IDS = ("fig-training-curve", "fig-operations")
@@ -115,10 +114,6 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _figure(fig_id: str, svg: str, caption: str) -> str:
-    return f'<figure id="{fig_id}">{svg}<figcaption>{escape(caption)}</figcaption></figure>'
-
-
 def render_html(r: dict[str, Any], markdown: str) -> str:
     curve = r["training"]["curve"]
     training = (bar_chart("Mean episode reward per update", [str(p["update"]) for p in curve],
@@ -128,28 +123,16 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
     operations = bar_chart("Operations chosen", list(ops), [("this run", list(ops.values())),
                                                              ("uniform random", [r["operations"]["uniform_random"]] * len(ops))],
                            y_max=1.0, fmt=lambda v: f"{100 * v:.0f}%", legend=True)
-    summary = escape(markdown.replace("# TeaMs-RL report", "").strip())
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>TeaMs-RL report</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222;padding:0 1rem}}
-pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}} figure{{margin:1rem 0}} figcaption{{font-size:.8rem;color:#555}}
-</style></head><body>
-<h1>TeaMs-RL report</h1>
-<pre>{summary}</pre>
-{_figure("fig-training-curve", training, "The TRPO training curve: mean reward of the episodes of each update (at most 6 per episode).")}
-{_figure("fig-operations", operations, "Share of each Evol-Instruct operation over the generated episodes' steps, beside a uniform random choice.")}
-</body></html>
-"""
+    summary = markdown.replace("# TeaMs-RL report", "").strip()
+    return summary_page("TeaMs-RL report", summary, [
+        figure("fig-training-curve", training, "The TRPO training curve: mean reward of the episodes of each update (at most 6 per episode)."),
+        figure("fig-operations", operations, "Share of each Evol-Instruct operation over the generated episodes' steps, beside a uniform random choice."),
+    ])
 
 
 def write_teams_report(run_dir: Path) -> dict[str, Any]:
     report = build_teams_report(run_dir)
     markdown = render_markdown(report)
     folder = run_dir / "reports"
-    write_json(folder / "teams_rl_report.json", report)
-    with atomic_open(folder / "teams_rl_report.md") as fh:
-        fh.write(markdown)
-    with atomic_open(folder / "teams_rl_report.html") as fh:
-        fh.write(render_html(report, markdown))
+    write_report_files(folder, "teams_rl_report", report, markdown, render_html(report, markdown))
     return report
