@@ -14,12 +14,13 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="$(mkdir -p "${OUT:-runs/teams-privacy}" && cd "${OUT:-runs/teams-privacy}" && pwd)"
 PAIRS="${PAIRS:-8}"
-SEEDS="${SEEDS:-4}"
+SEEDS="${SEEDS:-6}"
 BUDGET=$((2 * PAIRS))   # half trained on (members), half held out (non-members)
 
 qwen() { printf '    backend: llamacpp\n    model: local:qwen2.5-coder-0.5b-instruct\n    temperature: %s\n    max_tokens: %s\n' "$1" "$2"; }
 
-# 1. The two datasets, same seeds, same size.
+# 1. The two datasets, same seeds, same size. Neither side uses the information-gain check: the 0.5B model judges
+#    every rewrite "Equal" to its prompt, which would eliminate every evolution (TeaMs-RL: elimination: false).
 {
   echo "name: teams-rl-privacy"; echo "seed: 0"; echo "budget_pairs: $BUDGET"
   echo "input: {path: $HERE/data/self_instruct_seeds.jsonl, limit: $SEEDS}"
@@ -34,7 +35,7 @@ qwen() { printf '    backend: llamacpp\n    model: local:qwen2.5-coder-0.5b-inst
   echo "input: {path: $HERE/data/self_instruct_seeds.jsonl, limit: $SEEDS}"
   echo "models:"; echo "  strong:"; qwen 0.7 200
   echo "stages:"
-  echo "  - {type: evol.evolve, rounds: 6, respond_template: $HERE/templates/short_answer.j2}"
+  echo "  - {type: evol.evolve, rounds: 6, information_gain_check: false, respond_template: $HERE/templates/short_answer.j2}"
   echo "  - {type: select, strategy: random}"
 } > "$OUT/evol.yaml"
 for method in teams evol; do

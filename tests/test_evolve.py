@@ -181,6 +181,17 @@ def test_each_elimination_rule_fires(tmp_path: Path, seed: str, reason: str) -> 
     assert [r["round"] for r in log] == [1, 2, 3, 4] and all(reason in r["eliminated"] for r in log)
 
 
+def test_information_gain_check_can_be_turned_off_and_the_other_rules_still_apply(tmp_path: Path) -> None:
+    out = run_evolve(tmp_path, ["SAME write a haiku", "LEAK write a haiku"], {"information_gain_check": False})
+    data = rows(out / "data.jsonl")
+    assert len(data) == 4 and all(p["instruction"].startswith("SAME") for p in data)  # kept although judged "Equal"
+    assert all([e["decision"] for e in p["lineage"]] == ["evolved", "answered"] * p["metadata"]["evol"]["round"] for p in data)
+    (failure,) = rows(out / "failures.jsonl")
+    assert failure["message"].count("copies the template phrase") == 4
+    usage = json.loads((out / "usage.json").read_text())["run"]["roles"]["strong"]
+    assert usage["requests"] == 4 * 2 + 4  # no equality check: evolve + answer, and the leaking seed's 4 evolutions
+
+
 def test_failed_evolution_returns_the_last_good_instruction_to_the_pool(tmp_path: Path) -> None:
     stage = {"operations": ["add_constraints", "breadth"], "chains_per_seed": 3}
     out = run_evolve(tmp_path, ["FLAKY list prime numbers"], stage)

@@ -16,6 +16,7 @@ from datatailor.errors import UserError
 from datatailor.io import read_records
 from datatailor.prompts import load_prompt
 from tests.conftest import cli_env
+from datatailor.recipe import parse_recipe
 from tests.support import echo_model, kill_9_when, line_count, make_recipe, questions, read_jsonl, run, write_rows
 
 RESPOND = [{"type": "respond", "role": "strong"}]
@@ -250,6 +251,15 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path: Path) -> None:
     subprocess.run(cmd[:-2] + [str(clean), "--no-progress"], env=env2, check=True, capture_output=True, timeout=120)
     assert (out / "data.jsonl").read_bytes() == (clean / "data.jsonl").read_bytes()
     assert len(read_jsonl(out / "data.jsonl")) == 40
+
+
+def test_a_shortfall_without_losses_says_the_input_was_too_small(tmp_path: Path) -> None:
+    write_rows(tmp_path / "input.jsonl", questions(3))
+    recipe = parse_recipe({"models": {"strong": echo_model()}, "input": "input.jsonl", "budget_pairs": 5, "stages": RESPOND},
+                          "small", tmp_path)
+    result = run(recipe, tmp_path / "out")
+    assert result.status == "shortfall" and result.records == 3
+    assert "no record was dropped; the 3 input record(s) yielded only 3 pairs" in result.shortfall["why"]
 
 
 def test_server_down_stops_the_run_with_interrupted_status(tmp_path: Path) -> None:

@@ -449,9 +449,14 @@ class Runner:
         if budget is None or len(final) >= budget:
             return None
         lossy = [s for s in summaries if s["failures"]]
-        worst = max(lossy, key=lambda s: s["failures"]) if lossy else summaries[-1]
-        kinds = ", ".join(f"{k} {n}" for k, n in worst.get("failure_kinds", {}).items())
-        why = f"{worst['name']} dropped {worst['failures']} of {worst['inputs']}" + (f" ({kinds})" if kinds else "")
+        if lossy:
+            worst = max(lossy, key=lambda s: s["failures"])
+            kinds = ", ".join(f"{k} {n}" for k, n in worst.get("failure_kinds", {}).items())
+            why = f"{worst['name']} dropped {worst['failures']} of {worst['inputs']}" + (f" ({kinds})" if kinds else "")
+        else:
+            worst = summaries[0]
+            why = (f"no record was dropped; the {worst['inputs']} input record(s) yielded only {len(final)} pairs "
+                   "(give more input records, or ask each for more pairs)")
         if rounds > 1:
             why += f", after {rounds - 1} extra round(s) of {next(s['name'] for s in summaries if s.get('rounds', 1) > 1)}"
         return {"stage": worst["name"], "asked": budget, "delivered": len(final), "why": why,

@@ -214,6 +214,11 @@ class EvolveConfig(StageConfig):
         "all", description="all: every successful evolution is a pair (WizardLM); last: only each chain's last one."
     )
     include_seed: bool = Field(False, description="Also output the seed itself, answered by the responder.")
+    information_gain_check: bool = Field(
+        True, description="Ask `equal_role` whether each evolution adds information and eliminate it if not (WizardLM's "
+        "first rule). Turn it off only for a judge too weak to tell, one that answers Equal to every pair; the other "
+        "rules still apply.",
+    )
     leak_phrases: list[str] = Field(default_factory=lambda: list(LEAK_PHRASES))
     sorry_max_words: int = Field(SORRY_MAX_WORDS, ge=1)
     temperature: float | None = Field(None, description="Evolution temperature (default: the model's).")
@@ -258,6 +263,8 @@ class Evolve(MapStage[EvolveConfig]):
         evolved = gen.value
         if phrase := leaked_phrase(evolved, cfg.leak_phrases):
             return f"copies the template phrase {phrase!r}"
+        if not cfg.information_gain_check:
+            return await self._answered(record, evolved, key, events)
         try:
             equal = await is_equal(self.ctx.model(cfg.equal_role), current, evolved, seed_key=key, base_dir=self.ctx.base_dir,
                                    stage=self.name)
@@ -266,6 +273,11 @@ class Evolve(MapStage[EvolveConfig]):
         events.append(equal.event(self.name, decision="equal" if equal.value else "not_equal", round=key[-1]))
         if equal.value:
             return "no information gain: judged equal to the previous instruction"
+        return await self._answered(record, evolved, key, events)
+
+    async def _answered(self, record: Record, evolved: str, key: tuple[Any, ...], events: list[LineageEvent]) -> tuple[str, str] | str:
+        """Answer a surviving evolution; the answer's own elimination rules apply."""
+        cfg = self.config
         try:
             answer = await self._answer(record, evolved, (*key, "response"))
         except RecordFailure as exc:

@@ -43,7 +43,9 @@ LOG_FIELDS = ["update", "timesteps", "episodes", "mean_episode_reward", "kl", "p
               "line_search_success", *(f"share_{op}" for op in OPERATIONS), "seconds"]
 
 
-class RLSettings(BaseModel):
+class PolicyOptions(BaseModel):
+    """What a user chooses about the policy's training; `teams.train` takes these fields as they are."""
+
     model_config = ConfigDict(extra="forbid")
 
     updates: int = Field(200, ge=1, description="TRPO updates (the official code: 200).")
@@ -54,6 +56,11 @@ class RLSettings(BaseModel):
     embedder: Literal["minilm", "hashing"] = Field("minilm", description="informative mode: all-MiniLM-L6-v2, or a hashing bag of words (no model).")
     breadth_bias: float = Field(0.3, description="Added to the breadth component before the argmax during training (the official code: +0.3).")
     chain: bool = Field(False, description="The official code's single never-reset chain of rewrites instead of episodes from seeds.")
+
+
+class RLSettings(PolicyOptions):
+    """PolicyOptions plus TRPO's settings (the paper's) and the seed."""
+
     gamma: float = 0.995
     gae_lambda: float = 0.97
     max_kl: float = 0.01

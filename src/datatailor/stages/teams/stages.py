@@ -16,23 +16,19 @@ from datatailor.stages.base import RECORD_VARIABLES, BatchResult, BatchStage, Ma
 from datatailor.stages.contract import Contract
 from datatailor.stages.evolve import evolve, is_equal, is_only_punctuation_and_stop_words, is_sorry_and_short, leaked_phrase
 from datatailor.stages.teams.data import TeamsData
+from datatailor.train.rl import PolicyOptions
 from datatailor.stages.teams.env import EPISODE_LENGTH, N_ACTIONS, OPERATIONS, EvolCore, bias_vector, decode_action
 
 TRAIN_FOLDER = "policy"  # inside the teams.train stage's folder
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(PolicyOptions, StageConfig):
+    """The policy options (updates, n_envs, observation, embedder, breadth_bias, chain; see PolicyOptions) and the
+    stage's own: the roles, the optional reward terms, the rewriter's temperature and the seed."""
+
     type: Literal["teams.train"] = "teams.train"
     rewriter_role: str = Field("rewriter", description="Applies the chosen operation during training (the official code: a local WizardLM-13B).")
     reviewer_role: str = Field("reviewer", description="Judges whether the rewrite adds anything: its verdict is the reward.")
-    updates: int = Field(200, ge=1, description="TRPO updates (the official code: 200).")
-    n_envs: int = Field(4, ge=1, description="Episodes per update, stepped concurrently (the official code: 1).")
-    observation: Literal["faithful", "informative"] = Field(
-        "faithful", description="faithful: the one-hot of the last operation (the paper); informative: an embedding of the instruction and the step."
-    )
-    embedder: Literal["minilm", "hashing"] = Field("minilm", description="informative mode's embedding.")
-    breadth_bias: float = Field(0.3, description="Training bias on breadth before the argmax (the official code: +0.3).")
-    chain: bool = Field(False, description="The official code's single never-reset chain instead of episodes from the seeds.")
     elimination: bool = Field(False, description="Extra reward term: a rewrite that copies the prompt's words earns 0 and is undone (WizardLM).")
     novelty_weight: float = Field(0.0, ge=0, description="Extra reward term: weight × (1 − ROUGE-L with the closest instruction generated so far).")
     rewriter_temperature: float | None = Field(
@@ -58,8 +54,8 @@ class Train(BatchStage[TrainConfig]):
         from datatailor.train.rl import RLSettings
 
         cfg = self.config
-        return RLSettings(updates=cfg.updates, n_envs=cfg.n_envs, observation=cfg.observation, embedder=cfg.embedder,
-                          breadth_bias=cfg.breadth_bias, chain=cfg.chain, seed=self.ctx.seed if cfg.seed is None else cfg.seed)
+        options = cfg.model_dump(include=set(PolicyOptions.model_fields))
+        return RLSettings(**options, seed=self.ctx.seed if cfg.seed is None else cfg.seed)
 
     async def process_all(self, records: list[Record]) -> BatchResult:
         from datatailor.train.rl import train_policy
