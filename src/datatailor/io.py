@@ -480,13 +480,27 @@ def read_records(
 
     `fields` maps target names (instruction, input, response, category, id) to the file's column names.
     """
+    return list(iter_records(path, fmt, limit, fields))
+
+
+def iter_records(
+    path: str | Path, fmt: str | None = None, limit: int | None = None, fields: dict[str, str] | None = None
+) -> Iterator[Record]:
+    """`read_records` as a stream: the file is read as it is consumed (JSONL; JSON and Parquet are read whole).
+
+    Repeated ids are found with a compact digest set, so millions of rows cost about 16 bytes each."""
+    from datatailor.store import IdSet
+
     p = Path(path)
     try:
         fields = check_fields(fields)
     except ValueError as exc:
         raise UserError(f"{p}: fields: {exc}") from None
-    records: list[Record] = []
-    seen: dict[str, int] = {}
+    seen = IdSet()
+    repeats: dict[str, int] = {}
+    n = 0
+    if limit is not None and limit <= 0:
+        return
     for lineno, row in read_rows(p):
         try:
             record = row_to_record(row, fmt, fields)
@@ -495,14 +509,14 @@ def read_records(
             raise UserError(f"{p}:{lineno}: {where} {lineno}: {exc}") from None
         except Exception as exc:  # pydantic ValidationError on a datatailor-format row
             raise UserError(f"{p}:{lineno}: invalid record: {str(exc).splitlines()[0]}") from None
-        n = seen.get(record.id, 0)
-        seen[record.id] = n + 1
-        if n:
-            record = record.model_copy(update={"id": stable_hash(record.id, n)})
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
-    return records
+        if not seen.add(record.id):
+            k = repeats.get(record.id, 1)
+            repeats[record.id] = k + 1
+            record = record.model_copy(update={"id": stable_hash(record.id, k)})
+        yield record
+        n += 1
+        if limit is not None and n >= limit:
+            return
 
 
 # ----------------------------------------------------------------------------- export formats
@@ -537,16 +551,16 @@ def export_records(records: Iterable[Record], path: str | Path, fmt: str) -> int
         raise UserError(f"unknown export format {fmt!r} (known: {', '.join(EXPORTERS)})")
     convert = EXPORTERS[fmt]
     p = Path(path)
+    if p.suffix.lower() not in (".json", ".parquet"):
+        return write_jsonl(p, (convert(r) for r in records))  # streamed
     rows = [convert(r) for r in records]
     if p.suffix.lower() == ".json":
         write_json(p, rows)
         return len(rows)
-    if p.suffix.lower() == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    import pyarrow as pa  # .parquet
+    import pyarrow.parquet as pq
 
-        tmp = p.with_name(f".{p.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, p)
-        return len(rows)
-    return write_jsonl(p, rows)
+    tmp = p.with_name(f".{p.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, p)
+    return len(rows)

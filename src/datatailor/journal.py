@@ -8,28 +8,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 
-def read_journal(path: Path) -> list[dict[str, Any]]:
-    """The rows of a journal. A torn last line (killed mid-write) is cut off the file."""
+def iter_journal_offsets(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset, row) for each complete row, read as a stream. A torn last line (killed mid-write) is cut
+    off the file once the reading reaches it."""
     if not path.exists():
-        return []
-    rows: list[dict[str, Any]] = []
+        return
     good_bytes = 0
     with path.open("rb") as fh:
         for raw in fh:
             if not raw.endswith(b"\n"):
                 break
             try:
-                rows.append(json.loads(raw))
+                row = json.loads(raw)
             except json.JSONDecodeError:
                 break
+            yield good_bytes, row
             good_bytes += len(raw)
     if good_bytes != path.stat().st_size:
         with path.open("r+b") as fh:
             fh.truncate(good_bytes)
-    return rows
+
+
+def iter_journal(path: Path) -> Iterator[dict[str, Any]]:
+    for _, row in iter_journal_offsets(path):
+        yield row
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The rows of a journal. A torn last line (killed mid-write) is cut off the file."""
+    return list(iter_journal(path))
 
 
 def append_row(fh: Any, row: dict[str, Any]) -> None:

@@ -24,8 +24,15 @@ Run directory::
     usage.json      {"run": …this invocation…, "total": …all invocations…}, per role
     data.jsonl      final records (only once every stage is complete)
     failures.jsonl  one row per failed record: id, stage, kind, message, record
-    stages/NN-name/ the stage's checkpoints (outputs.jsonl, failures.jsonl, done.json, shared_calls.jsonl)
-                    and its own artifacts (reports, pools, stats)
+    stages/NN-name/ the stage's checkpoints (outputs.jsonl, failures.jsonl, done.json, shared_calls.jsonl),
+                    its ordered outputs once complete (records.jsonl: what the next stage reads) and its
+                    own artifacts (reports, pools, stats)
+
+Memory: records stream from file to file. A map stage reads its input in order and keeps at most a few
+times `concurrency` records in flight; what it keeps per record is a 16-byte digest of the id (finished
+ids, and where each output row starts in the journal when the outputs are put back in input order).
+Whole-set stages that only keep or drop records (`FilterStage`: dedup, filter.rouge) stream too; the
+others (the LLM-heavy methods' batch stages) get their input as a list.
 """
 
 from __future__ import annotations
@@ -39,21 +46,32 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from datatailor import __version__
 from datatailor.errors import RecordFailure, Rejected, RunAbort, UserError
-from datatailor.io import export_records, read_records, write_json, write_jsonl, write_records
+from datatailor.io import export_records, iter_records, write_json, write_jsonl
 from datatailor.llm.cache import RequestCache
 from datatailor.llm.models import ModelPool
 from datatailor.llm.usage import UsageLedger
 from datatailor.progress import RunProgress
 from datatailor.recipe import Recipe
-from datatailor.journal import append_row, read_journal
-from datatailor.records import Record, stable_hash
+from datatailor.journal import append_row, iter_journal, iter_journal_offsets
+from datatailor.records import Record
 from datatailor.stages import STAGES, BatchStage, MapStage, Stage, StageContext
-from datatailor.stages.base import RESERVED_FILES
+from datatailor.stages.base import RESERVED_FILES, FilterStage
 from datatailor.stages.shared import SharedCalls
+from datatailor.store import (
+    IdIndex,
+    IdSet,
+    JsonlSource,
+    ListSource,
+    RecordSource,
+    RecordWriter,
+    StreamSource,
+    read_row_at,
+)
 
 STATUS_COMPLETE = "complete"
 STATUS_SHORTFALL = "shortfall"  # every stage finished, but fewer pairs than asked were delivered
@@ -80,73 +98,90 @@ BATCH = "__batch__"
 ROUND = "__round__"
 
 
-def input_digest(records: list[Record]) -> str:
-    """Identity of a stage's input set (its ids in order): a batch stage's result is reused only for the same set."""
-    return stable_hash([r.id for r in records])
-
-
 class StageCheckpoint:
-    """The on-disk state of one stage: finished inputs and their outputs or failures.
+    """The on-disk state of one stage: which inputs are finished and where their outputs or failures are.
 
-    A map stage appends one row per finished input. A batch stage appends one row per input set it
-    processed (keyed by the set's digest, so a later round with more inputs runs it again), and a stage
-    that tops up appends one row per extra round.
+    A map stage appends one row per finished input to outputs.jsonl or failures.jsonl (journals, in the
+    order records finish). A batch stage appends one row per input set it processed (keyed by the set's
+    digest, so a later round with more inputs runs it again), and a stage that tops up appends one row per
+    extra round. In memory: the finished ids as digests, and the journal offsets of batch and round rows.
+    Once the stage is complete, its outputs are written in input order to records.jsonl and its failures
+    rewritten in input order.
     """
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.outputs_path = folder / "outputs.jsonl"
         self.failures_path = folder / "failures.jsonl"
+        self.records_path = folder / "records.jsonl"
         self.done_path = folder / "done.json"
         folder.mkdir(parents=True, exist_ok=True)
-        self.outputs: dict[str, list[Record]] = {}
-        self.failures: dict[str, dict[str, Any]] = {}
-        self.batches: dict[str, dict[str, Any]] = {}  # input digest -> {"records": [...], "rejected": [failure rows]}
-        self.rounds: dict[int, list[Record]] = {}  # extra round -> records written in it
-        for row in read_journal(self.outputs_path):
-            records = [Record.model_validate(r) for r in row["records"]]
+        self.finished = IdSet()
+        self.failed = IdSet()
+        self.batches: dict[str, int] = {}  # input digest -> offset of its row in outputs.jsonl
+        self.rounds: dict[int, int] = {}  # extra round -> offset of its row
+        for offset, row in iter_journal_offsets(self.outputs_path):
             if row["src"] == BATCH:
-                self.batches[row["digest"]] = {"records": records, "rejected": row.get("rejected", [])}
+                self.batches[row["digest"]] = offset
             elif row["src"] == ROUND:
-                self.rounds[int(row["round"])] = records
+                self.rounds[int(row["round"])] = offset
             else:
-                self.outputs[row["src"]] = records
-        for row in read_journal(self.failures_path):
-            self.failures[row["id"]] = row
+                self.finished.add(row["src"])
+        for _, row in iter_journal_offsets(self.failures_path):
+            self.failed.add(row["id"])
+            self.finished.add(row["id"])
         self._out_fh = self.outputs_path.open("a", encoding="utf-8")
         self._fail_fh = self.failures_path.open("a", encoding="utf-8")
 
-    def finished(self, record_id: str) -> bool:
-        return record_id in self.outputs or record_id in self.failures
+    def done(self) -> dict[str, Any] | None:
+        """done.json of the last time the stage completed, if its records.jsonl is there."""
+        if not (self.done_path.exists() and self.records_path.exists()):
+            return None
+        return json.loads(self.done_path.read_text(encoding="utf-8"))
 
     def add_outputs(self, src: str, records: list[Record]) -> None:
-        self.outputs[src] = records
+        self.finished.add(src)
         append_row(self._out_fh, {"src": src, "records": [r.model_dump(mode="json") for r in records]})
 
     def add_failure(self, row: dict[str, Any]) -> None:
-        self.failures[row["id"]] = row
+        self.finished.add(row["id"])
+        self.failed.add(row["id"])
         append_row(self._fail_fh, row)
 
     def add_batch(self, digest: str, records: list[Record], rejected: list[dict[str, Any]]) -> None:
-        self.batches[digest] = {"records": records, "rejected": rejected}
+        self._out_fh.flush()
+        self.batches[digest] = self.outputs_path.stat().st_size
         append_row(self._out_fh, {"src": BATCH, "digest": digest, "records": [r.model_dump(mode="json") for r in records], "rejected": rejected})
 
     def add_round(self, round: int, records: list[Record]) -> None:
-        self.rounds[round] = records
+        self._out_fh.flush()
+        self.rounds[round] = self.outputs_path.stat().st_size
         append_row(self._out_fh, {"src": ROUND, "round": round, "records": [r.model_dump(mode="json") for r in records]})
 
-    def use_batch(self, digest: str) -> None:
-        """Make the batch result for `digest` this stage's failures (failures.jsonl is rewritten whole)."""
-        rejected = self.batches[digest]["rejected"]
+    def _row_at(self, offset: int) -> dict[str, Any]:
+        with self.outputs_path.open("rb") as fh:
+            return read_row_at(fh, offset)
+
+    def batch(self, digest: str) -> tuple[list[Record], list[dict[str, Any]]]:
+        row = self._row_at(self.batches[digest])
+        return [Record.model_validate(r) for r in row["records"]], row.get("rejected", [])
+
+    def round_records(self, round: int) -> list[Record]:
+        return [Record.model_validate(r) for r in self._row_at(self.rounds[round])["records"]]
+
+    def replace_failures(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Rewrite failures.jsonl whole (atomically) with `rows`."""
         self._fail_fh.close()
-        write_jsonl(self.failures_path, rejected)
-        self.failures = {row["id"]: row for row in rejected}
+        write_jsonl(self.failures_path, rows)
         self._fail_fh = self.failures_path.open("a", encoding="utf-8")
 
-    def mark_complete(self, summary: dict[str, Any]) -> None:
+    def sync(self) -> None:
         for fh in (self._out_fh, self._fail_fh):
             fh.flush()
             os.fsync(fh.fileno())
+
+    def mark_complete(self, summary: dict[str, Any]) -> None:
+        self.sync()
         write_json(self.done_path, summary)
 
     def close(self) -> None:
@@ -290,7 +325,7 @@ class Runner:
         # Read the input and check the recipe first: a bad input file or a stage order that cannot work
         # must fail before anything in --out is touched or spent.
         records = self._load_input()
-        self._check_contract(records)
+        self._check_contract(records)  # also reads the whole input once: a bad line fails here
         # Stages are built before the run directory is touched, so a stage's configuration error (e.g. no
         # budget_pairs for codec.decode) fails first; the model pool is bound to them below.
         stages = [self._build_stage(i) for i in range(len(self.recipe.stages))]
@@ -337,7 +372,7 @@ class Runner:
         final = records if status in (STATUS_COMPLETE, STATUS_SHORTFALL) else None
         return self._finish(status, message, summaries, previous, started, ledger, final, shortfall, rounds)
 
-    def _check_contract(self, records: list[Record]) -> None:
+    def _check_contract(self, records: RecordSource) -> None:
         """What `validate` checks of the stages: their order and the variables of their templates."""
         from datatailor.stages.contract import check_recipe_order, check_templates
 
@@ -346,20 +381,25 @@ class Runner:
         if problems:
             raise UserError("the recipe cannot work; nothing was run:\n  " + "\n  ".join(problems))
 
-    def _finish(self, status, message, summaries, previous, started, ledger, final: list[Record] | None,
+    def _finish(self, status, message, summaries, previous, started, ledger, final: RecordSource | None,
                 shortfall: dict[str, Any] | None = None, rounds: int = 1) -> RunResult:
         write_json(self.out / "usage.json", ledger.as_json())
         n_failures = 0
         if final is not None:
-            write_records(self.out / "data.jsonl", final)
-            failures = self._collect_failures()
-            n_failures = write_jsonl(self.out / "failures.jsonl", failures)
+            if isinstance(final, JsonlSource):
+                _copy_atomic(final.path, self.out / "data.jsonl")
+            else:
+                writer = RecordWriter(self.out / "data.jsonl", "the final records")
+                for r in final:
+                    writer.write(r)
+                writer.close()
+            n_failures = write_jsonl(self.out / "failures.jsonl", self._collect_failures())
             for fmt in self.recipe.output.formats:
                 export_records(final, self.out / f"data.{fmt}.jsonl", fmt)
         self._write_manifest(status, message, summaries, previous, started, shortfall=shortfall, rounds=rounds)
         if final is not None:
             self._method_reports(summaries)
-        return RunResult(status, self.out, len(final or []), n_failures, message, ledger.as_json(), shortfall)
+        return RunResult(status, self.out, len(final) if final is not None else 0, n_failures, message, ledger.as_json(), shortfall)
 
     def _method_reports(self, summaries: list[dict[str, Any]]) -> None:
         """Run-level reports of the methods the recipe used (e.g. REFED's), from the finished run directory.
@@ -382,25 +422,21 @@ class Runner:
             manifest["report_errors"] = errors
             write_json(self.out / "manifest.json", manifest)
 
-    def _load_input(self) -> list[Record]:
+    def _load_input(self) -> RecordSource:
         if self.recipe.input is None:
-            return []
+            return ListSource([])
         spec = self.recipe.input
-        return read_records(self.recipe.resolve(spec.path), spec.format, spec.limit, spec.fields)
+        path = self.recipe.resolve(spec.path)
+        return StreamSource(lambda: iter_records(path, spec.format, spec.limit, spec.fields))
 
-    def _collect_failures(self) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
+    def _collect_failures(self) -> Iterable[dict[str, Any]]:
+        """Every stage's failure rows, stage by stage, each in its input order (as complete stages keep them)."""
         for index in range(len(self.recipe.stages)):
-            folder = self.stage_dir(index)
-            order_path = folder / "done.json"
-            order = json.loads(order_path.read_text())["input_order"] if order_path.exists() else []
-            by_id = {r["id"]: r for r in read_journal(folder / "failures.jsonl")}
-            rows.extend(by_id[i] for i in order if i in by_id)
-        return rows
+            yield from iter_journal(self.stage_dir(index) / "failures.jsonl")
 
     # -- rounds -------------------------------------------------------------------
 
-    async def _run_rounds(self, inputs: list[Record], stages: list[Stage]) -> tuple[list[Record], list[dict[str, Any]], int]:
+    async def _run_rounds(self, inputs: RecordSource, stages: list[Stage]) -> tuple[RecordSource, list[dict[str, Any]], int]:
         """Run every stage in order. When the run delivers fewer than `budget_pairs` and a stage can write
         more (`top_up_rounds`), run again: that stage writes more records and only they go through the
         later map stages (whole-set stages run again over the larger set). Stops at the stage's cap."""
@@ -438,7 +474,7 @@ class Runner:
         )
         return STAGES[config.type](config, ctx)
 
-    def _shortfall(self, final: list[Record], summaries: list[dict[str, Any]], rounds: int) -> dict[str, Any] | None:
+    def _shortfall(self, final: RecordSource, summaries: list[dict[str, Any]], rounds: int) -> dict[str, Any] | None:
         """Which stage fell short of what was asked, by how much and why; None when everything was delivered."""
         for s in summaries:
             d = s.get("delivery")
@@ -464,63 +500,134 @@ class Runner:
 
     # -- one stage ----------------------------------------------------------------
 
-    async def _run_stage(self, stage: Stage, cp: StageCheckpoint, inputs: list[Record], round: int) -> tuple[list[Record], dict[str, Any]]:
+    async def _run_stage(self, stage: Stage, cp: StageCheckpoint, inputs: RecordSource, round: int) -> tuple[RecordSource, dict[str, Any]]:
         name = stage.name
-        _check_unique(inputs, name)
-        self.progress.stage_started(name, total=len(inputs), done=sum(cp.finished(r.id) for r in inputs), failed=sum(r.id in cp.failures for r in inputs))
+        digest = inputs.digest()
+        done = cp.done()
+        if done is not None and done.get("digest") == digest and done.get("rounds", 1) == round:
+            # Complete for exactly these inputs: nothing to do, not even reading its checkpoints.
+            n = done["inputs"]
+            self.progress.stage_started(name, total=n, done=n, failed=done["failures"])
+            self.progress.stage_finished(name)
+            summary = {k: v for k, v in done.items() if k != "digest"}
+            return JsonlSource(cp.records_path, done["outputs"]), summary
         if isinstance(stage, MapStage):
-            if not all(cp.finished(r.id) for r in inputs):
-                await self._run_map(stage, cp, inputs)
-            outputs = [o for r in inputs for o in cp.outputs.get(r.id, [])]
-            done = all(cp.finished(r.id) for r in inputs)
+            complete = await self._run_map(stage, cp, inputs)
+            outputs, failures = self._compact_map(cp, inputs, name) if complete else (None, [])
+        elif isinstance(stage, FilterStage):
+            self.progress.stage_started(name, total=len(inputs))
+            outputs, failures = self._run_filter(stage, cp, inputs)
+            complete = True
         elif isinstance(stage, BatchStage):
-            outputs, done = await self._run_batch(stage, cp, inputs, round)
-        else:  # pragma: no cover - registry only holds these two kinds
+            self.progress.stage_started(name, total=len(inputs))
+            outputs, failures, complete = await self._run_batch(stage, cp, inputs, digest, round)
+        else:  # pragma: no cover - registry only holds these kinds
             raise TypeError(f"{type(stage).__name__} is neither a MapStage nor a BatchStage")
-        failures = [cp.failures[r.id] for r in inputs if r.id in cp.failures]
         summary: dict[str, Any] = {
             "name": name,
             "type": stage.config.type,
             "method": stage.method,
             "inputs": len(inputs),
-            "outputs": len(outputs),
-            "failures": len(failures),
+            "outputs": len(outputs) if outputs is not None else 0,
+            "failures": len(failures) if complete else sum(1 for i in inputs.ids() if i in cp.failed),
             "failure_kinds": dict(sorted(Counter(f["kind"] for f in failures).items())),
             "rounds": round,
             "complete": False,
         }
-        if self._stop is None and done:
-            delivery = stage.delivery(outputs, failures)
-            if delivery is not None:
-                summary["delivery"] = {"asked": delivery.asked, "delivered": delivery.delivered, "why": delivery.why}
-            stage.finalize(outputs, failures)
+        if self._stop is None and complete and outputs is not None:
+            if _overrides(stage, "delivery") or _overrides(stage, "finalize"):
+                listed = outputs.load()
+                delivery = stage.delivery(listed, failures)
+                if delivery is not None:
+                    summary["delivery"] = {"asked": delivery.asked, "delivered": delivery.delivered, "why": delivery.why}
+                stage.finalize(listed, failures)
             summary["artifacts"] = sorted(p.name for p in cp.folder.iterdir() if p.is_file() and p.name not in RESERVED_FILES and not p.name.startswith("."))
             summary["complete"] = True
-            cp.mark_complete({"input_order": [r.id for r in inputs], "digest": input_digest(inputs), **summary})
+            cp.mark_complete({"digest": digest, **summary})
         self.progress.stage_finished(name)
-        return outputs, summary
+        return (outputs if outputs is not None else ListSource([])), summary
 
-    async def _run_map(self, stage: MapStage, cp: StageCheckpoint, inputs: list[Record]) -> None:
-        queue: asyncio.Queue[Record] = asyncio.Queue()
-        for r in inputs:
-            if not cp.finished(r.id):
-                queue.put_nowait(r)
-        probe = SystematicFailureProbe(self.recipe.systematic_failures, sum(cp.finished(r.id) for r in inputs))
+    async def _run_map(self, stage: MapStage, cp: StageCheckpoint, inputs: RecordSource) -> bool:
+        """Process the inputs not finished yet, reading them in order, `concurrency` at a time. True when
+        every input is finished (no stop)."""
+        total = done = failed = 0
+        for rid in inputs.ids():
+            total += 1
+            if rid in cp.finished:
+                done += 1
+                failed += rid in cp.failed
+        self.progress.stage_started(stage.name, total=total, done=done, failed=failed)
+        if done == total:
+            return True
+        probe = SystematicFailureProbe(self.recipe.systematic_failures, done)
+        n = min(stage.config.concurrency, total - done)
+        queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=2 * n)
+
+        async def feed() -> None:
+            for record in inputs:
+                if self._stop is not None:
+                    break
+                if record.id not in cp.finished:
+                    await queue.put(record)
+            for _ in range(n):
+                await queue.put(None)
 
         async def worker() -> None:
-            while self._stop is None:
-                try:
-                    record = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await self._process_one(stage, cp, record, probe)
+            while (record := await queue.get()) is not None:
+                if self._stop is None:  # after a stop, drain the queue without starting anything
+                    await self._process_one(stage, cp, record, probe)
 
-        n = min(stage.config.concurrency, max(1, queue.qsize()))
-        await asyncio.gather(*(worker() for _ in range(n)))
+        await asyncio.gather(feed(), *(worker() for _ in range(n)))
         for row in probe.finish():
             cp.add_failure(row)
         if probe.tripped and self._stop is None:
             self._stop = probe.abort(stage.name)
+        return self._stop is None
+
+    def _compact_map(self, cp: StageCheckpoint, inputs: RecordSource, name: str) -> tuple[RecordSource, list[dict[str, Any]]]:
+        """Write the finished stage's outputs to records.jsonl and its failures back to failures.jsonl, both in
+        input order, checking that every input is accounted for exactly once."""
+        cp.sync()
+        outputs_at = IdIndex.of_journal(cp.outputs_path, "src")
+        failures_at = IdIndex.of_journal(cp.failures_path, "id")
+        writer = RecordWriter(cp.records_path, f"{name} outputs")
+        failures: list[dict[str, Any]] = []
+        try:
+            with cp.outputs_path.open("rb") as out_fh, cp.failures_path.open("rb") as fail_fh:
+                for rid in inputs.ids():
+                    offset = outputs_at.offset(rid)
+                    if offset is not None:
+                        row = read_row_at(out_fh, offset)
+                        for r in row["records"]:
+                            writer.write_line(r["id"], json.dumps(r, ensure_ascii=False) + "\n")
+                        continue
+                    offset = failures_at.offset(rid)
+                    if offset is None:
+                        raise RuntimeError(f"stage {name}: input {rid} has neither an output nor a failure row")
+                    failures.append(read_row_at(fail_fh, offset))
+        except BaseException:
+            writer.abort()
+            raise
+        cp.replace_failures(failures)
+        return writer.close(), failures
+
+    def _run_filter(self, stage: FilterStage, cp: StageCheckpoint, inputs: RecordSource) -> tuple[RecordSource, list[dict[str, Any]]]:
+        """A keep-or-drop whole-set stage, streamed: its decisions are written as they come, in input order."""
+        writer = RecordWriter(cp.records_path, f"{stage.name} outputs")
+        failures: list[dict[str, Any]] = []
+        try:
+            for record, kept, why in stage.decide(inputs):
+                if kept is not None:
+                    writer.write(kept)
+                else:
+                    assert why is not None
+                    failures.append(_failure_row(record, stage.name, why[0], why[1]))
+                self.progress.advance(stage.name, failed=kept is None)
+        except BaseException:
+            writer.abort()
+            raise
+        cp.replace_failures(failures)
+        return writer.close(), failures
 
     async def _process_one(self, stage: MapStage, cp: StageCheckpoint, record: Record, probe: SystematicFailureProbe) -> None:
         name = stage.name
@@ -553,15 +660,16 @@ class Runner:
             return
         self.progress.advance(name, failed=failure is not None)
 
-    async def _run_batch(self, stage: BatchStage, cp: StageCheckpoint, inputs: list[Record], round: int) -> tuple[list[Record], bool]:
-        digest = input_digest(inputs)
+    async def _run_batch(self, stage: BatchStage, cp: StageCheckpoint, inputs: RecordSource, digest: str,
+                         round: int) -> tuple[RecordSource | None, list[dict[str, Any]], bool]:
+        records = inputs.load()
         if digest not in cp.batches:
             try:
-                result = await stage.process_all(inputs)
+                result = await stage.process_all(records)
             except RunAbort as abort:
                 self._stop = abort
-                return [], False
-            by_id = {r.id: r for r in inputs}
+                return None, [], False
+            by_id = {r.id: r for r in records}
             rejected = []
             for rid, (kind, message) in result.rejected.items():
                 if rid not in by_id:
@@ -569,21 +677,26 @@ class Runner:
                 rejected.append(_failure_row(by_id[rid], stage.name, kind, message))
             _check_unique(result.outputs, stage.name + " outputs")
             cp.add_batch(digest, result.outputs, rejected)
-        cp.use_batch(digest)
-        outputs = list(cp.batches[digest]["records"])
+        outputs, rejected = cp.batch(digest)
+        order = {r.id: i for i, r in enumerate(records)}
+        failures = sorted(rejected, key=lambda row: order[row["id"]])
+        cp.replace_failures(failures)
         for extra in range(2, round + 1):
             if extra not in cp.rounds:
                 try:
-                    more = await stage.top_up(inputs, outputs, self._deficits[extra], extra)
+                    more = await stage.top_up(records, outputs, self._deficits[extra], extra)
                 except RunAbort as abort:
                     self._stop = abort
-                    return outputs, False
+                    return None, failures, False
                 _check_unique(outputs + more, f"{stage.name} round {extra} outputs")
                 cp.add_round(extra, more)
-            outputs += cp.rounds[extra]
-        for _ in inputs:
+            outputs += cp.round_records(extra)
+        for _ in records:
             self.progress.advance(stage.name)
-        return outputs, True
+        writer = RecordWriter(cp.records_path, f"{stage.name} outputs")
+        for r in outputs:
+            writer.write(r)
+        return writer.close(), failures, True
 
 
 def _check_unique(records: list[Record], where: str) -> None:
@@ -592,6 +705,16 @@ def _check_unique(records: list[Record], where: str) -> None:
         if r.id in seen:
             raise RuntimeError(f"duplicate record id {r.id} in {where}; a stage must give derived records distinct ids")
         seen.add(r.id)
+
+
+def _overrides(stage: Stage, hook: str) -> bool:
+    return getattr(type(stage), hook) is not getattr(Stage, hook)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _safe(name: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from datatailor.stages.base import STAGES, BatchResult, BatchStage, MapStage, Stage, StageConfig, StageContext, register
+from datatailor.stages.base import STAGES, BatchResult, BatchStage, FilterStage, MapStage, Stage, StageConfig, StageContext, register
 
 _loaded = False
 
@@ -21,4 +21,4 @@ def load_all() -> dict[str, type[Stage]]:
     return STAGES
 
 
-__all__ = ["STAGES", "BatchResult", "BatchStage", "MapStage", "Stage", "StageConfig", "StageContext", "load_all", "register"]
+__all__ = ["STAGES", "BatchResult", "BatchStage", "FilterStage", "MapStage", "Stage", "StageConfig", "StageContext", "load_all", "register"]

@@ -27,10 +27,10 @@ from __future__ import annotations
 import asyncio
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,13 +41,16 @@ from datatailor.records import Record, derive_seed
 from datatailor.stages.contract import Contract
 from datatailor.stages.shared import SharedCalls
 
+if TYPE_CHECKING:
+    from datatailor.store import RecordSource
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 # What a template that answers or rewrites one record sees of it.
 RECORD_VARIABLES = ("id", "instruction", "input", "response", "prompt", "metadata")
 # Files of a stage's folder that belong to the runner; a stage's artifacts use other names.
-RESERVED_FILES = frozenset({"outputs.jsonl", "failures.jsonl", "done.json", "shared_calls.jsonl"})
+RESERVED_FILES = frozenset({"outputs.jsonl", "failures.jsonl", "done.json", "shared_calls.jsonl", "records.jsonl"})
 
 
 def record_variables(record: Record) -> dict[str, Any]:
@@ -274,6 +277,33 @@ class BatchStage(Stage[C]):
         records only (ids distinct from `produced`); the runner sends them through the later stages.
         """
         raise NotImplementedError
+
+
+# (input, the record kept in its place or None, (kind, message) when dropped)
+Decision = tuple[Record, "Record | None", "tuple[str, str] | None"]
+
+
+class FilterStage(BatchStage[C]):
+    """A whole-set stage that only keeps or drops records and decides from compact keys of them (hashes,
+    signatures, short texts), so the runner can stream it over millions of records: `decide` reads the
+    input as often as it needs and yields one decision per input, in input order."""
+
+    @abstractmethod
+    def decide(self, records: "RecordSource") -> Iterator[Decision]:
+        """For each input in order: (input, the record to keep, None) or (input, None, (kind, message))."""
+
+    async def process_all(self, records: list[Record]) -> BatchResult:
+        from datatailor.store import ListSource
+
+        outputs: list[Record] = []
+        rejected: dict[str, tuple[str, str]] = {}
+        for record, kept, why in self.decide(ListSource(records)):
+            if kept is not None:
+                outputs.append(kept)
+            else:
+                assert why is not None
+                rejected[record.id] = why
+        return BatchResult(outputs=outputs, rejected=rejected)
 
 
 STAGES: dict[str, type[Stage[Any]]] = {}

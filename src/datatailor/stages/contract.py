@@ -121,12 +121,16 @@ class Contract:
         )
 
 
-def input_capabilities(records: Sequence[Record], candidates: Iterable[str]) -> set[str]:
-    """The capabilities that at least one input record carries (a stage fails per record, not wholesale)."""
+def input_capabilities(records: Iterable[Record], candidates: Iterable[str]) -> set[str]:
+    """The capabilities that at least one input record carries (a stage fails per record, not wholesale).
+    Reads `records` once, as a stream, to the end (so a bad line in an input file is found here)."""
+    missing = set(candidates)
     found: set[str] = set()
-    for capability in candidates:
-        if any(record_has(r, capability) for r in records):
-            found.add(capability)
+    for r in records:
+        if missing:
+            hits = {c for c in missing if record_has(r, c)}
+            found |= hits
+            missing -= hits
     return found
 
 
@@ -191,10 +195,10 @@ def all_capabilities(plans: Sequence[StagePlan]) -> set[str]:
     return out
 
 
-def check_recipe_order(stages: Sequence["StageConfig"], records: Sequence[Record] | None, registry: dict[str, type["Stage"]]) -> list[str]:
+def check_recipe_order(stages: Sequence["StageConfig"], records: Iterable[Record] | None, registry: dict[str, type["Stage"]]) -> list[str]:
     """Problems with the order of a recipe's stages, as messages. `records` are the input (None: no input)."""
     plans = plan(stages, registry)
-    available = input_capabilities(records or [], all_capabilities(plans))
+    available = input_capabilities([] if records is None else records, all_capabilities(plans))
     return [str(p) for p in check_stage_order(plans, available, registry)]
 
 

@@ -1,17 +1,25 @@
-"""Selection stages: exact and near-duplicate removal (MinHash LSH)."""
+"""Selection stages: exact and near-duplicate removal (MinHash LSH), and the ROUGE-L novelty filter.
+
+Both only keep or drop records, so they are `FilterStage`s: they decide from compact keys (text digests and
+signatures; the compared texts) and stream over the input instead of holding its records.
+"""
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from datatailor.records import LineageEvent, Record
-from datatailor.stages.base import BatchResult, BatchStage, StageConfig, register
+from datatailor.scoring.dedup import EXACT, GreedyDedup, normalise, shingles
+from datatailor.stages.base import Decision, FilterStage, StageConfig, register
 from datatailor.stages.contract import Contract
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+if TYPE_CHECKING:
+    from datatailor.store import RecordSource
+
+__all__ = ["Dedup", "RougeFilter", "dedup_text", "normalise", "shingles"]
 
 
 def dedup_text(record: Record, compare: str) -> str:
@@ -22,17 +30,6 @@ def dedup_text(record: Record, compare: str) -> str:
     if compare == "pair":
         return f"{record.prompt}\n{record.response or ''}"
     return record.prompt
-
-
-def normalise(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def shingles(text: str, n: int) -> set[str]:
-    words = normalise(text).split()
-    if len(words) < n:
-        return {" ".join(words)} if words else set()
-    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 class DedupConfig(StageConfig):
@@ -49,8 +46,13 @@ class DedupConfig(StageConfig):
 
 
 @register("dedup")
-class Dedup(BatchStage[DedupConfig]):
-    """Keep the first of each group of exact or near-duplicate records; drop the rest with a reason."""
+class Dedup(FilterStage[DedupConfig]):
+    """Keep the first of each group of exact or near-duplicate records; drop the rest with a reason.
+
+    Greedy in input order: a record is dropped when an earlier kept record has the same normalised text, or
+    shares a MinHash LSH band with it and an estimated Jaccard similarity of at least `threshold` (the
+    earliest such record is named). Streams: about 16 bytes per record in memory plus the band groups of
+    records that collide, signatures in scratch files in the stage folder."""
 
     Config = DedupConfig
 
@@ -58,41 +60,26 @@ class Dedup(BatchStage[DedupConfig]):
     def contract(cls, config: Any) -> Contract:
         return Contract.of(needs=["response"] if config is not None and config.compare == "response" else [])
 
-    async def process_all(self, records: list[Record]) -> BatchResult:
-        from datasketch import MinHash, MinHashLSH  # slow to import (pulls scipy): only when used
-
+    def decide(self, records: RecordSource) -> Iterator[Decision]:
         cfg = self.config
-        kept: list[Record] = []
-        rejected: dict[str, tuple[str, str]] = {}
-        exact_seen: dict[str, str] = {}
-        # Bands tuned for recall; every candidate is then checked against the threshold, so the
-        # extra candidates cost a comparison each but never a wrong drop.
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=(0.05, 0.95)) if cfg.near else None
-        signatures: dict[str, Any] = {}
-        for record in records:
-            text = dedup_text(record, cfg.compare)
-            key = normalise(text)
-            if cfg.exact and key in exact_seen:
-                rejected[record.id] = ("duplicate", f"exact duplicate of {exact_seen[key]}")
-                continue
-            if lsh is not None:
-                mh = MinHash(num_perm=cfg.num_perm, seed=1)
-                for sh in shingles(text, cfg.shingle_words):
-                    mh.update(sh.encode("utf-8"))
-                hits = [h for h in lsh.query(mh) if signatures[h].jaccard(mh) >= cfg.threshold]
-                if hits:
-                    first = min(hits, key=lambda h: int(h.split(":", 1)[0]))
-                    rejected[record.id] = (
-                        "near_duplicate",
-                        f"near duplicate (Jaccard ≥ {cfg.threshold}) of {first.split(':', 1)[1]}",
-                    )
-                    continue
-                key_in_index = f"{len(kept)}:{record.id}"
-                signatures[key_in_index] = mh
-                lsh.insert(key_in_index, mh)
-            exact_seen.setdefault(key, record.id)
-            kept.append(record.with_event(LineageEvent(stage=self.name, decision="kept", reason="no earlier duplicate")))
-        return BatchResult(outputs=kept, rejected=rejected)
+        engine = GreedyDedup(exact=cfg.exact, near=cfg.near, threshold=cfg.threshold, num_perm=cfg.num_perm,
+                             shingle_words=cfg.shingle_words, scratch_dir=self.ctx.artifacts_dir)
+        try:
+            for record in records:
+                engine.add(dedup_text(record, cfg.compare))
+            decisions = engine.decide()
+        finally:
+            engine.close()
+        kept_event = LineageEvent(stage=self.name, decision="kept", reason="no earlier duplicate")
+        names = decisions.names()
+        for i, record in enumerate(records):
+            original = names.see(i, record.id)
+            if original is None:
+                yield record, record.with_event(kept_event), None
+            elif decisions.kind[i] == EXACT:
+                yield record, None, ("duplicate", f"exact duplicate of {original}")
+            else:
+                yield record, None, ("near_duplicate", f"near duplicate (Jaccard ≥ {cfg.threshold}) of {original}")
 
 
 class RougeFilterConfig(StageConfig):
@@ -105,11 +92,12 @@ class RougeFilterConfig(StageConfig):
 
 
 @register("filter.rouge")
-class RougeFilter(BatchStage[RougeFilterConfig]):
+class RougeFilter(FilterStage[RougeFilterConfig]):
     """Greedy ROUGE-L novelty filter, usable on any method's output (REFED's ROUGE-L selection, Self-Instruct's rule):
     visit the records (in a seeded random order by default) and keep one only if its ROUGE-L F-measure with every
     record kept so far is below `threshold`; the others are dropped as `too_similar`, naming the closest. Kept
-    records stay in input order."""
+    records stay in input order. Holds the compared texts (not the records); the comparison is quadratic in the
+    number kept, so it is meant for method-sized sets, not millions."""
 
     Config = RougeFilterConfig
 
@@ -117,26 +105,23 @@ class RougeFilter(BatchStage[RougeFilterConfig]):
     def contract(cls, config: Any) -> Contract:
         return Contract.of(needs=["response"] if config is not None and config.compare == "response" else [])
 
-    async def process_all(self, records: list[Record]) -> BatchResult:
+    def decide(self, records: RecordSource) -> Iterator[Decision]:
         from datatailor.scoring.novelty import NoveltyIndex
 
         cfg = self.config
-        visit = list(range(len(records)))
+        keys = [(r.id, dedup_text(r, cfg.compare)) for r in records]
+        visit = list(range(len(keys)))
         if cfg.order == "random":
             self.ctx.rng("rouge-order").shuffle(visit)
         index = NoveltyIndex()
-        kept: set[int] = set()
-        rejected: dict[str, tuple[str, str]] = {}
+        rejected: dict[int, tuple[str, str]] = {}
         for i in visit:
-            text = dedup_text(records[i], cfg.compare)
+            rid, text = keys[i]
             similarity, closest = index.closest(text)
             if similarity >= cfg.threshold:
-                rejected[records[i].id] = ("too_similar", f"ROUGE-L {similarity:.3f} ≥ {cfg.threshold} with {closest}")
+                rejected[i] = ("too_similar", f"ROUGE-L {similarity:.3f} ≥ {cfg.threshold} with {closest}")
                 continue
-            index.add(records[i].id, text)
-            kept.add(i)
-        outputs = [
-            r.with_event(LineageEvent(stage=self.name, decision="kept", reason=f"ROUGE-L < {cfg.threshold} with every kept record"))
-            for i, r in enumerate(records) if i in kept
-        ]
-        return BatchResult(outputs=outputs, rejected=rejected)
+            index.add(rid, text)
+        kept_event = LineageEvent(stage=self.name, decision="kept", reason=f"ROUGE-L < {cfg.threshold} with every kept record")
+        for i, record in enumerate(records):
+            yield (record, None, rejected[i]) if i in rejected else (record, record.with_event(kept_event), None)
