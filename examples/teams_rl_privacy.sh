@@ -40,17 +40,25 @@ qwen() { printf '    backend: llamacpp\n    model: local:qwen2.5-coder-0.5b-inst
 } > "$OUT/evol.yaml"
 for method in teams evol; do
   datatailor run "$OUT/$method.yaml" --out "$OUT/$method" || { code=$?; [ "$code" -eq 4 ] || exit "$code"; }
-  n=$(grep -c . "$OUT/$method/data.jsonl" || true)
-  half=$((n / 2))
+done
+# Both targets see the same number of pairs: the smaller dataset's size decides (a shortfall shows here).
+n_teams=$(grep -c . "$OUT/teams/data.jsonl" || true)
+n_evol=$(grep -c . "$OUT/evol/data.jsonl" || true)
+n=$(( n_teams < n_evol ? n_teams : n_evol ))
+half=$((n / 2))
+echo "pairs: TeaMs-RL $n_teams, Evol-Instruct $n_evol of $BUDGET asked; each target trains on $half and is tested on $half more"
+[ "$half" -ge 2 ] || { echo "too few pairs to compare (raise SEEDS)" >&2; exit 4; }
+for method in teams evol; do
   head -n "$half" "$OUT/$method/data.jsonl" > "$OUT/$method.members.jsonl"
-  tail -n "$half" "$OUT/$method/data.jsonl" > "$OUT/$method.nonmembers.jsonl"
+  head -n "$((2 * half))" "$OUT/$method/data.jsonl" | tail -n "$half" > "$OUT/$method.nonmembers.jsonl"
   # 2. The same training settings for both targets.
-  if [ ! -f "$OUT/$method-tuned/train_report.json" ]; then
-    datatailor train --data "$OUT/$method.members.jsonl" --base local:gemma-3-270m --out "$OUT/$method-tuned" \
+  tuned="$OUT/$method-tuned-$half"
+  if [ ! -f "$tuned/train_report.json" ]; then
+    datatailor train --data "$OUT/$method.members.jsonl" --base local:gemma-3-270m --out "$tuned" \
       --epochs 3 --batch-size 2 --max-length 384
   fi
   # 3. Membership inference against the tuned target.
-  datatailor privacy --model "$OUT/$method-tuned" --members "$OUT/$method.members.jsonl" \
+  datatailor privacy --model "$tuned" --members "$OUT/$method.members.jsonl" \
     --nonmembers "$OUT/$method.nonmembers.jsonl" --out "$OUT/$method.privacy.json"
 done
 python3 - "$OUT" <<'PY'
