@@ -245,6 +245,49 @@ class SystematicFailureProbe:
         return stop
 
 
+# ----------------------------------------------------------------------------- one record, one stage
+
+
+def stage_dir(recipe: Recipe, out: Path, index: int) -> Path:
+    return out / "stages" / f"{index:02d}-{_safe(recipe.stage_name(index))}"
+
+
+def build_stage(recipe: Recipe, out: Path, index: int) -> Stage:
+    """Stage `index` of the recipe, bound to its folder in run directory `out` (models are bound later)."""
+    config = recipe.stages[index]
+    folder = stage_dir(recipe, out, index)
+    ctx = StageContext(
+        models=None,  # type: ignore[arg-type]  # bound once the run directory is ready
+        stage_name=recipe.stage_name(index),
+        seed=recipe.seed,
+        artifacts_dir=folder,
+        base_dir=recipe.base_dir,
+        budget_pairs=recipe.budget_pairs,
+        earlier_dirs=[stage_dir(recipe, out, i) for i in range(index)],
+        shared=SharedCalls(folder),
+    )
+    return STAGES[config.type](config, ctx)
+
+
+async def process_record(stage: MapStage, record: Record) -> tuple[list[Record], dict[str, Any] | None, bool]:
+    """Run a map stage on one record: (outputs, None, False), or ([], failure row, whether it was a filter's
+    decision). A run-level stop (RunAbort) or a user error propagates; any other exception is the record's
+    `stage_error` failure (a bug in a stage must not lose the record or hang the run)."""
+    name = stage.name
+    try:
+        outputs = await stage.process(record)
+    except (RunAbort, UserError):
+        raise
+    except RecordFailure as failure_exc:
+        shown = failure_exc.record if isinstance(failure_exc.record, Record) and failure_exc.record.id == record.id else None
+        return [], _failure_row(record, name, failure_exc.kind, str(failure_exc), shown), isinstance(failure_exc, Rejected)
+    except Exception as exc:
+        return [], _failure_row(record, name, "stage_error", f"{type(exc).__name__}: {exc}"), False
+    if not outputs:
+        return [], _failure_row(record, name, "empty_output", "the stage returned no records"), False
+    return outputs, None, False
+
+
 # ----------------------------------------------------------------------------- the runner
 
 
@@ -317,7 +360,7 @@ class Runner:
         write_json(self.out / "manifest.json", manifest)
 
     def stage_dir(self, index: int) -> Path:
-        return self.out / "stages" / f"{index:02d}-{_safe(self.recipe.stage_name(index))}"
+        return stage_dir(self.recipe, self.out, index)
 
     # -- main -------------------------------------------------------------------
 
@@ -460,19 +503,7 @@ class Runner:
             self._deficits[round] = budget - len(records)
 
     def _build_stage(self, index: int) -> Stage:
-        config = self.recipe.stages[index]
-        folder = self.stage_dir(index)
-        ctx = StageContext(
-            models=None,  # type: ignore[arg-type]  # bound in run(), once the run directory is ready
-            stage_name=self.recipe.stage_name(index),
-            seed=self.recipe.seed,
-            artifacts_dir=folder,
-            base_dir=self.recipe.base_dir,
-            budget_pairs=self.recipe.budget_pairs,
-            earlier_dirs=[self.stage_dir(i) for i in range(index)],
-            shared=SharedCalls(folder),
-        )
-        return STAGES[config.type](config, ctx)
+        return build_stage(self.recipe, self.out, index)
 
     def _shortfall(self, final: RecordSource, summaries: list[dict[str, Any]], rounds: int) -> dict[str, Any] | None:
         """Which stage fell short of what was asked, by how much and why; None when everything was delivered."""
@@ -630,35 +661,21 @@ class Runner:
         return writer.close(), failures
 
     async def _process_one(self, stage: MapStage, cp: StageCheckpoint, record: Record, probe: SystematicFailureProbe) -> None:
-        name = stage.name
-        failure: dict[str, Any] | None = None
-        decision = False
         try:
-            outputs = await stage.process(record)
+            outputs, failure, decision = await process_record(stage, record)
         except RunAbort as abort:
             if self._stop is None:
                 self._stop = abort
             return
-        except RecordFailure as failure_exc:
-            shown = failure_exc.record if isinstance(failure_exc.record, Record) and failure_exc.record.id == record.id else None
-            failure = _failure_row(record, name, failure_exc.kind, str(failure_exc), shown)
-            decision = isinstance(failure_exc, Rejected)
-        except UserError:
-            raise
-        except Exception as exc:  # a bug in a stage must not lose the record or hang the run
-            failure = _failure_row(record, name, "stage_error", f"{type(exc).__name__}: {exc}")
-        else:
-            if not outputs:
-                failure = _failure_row(record, name, "empty_output", "the stage returned no records")
         if failure is None:
             cp.add_outputs(record.id, outputs)
         for row in probe.observe(failure, decision):
             cp.add_failure(row)
         if probe.tripped:
             if self._stop is None:
-                self._stop = probe.abort(name)
+                self._stop = probe.abort(stage.name)
             return
-        self.progress.advance(name, failed=failure is not None)
+        self.progress.advance(stage.name, failed=failure is not None)
 
     async def _run_batch(self, stage: BatchStage, cp: StageCheckpoint, inputs: RecordSource, digest: str,
                          round: int) -> tuple[RecordSource | None, list[dict[str, Any]], bool]:
