@@ -45,23 +45,51 @@ def request_key(request: CompletionRequest) -> str:
 
 
 class RequestCache:
-    """A small key -> Completion store shared by all models of a run (safe across threads/processes)."""
+    """A small key -> Completion store shared by all models of a run (safe across threads and processes).
 
-    def __init__(self, path: Path | str | None = None):
+    One SQLite file in WAL mode serves every process of one machine. WAL is not safe on a network filesystem,
+    so processes on several machines use `writer`: each writes only its own file beside the main one
+    (`requests.<writer>.sqlite`) and reads its own, the main file and every other writer's file."""
+
+    def __init__(self, path: Path | str | None = None, writer: str | None = None):
         self.path = Path(path) if path else default_cache_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-        )
-        self._db.commit()
+        own = self.path if writer is None else self.path.with_name(f"{self.path.stem}.{writer}{self.path.suffix}")
+        self._db = self._open(own)
+        self._others: dict[Path, sqlite3.Connection] = {}
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS completions (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.commit()
+        return db
+
+    def _readers(self) -> list[sqlite3.Connection]:
+        """Per-writer mode: the main file and the other writers' files, opened read-only as they appear."""
+        if self.writer is None:
+            return []
+        own = f"{self.path.stem}.{self.writer}{self.path.suffix}"
+        for p in [self.path, *sorted(self.path.parent.glob(f"{self.path.stem}.*{self.path.suffix}"))]:
+            if p.name != own and p not in self._others and p.exists():
+                self._others[p] = sqlite3.connect(f"file:{p}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+        return list(self._others.values())
 
     def get(self, key: str) -> Completion | None:
         with self._lock:
             row = self._db.execute("SELECT value FROM completions WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                for db in self._readers():
+                    try:
+                        row = db.execute("SELECT value FROM completions WHERE key = ?", (key,)).fetchone()
+                    except sqlite3.OperationalError:  # a writer's file still being created
+                        row = None
+                    if row is not None:
+                        break
         return Completion.model_validate_json(row[0]) if row else None
 
     def put(self, key: str, completion: Completion) -> None:
@@ -79,3 +107,6 @@ class RequestCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            for db in self._others.values():
+                db.close()
+            self._others.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from datatailor.llm.base import Sampling
 
@@ -42,7 +42,10 @@ class OpenAIModel(_ModelBase):
     """Any OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp server, Ollama, TGI)."""
 
     backend: Literal["openai"] = "openai"
-    base_url: str = "https://api.openai.com/v1"
+    base_url: str | list[str] = Field(
+        "https://api.openai.com/v1",
+        description="The server's URL, or a list of replicas serving the same model: requests go round-robin over them.",
+    )
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="Name of the environment variable holding the key (never the key)."
     )
@@ -74,6 +77,17 @@ class OpenAIModel(_ModelBase):
             "key, so answers cached from an older deployment of the same name are not reused."
         ),
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _some_url(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one URL")
+        return value
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [u.rstrip("/") for u in ([self.base_url] if isinstance(self.base_url, str) else self.base_url)]
 
 
 class LlamaCppModel(_ModelBase):

@@ -103,7 +103,8 @@ def model_identity(config: Any, base_dir: Path | None = None) -> dict[str, Any]:
     backend = config.backend
     ident: dict[str, Any] = {"backend": backend, "model": config.model}
     if backend == "openai":
-        ident["base_url"] = config.base_url
+        # replicas of one model are one model: the same set of URLs, in any order, is the same identity
+        ident["base_url"] = config.base_url if isinstance(config.base_url, str) else sorted(config.base_urls)
         if config.revision:
             ident["revision"] = config.revision
     elif backend == "llamacpp":

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import itertools
 import json
 import math
 import os
@@ -311,8 +312,11 @@ class OpenAIBackend:
     def __init__(self, config: OpenAIModel, *, transport: httpx2.AsyncBaseTransport | None = None):
         self.config = config
         self.native_json_schema = config.json_mode != "none"
-        self.base_url = config.base_url.rstrip("/")
-        self._url = httpx2.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
+        urls = config.base_urls
+        self.base_url = urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} replicas)"
+        # parsed once, not per request; several replicas take requests in turn, each process starting elsewhere
+        self._urls = [httpx2.URL(f"{u}/chat/completions") for u in urls]
+        self._turn = itertools.count(os.getpid())
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.api_key_env:
             key = os.environ.get(config.api_key_env)
@@ -387,7 +391,7 @@ class OpenAIBackend:
         try:
             # httpx's own timeouts bound each phase; this bounds the whole exchange.
             async with asyncio.timeout(self.config.timeout_s):
-                response = await self._client.post(self._url, content=body)
+                response = await self._client.post(self._urls[next(self._turn) % len(self._urls)], content=body)
         except (httpx2.TimeoutException, TimeoutError):
             self.stats.timeouts += 1
             raise _Retryable(f"no reply within {self.config.timeout_s:g} s", kind="timeout") from None

@@ -52,6 +52,9 @@ class UsageLedger:
         self.run: dict[str, RoleUsage] = {}
         self.run_stages: dict[str, RoleUsage] = {}
         self.budget = budget or Budget()
+        # What other processes of the same run spent in this invocation ($, tokens), kept current by a
+        # distributed executor, so that the budget holds across workers.
+        self.elsewhere: tuple[float, int] = (0.0, 0)
 
     def _entries(self, role: str, stage: str | None) -> list[RoleUsage]:
         entries = [self.run.setdefault(role, RoleUsage())]
@@ -82,7 +85,18 @@ class UsageLedger:
 
     def spent(self) -> tuple[float, int]:
         t = self.total().values()
-        return sum(u.cost_usd for u in t), sum(u.tokens for u in t)
+        return sum(u.cost_usd for u in t) + self.elsewhere[0], sum(u.tokens for u in t) + self.elsewhere[1]
+
+    def run_spent(self) -> tuple[float, int]:
+        """What this ledger recorded in this invocation ($, tokens)."""
+        return sum(u.cost_usd for u in self.run.values()), sum(u.tokens for u in self.run.values())
+
+    def absorb(self, run_json: dict) -> None:
+        """Add another ledger's usage of this invocation (its `as_json()["run"]`): a worker's, after it finished."""
+        for role, usage in (run_json.get("roles") or {}).items():
+            self.run[role] = self.run.get(role, RoleUsage()).add(RoleUsage.model_validate(usage))
+        for stage, usage in (run_json.get("stages") or {}).items():
+            self.run_stages[stage] = self.run_stages.get(stage, RoleUsage()).add(RoleUsage.model_validate(usage))
 
     def check_budget(self) -> None:
         """Raise BudgetExhausted when a limit is reached; called before every new (uncached) call."""

@@ -140,6 +140,9 @@ class Stage(ABC, Generic[C]):
     clears: ClassVar[tuple[str, ...]] = ()
     # Config field holding a template name -> the variables the stage passes when rendering it.
     templates: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Whether `--executor ray` may spread it over workers: a map stage whose records are independent. Whole-set
+    # stages, and map stages whose records share calls (each shared call has one owner), run on the driver.
+    distributed: ClassVar[bool] = False
 
     def __init__(self, config: C, ctx: StageContext):
         self.config = config
@@ -249,6 +252,8 @@ class Stage(ABC, Generic[C]):
 
 
 class MapStage(Stage[C]):
+    distributed: ClassVar[bool] = True
+
     @abstractmethod
     async def process(self, record: Record) -> list[Record]:
         """Return the records that replace `record` (at least one), or raise a RecordFailure."""

@@ -37,6 +37,7 @@ class Rubrics(MapStage[RubricsConfig]):
     """
 
     Config = RubricsConfig
+    distributed = False  # its records share calls: one owner each, in one process
     method = "codec"
     needs = ("codec.metadata",)
     provides = ("codec.actions",)

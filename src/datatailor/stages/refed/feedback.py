@@ -57,6 +57,7 @@ class Feedback(MapStage[FeedbackConfig]):
     again in a later pass reuses its feedback (one shared, checkpointed call; paid for once)."""
 
     Config = FeedbackConfig
+    distributed = False  # its records share calls: one owner each, in one process
     method = "refed"
     needs = ("refed.reference",)
     provides = ("refed.instruction_feedback", "refed.response_feedback")
