@@ -3,7 +3,12 @@ usage from several ledgers, and a budget that counts what other workers spent.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from datatailor.errors import BudgetExhausted
 from datatailor.llm.base import Completion
@@ -13,6 +18,8 @@ from datatailor.llm.fingerprint import model_identity
 from datatailor.llm.openai import OpenAIBackend
 from datatailor.llm.usage import Budget, UsageLedger
 from datatailor.testing import MockConfig, MockOpenAIServer
+from tests.conftest import cli_env
+from tests.support import echo_model, questions, write_rows
 from tests.test_openai_backend import ask, model_config
 
 
@@ -82,3 +89,14 @@ def test_usage_of_workers_adds_up_and_the_budget_counts_what_others_spent() -> N
     worker.elsewhere = (0.0, 70)  # the other workers spent 70
     with pytest.raises(BudgetExhausted, match="100 of 100 tokens"):
         worker.check_budget()
+
+
+def test_the_local_path_never_imports_ray(tmp_path: Path) -> None:
+    write_rows(tmp_path / "input.jsonl", questions(3))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"models": {"strong": echo_model()}, "input": "input.jsonl",
+                                                      "stages": [{"type": "respond", "role": "strong"}, {"type": "dedup"}]}))
+    code = ("import sys; from datatailor.cli import main; "
+            f"rc = main(['run', {str(tmp_path / 'r.yaml')!r}, '--out', {str(tmp_path / 'out')!r}, '--no-progress']); "
+            "print('RAY' if 'ray' in sys.modules else 'NO-RAY', rc)")
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c")), capture_output=True, text=True, timeout=120)
+    assert out.stdout.split()[-2:] == ["NO-RAY", "0"], out.stdout + out.stderr

@@ -143,6 +143,11 @@ class StageCheckpoint:
         self.finished.add(src)
         append_row(self._out_fh, {"src": src, "records": [r.model_dump(mode="json") for r in records]})
 
+    def add_output_row(self, row: dict[str, Any]) -> None:
+        """An outputs row as a worker wrote it ({"src": id, "records": [...]})."""
+        self.finished.add(row["src"])
+        append_row(self._out_fh, row)
+
     def add_failure(self, row: dict[str, Any]) -> None:
         self.finished.add(row["id"])
         self.failed.add(row["id"])
@@ -300,8 +305,10 @@ class Runner:
         force: bool = False,
         progress: RunProgress | None = None,
         cache: RequestCache | None = None,
+        executor: Any = None,
     ):
         self.recipe = recipe
+        self.executor = executor  # None: every stage in this process; else e.g. executors.ray_executor.RayExecutor
         self.out = Path(out_dir)
         self.force = force
         self.progress = progress or RunProgress(enabled=False)
@@ -380,6 +387,7 @@ class Runner:
         usage_path = self.out / "usage.json"
         prev = json.loads(usage_path.read_text()) if usage_path.exists() else {}
         ledger = UsageLedger(UsageLedger.previous_from_json(prev), self.recipe.budget, UsageLedger.previous_stages_from_json(prev))
+        self.ledger = ledger
         cache = self._cache
         if cache is None and self.recipe.cache is not False:
             cache = RequestCache(None if self.recipe.cache is True else self.recipe.resolve(str(self.recipe.cache)))
@@ -406,6 +414,8 @@ class Runner:
         finally:
             if cache is not None and self._cache is None:
                 cache.close()
+            if self.executor is not None:
+                self.executor.close()
         await pool.aclose()
         shortfall = None
         if status == STATUS_COMPLETE:
@@ -414,6 +424,9 @@ class Runner:
                 status, message = STATUS_SHORTFALL, shortfall["message"]
         final = records if status in (STATUS_COMPLETE, STATUS_SHORTFALL) else None
         return self._finish(status, message, summaries, previous, started, ledger, final, shortfall, rounds)
+
+    def save_usage(self) -> None:
+        write_json(self.out / "usage.json", self.ledger.as_json())
 
     def _check_contract(self, records: RecordSource) -> None:
         """What `validate` checks of the stages: their order and the variables of their templates."""
@@ -491,7 +504,7 @@ class Runner:
             for index, stage in enumerate(stages):
                 checkpoint = StageCheckpoint(self.stage_dir(index))
                 try:
-                    records, summary = await self._run_stage(stage, checkpoint, records, round if stage is topper else 1)
+                    records, summary = await self._run_stage(index, stage, checkpoint, records, round if stage is topper else 1)
                 finally:
                     checkpoint.close()
                 summaries.append(summary)
@@ -531,7 +544,7 @@ class Runner:
 
     # -- one stage ----------------------------------------------------------------
 
-    async def _run_stage(self, stage: Stage, cp: StageCheckpoint, inputs: RecordSource, round: int) -> tuple[RecordSource, dict[str, Any]]:
+    async def _run_stage(self, index: int, stage: Stage, cp: StageCheckpoint, inputs: RecordSource, round: int) -> tuple[RecordSource, dict[str, Any]]:
         name = stage.name
         digest = inputs.digest()
         done = cp.done()
@@ -543,11 +556,17 @@ class Runner:
             summary = {k: v for k, v in done.items() if k != "digest"}
             return JsonlSource(cp.records_path, done["outputs"]), summary
         if isinstance(stage, MapStage):
-            complete = await self._run_map(stage, cp, inputs)
+            if self.executor is not None and stage.distributed:
+                complete = await self.executor.run_map(self, index, stage, cp, inputs)
+            else:
+                complete = await self._run_map(stage, cp, inputs)
             outputs, failures = self._compact_map(cp, inputs, name) if complete else (None, [])
         elif isinstance(stage, FilterStage):
             self.progress.stage_started(name, total=len(inputs))
-            outputs, failures = self._run_filter(stage, cp, inputs)
+            if self.executor is not None:
+                outputs, failures = await self.executor.run_filter(self, stage, cp, inputs)
+            else:
+                outputs, failures = self._run_filter(stage, cp, inputs)
             complete = True
         elif isinstance(stage, BatchStage):
             self.progress.stage_started(name, total=len(inputs))
@@ -642,12 +661,13 @@ class Runner:
         cp.replace_failures(failures)
         return writer.close(), failures
 
-    def _run_filter(self, stage: FilterStage, cp: StageCheckpoint, inputs: RecordSource) -> tuple[RecordSource, list[dict[str, Any]]]:
-        """A keep-or-drop whole-set stage, streamed: its decisions are written as they come, in input order."""
+    def _run_filter(self, stage: FilterStage, cp: StageCheckpoint, inputs: RecordSource, **precomputed: Any) -> tuple[RecordSource, list[dict[str, Any]]]:
+        """A keep-or-drop whole-set stage, streamed: its decisions are written as they come, in input order.
+        `precomputed`: what an executor computed for the stage (dedup's `signed`)."""
         writer = RecordWriter(cp.records_path, f"{stage.name} outputs")
         failures: list[dict[str, Any]] = []
         try:
-            for record, kept, why in stage.decide(inputs):
+            for record, kept, why in stage.decide(inputs, **precomputed):
                 if kept is not None:
                     writer.write(kept)
                 else:
@@ -744,9 +764,10 @@ def _versions() -> dict[str, str]:
     return {"datatailor": __version__, "python": platform.python_version(), "pydantic": pydantic.VERSION}
 
 
-async def run_recipe(recipe: Recipe, out_dir: str | Path, *, force: bool = False, show_progress: bool | None = None, cache: RequestCache | None = None) -> RunResult:
+async def run_recipe(recipe: Recipe, out_dir: str | Path, *, force: bool = False, show_progress: bool | None = None,
+                     cache: RequestCache | None = None, executor: Any = None) -> RunResult:
     progress = RunProgress(enabled=show_progress)
-    return await Runner(recipe, Path(out_dir), force=force, progress=progress, cache=cache).run()
+    return await Runner(recipe, Path(out_dir), force=force, progress=progress, cache=cache, executor=executor).run()
 
 
 def run_recipe_sync(recipe: Recipe, out_dir: str | Path, **kwargs: Any) -> RunResult:

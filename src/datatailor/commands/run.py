@@ -28,6 +28,13 @@ def run(
         None, "--field", metavar="TARGET=COLUMN", help="Map a column of the input: TARGET=COLUMN (targets instruction, input, response, category, id); "
         "repeatable; overrides/extends the recipe's input.fields."
     ),
+    executor: str = typer.Option("local", "--executor", help="local: every stage in this process; ray: spread map stages "
+                                 "(and dedup's signatures) over a Ray cluster (pip install 'datatailor[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: the cluster's HOST:PORT (default: RAY_ADDRESS, else a local Ray)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="ray: actors per distributed stage."),
+    shard_size: int = typer.Option(128, "--shard-size", min=1, help="ray: records per task."),
+    stall_timeout: float = typer.Option(600.0, "--stall-timeout", min=1.0, help="ray: stop as interrupted (resumable) "
+                                        "when no worker made progress for this many seconds."),
 ) -> int:
     """Run a recipe. Prints where the data went, what it cost, and where each stage's report is.
 
@@ -57,7 +64,17 @@ def run(
         )
     if no_cache:
         r.cache = False
-    result = run_recipe_sync(r, out, force=force, show_progress=progress)
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor {executor!r}: use local or ray")
+    if executor == "local" and address is not None:
+        raise UserError("--address is for --executor ray")
+    runner_executor = None
+    if executor == "ray":
+        from datatailor.executors import RaySettings, ray_executor
+
+        runner_executor = ray_executor(RaySettings(address=address, workers=workers, shard_size=shard_size, stall_timeout_s=stall_timeout))
+        runner_executor.start()  # a missing extra or an unreachable cluster fails here, before anything is touched
+    result = run_recipe_sync(r, out, force=force, show_progress=progress, executor=runner_executor)
     total = result.usage.get("run", {}).get("all", {})
     summary = (
         f"{result.status}: {result.records} records in {out / 'data.jsonl'}, {result.failures} in failures.jsonl | "

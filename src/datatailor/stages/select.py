@@ -6,9 +6,10 @@ signatures; the compared texts) and stream over the input instead of holding its
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from datatailor.records import LineageEvent, Record
@@ -60,13 +61,21 @@ class Dedup(FilterStage[DedupConfig]):
     def contract(cls, config: Any) -> Contract:
         return Contract.of(needs=["response"] if config is not None and config.compare == "response" else [])
 
-    def decide(self, records: RecordSource) -> Iterator[Decision]:
+    def decide(self, records: RecordSource, signed: Iterable[tuple[bytes, np.ndarray | None]] | None = None) -> Iterator[Decision]:
+        """`signed`: each record's exact key and signature, in input order, when an executor computed them
+        (`executors.worker.sign_shard`); otherwise they are computed here."""
         cfg = self.config
         engine = GreedyDedup(exact=cfg.exact, near=cfg.near, threshold=cfg.threshold, num_perm=cfg.num_perm,
                              shingle_words=cfg.shingle_words, scratch_dir=self.ctx.artifacts_dir)
         try:
-            for record in records:
-                engine.add(dedup_text(record, cfg.compare))
+            if signed is None:
+                for record in records:
+                    engine.add(dedup_text(record, cfg.compare))
+            else:
+                for key, signature in signed:
+                    engine.add_signed(key, signature)
+            if engine.count != len(records):
+                raise RuntimeError(f"dedup: {engine.count} signatures for {len(records)} records")
             decisions = engine.decide()
         finally:
             engine.close()
