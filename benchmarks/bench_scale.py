@@ -12,6 +12,10 @@ Two jobs, each a separate `datatailor run` process (its peak RSS read from the k
     python benchmarks/bench_scale.py --job respond --sizes 100000,300000,1000000
     python benchmarks/bench_scale.py --job dedup --sizes 100000,1000000
     python benchmarks/bench_scale.py --job respond --sizes 20000        # a quick check, about a minute
+    python benchmarks/bench_scale.py --job respond --sizes 100,20000 --executor ray   # Ray's fixed cost and rate
+
+With --executor ray the run starts a local Ray (2 workers unless --workers): the peak RSS is the driver's
+alone (Ray's own processes are not counted), the wall time includes starting Ray.
 
 Prints one row per size: records, wall seconds, records/s, peak RSS (MB), RSS per 1K records, and what
 the run wrote (data and failures rows). Run directories go to a temporary folder (--keep to keep them).
@@ -55,12 +59,12 @@ def write_input(path: Path, n: int, duplicates: float, seed: int = 0) -> None:
             fh.write(json.dumps({"instruction": text}) + "\n")
 
 
-def run_once(work: Path, recipe: dict, env: dict[str, str]) -> tuple[float, float, str]:
+def run_once(work: Path, recipe: dict, env: dict[str, str], extra: list[str]) -> tuple[float, float, str]:
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     out = work / "run"
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "datatailor", "run", str(work / "recipe.yaml"), "--out", str(out),
-                             "--no-progress"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--no-progress", *extra], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     output = proc.stdout.read().decode() if proc.stdout else ""
@@ -84,10 +88,15 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.002, help="respond: mock latency in seconds")
     parser.add_argument("--reply-chars", type=int, default=200)
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--workers", type=int, default=2, help="ray: actors")
+    parser.add_argument("--shard-size", type=int, default=512, help="ray: records per task")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_scale_"))
-    print(f"job={args.job} sizes={sizes} concurrency={args.concurrency} latency={args.latency}s cpu_count={os.cpu_count()}")
+    extra = ["--executor", "ray", "--workers", str(args.workers), "--shard-size", str(args.shard_size)] if args.executor == "ray" else []
+    print(f"job={args.job} executor={args.executor} sizes={sizes} concurrency={args.concurrency} latency={args.latency}s "
+          f"cpu_count={os.cpu_count()}")
     print(f"{'records':>9} {'wall s':>8} {'rec/s':>8} {'peak RSS MB':>12} {'MB per 1K':>10}  data / failures")
     server = MockServerProcess(MockConfig(latency_s=args.latency, reply_chars=args.reply_chars)).start() if args.job == "respond" else None
     try:
@@ -105,7 +114,8 @@ def main() -> int:
                           "stages": [{"type": "respond", "role": "strong", "concurrency": args.concurrency}]}
             else:
                 recipe = {"name": "bench-scale-dedup", "input": "input.jsonl", "stages": [{"type": "dedup", "compare": "instruction"}]}
-            elapsed, rss_mb, _ = run_once(work, recipe, env)
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            elapsed, rss_mb, _ = run_once(work, recipe, env, extra)
             data, failures = count_lines(work / "run" / "data.jsonl"), count_lines(work / "run" / "failures.jsonl")
             print(f"{n:>9} {elapsed:>8.1f} {n / elapsed:>8.0f} {rss_mb:>12.0f} {1000 * rss_mb / n:>10.2f}  {data} / {failures}",
                   flush=True)

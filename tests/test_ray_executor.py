@@ -230,3 +230,17 @@ def test_stages_that_cannot_be_spread_run_on_the_driver(tmp_path: Path, local_ra
     assert result.status == "complete" and spread == ["respond"]
     assert {r["response"] for r in read_jsonl(tmp_path / "ray" / "data.jsonl")} == {f"pid {os.getpid()}"}
 
+
+
+def test_the_budget_holds_across_workers(tmp_path: Path, local_ray: Any) -> None:
+    budget = 6000
+    r = recipe(tmp_path, questions(1000), [{"type": "respond", "role": "strong", "concurrency": 8}],
+               models={"strong": echo(latency=0.1)}, cache=False, budget={"max_tokens": budget})
+    result = run(r, tmp_path / "ray", ray_exec())
+    assert result.status == "budget_exhausted"
+    spent = json.loads((tmp_path / "ray" / "usage.json").read_text())["run"]["all"]
+    tokens = spent["prompt_tokens"] + spent["completion_tokens"]
+    # Each worker sees the others' spending every 0.5 s: two workers that ignored each other would spend
+    # about twice the budget; the overshoot is the calls started within one refresh.
+    assert budget <= tokens < 1.35 * budget, tokens
+    assert not (tmp_path / "ray" / "data.jsonl").exists()
