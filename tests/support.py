@@ -101,3 +101,13 @@ def kill_9_when(cmd: list[str], env: dict[str, str], ready: Callable[[], bool], 
 
 def line_count(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def hang_from_20(request: CompletionRequest) -> str:
+    """Answers questions 0-19; from question 20 on, blocks its process for 20 s (a hung server, a stuck worker)."""
+    import re
+
+    number = int(m[1]) if (m := re.search(r"Question number (\d+)", request.messages[-1].content)) else 0
+    if number >= 20:
+        time.sleep(20)
+    return f"Answer for {number}."

@@ -61,15 +61,17 @@ def ray_exec(**kw: Any) -> RayExecutor:
 
 
 def test_same_bytes_as_the_local_runner(tmp_path: Path, local_ray: Any) -> None:
-    rows = questions(300) + questions(40)  # repeats: dedup drops them
-    stages = [{"type": "respond", "role": "strong", "concurrency": 8}, {"type": "dedup"}]
+    rows = questions(300) + questions(40) + [{"instruction": "Question number 999: How can I improve my time management skills?"}]
+    # repeats: dedup drops them; the Vicuna question: decontam drops it (a map, spread like respond)
+    stages = [{"type": "respond", "role": "strong", "concurrency": 8}, {"type": "decontam", "testsets": ["vicuna80"]}, {"type": "dedup"}]
     local = run(recipe(tmp_path, rows, stages, cache=False), tmp_path / "local")
     distributed = run(recipe(tmp_path, rows, stages, cache=False), tmp_path / "ray", ray_exec())
     assert local.status == distributed.status == "complete" and distributed.records == 300
     for name in ("data.jsonl", "failures.jsonl"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
     usage = json.loads((tmp_path / "ray" / "usage.json").read_text())["run"]
-    assert usage["all"]["requests"] == 340  # every record once; the workers' usage reached the run's
+    assert usage["all"]["requests"] == 341  # every record once; the workers' usage reached the run's
+    assert [f["kind"] for f in read_jsonl(tmp_path / "ray" / "failures.jsonl")].count("contaminated") == 1
     assert not list((tmp_path / "ray").glob("stages/*/parts/*")) and not list((tmp_path / "ray").glob("stages/*/shards"))
 
 
@@ -244,3 +246,17 @@ def test_the_budget_holds_across_workers(tmp_path: Path, local_ray: Any) -> None
     # about twice the budget; the overshoot is the calls started within one refresh.
     assert budget <= tokens < 1.35 * budget, tokens
     assert not (tmp_path / "ray" / "data.jsonl").exists()
+
+
+def test_a_stalled_stage_stops_as_interrupted_and_resumable(tmp_path: Path, local_ray: Any) -> None:
+    # Last in this module: the hung workers keep their CPU slots for 20 s after the run has stopped.
+    r = recipe(tmp_path, questions(60), [{"type": "respond", "role": "strong", "concurrency": 4}],
+               models={"strong": {"backend": "scripted", "model": "hangs", "handler": "tests.support:hang_from_20"}}, cache=False)
+    started = time.monotonic()
+    result = run(r, tmp_path / "ray", ray_exec(shard_size=10, stall_timeout_s=3.0))
+    assert result.status == "interrupted" and "no worker made progress for 3 s" in result.message
+    assert time.monotonic() - started < 20
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and not (tmp_path / "ray" / "data.jsonl").exists()
+    finished = read_jsonl(tmp_path / "ray" / "stages" / "00-respond" / "outputs.jsonl")
+    assert 5 <= len(finished) <= 20 and len({row["src"] for row in finished}) == len(finished)
