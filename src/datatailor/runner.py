@@ -597,16 +597,21 @@ class Runner:
         self.progress.stage_finished(name)
         return (outputs if outputs is not None else ListSource([])), summary
 
-    async def _run_map(self, stage: MapStage, cp: StageCheckpoint, inputs: RecordSource) -> bool:
-        """Process the inputs not finished yet, reading them in order, `concurrency` at a time. True when
-        every input is finished (no stop)."""
+    def count_finished(self, name: str, cp: StageCheckpoint, inputs: RecordSource) -> tuple[int, int]:
+        """(inputs, finished inputs) of a map stage, shown as the stage's progress."""
         total = done = failed = 0
         for rid in inputs.ids():
             total += 1
             if rid in cp.finished:
                 done += 1
                 failed += rid in cp.failed
-        self.progress.stage_started(stage.name, total=total, done=done, failed=failed)
+        self.progress.stage_started(name, total=total, done=done, failed=failed)
+        return total, done
+
+    async def _run_map(self, stage: MapStage, cp: StageCheckpoint, inputs: RecordSource) -> bool:
+        """Process the inputs not finished yet, reading them in order, `concurrency` at a time. True when
+        every input is finished (no stop)."""
+        total, done = self.count_finished(stage.name, cp, inputs)
         if done == total:
             return True
         probe = SystematicFailureProbe(self.recipe.systematic_failures, done)

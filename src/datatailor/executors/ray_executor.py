@@ -117,13 +117,7 @@ class RayExecutor:
                     break
         if head and not await runner._run_map(stage, cp, ListSource(head)):
             return False
-        total = done = failed = 0
-        for rid in inputs.ids():
-            total += 1
-            if rid in cp.finished:
-                done += 1
-                failed += rid in cp.failed
-        runner.progress.stage_started(name, total=total, done=done, failed=failed)
+        total, done = runner.count_finished(name, cp, inputs)
         if done == total:
             return True
         shards = write_shards(cp.folder / SHARDS, (r for r in inputs if r.id not in cp.finished), self.settings.shard_size)
