@@ -1,0 +1,194 @@
+"""The bake-off on scripted models: the split, equal sizes, decontamination against the evaluation part, the table's
+numbers against the evaluation runs, the bootstrap on known cases, resume after kill -9, zero calls on a re-run.
+
+The scripted world: each tuned target answers "<method> answer to: <question>"; the judge gives the tuned target
+of method `good` 9 against the reference's 5 (a win in both orders), `odd` wins on questions with an odd number
+and ties on the others, the untuned target always loses (3 against 7)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from datatailor.bakeoff.config import BakeoffConfig, load_bakeoff
+from datatailor.bakeoff.run import prepare, run_bakeoff
+from datatailor.bakeoff.split import split_testset
+from datatailor.bakeoff.stats import bootstrap
+from datatailor.errors import UserError
+from datatailor.evaluate.testsets import load_testset_file
+from datatailor.llm.base import CompletionRequest
+from tests.conftest import cli_env
+from tests.support import kill_9_when, read_jsonl, write_rows
+
+N_ITEMS = 30
+
+
+def judge(request: CompletionRequest) -> str:
+    """Scores 'answer_1 answer_2' by who wrote each answer (see the module docstring); the reference scores 5."""
+
+    def score(answer: str) -> int:
+        if answer.startswith("good answer"):
+            return 9
+        if answer.startswith("odd answer"):
+            return 9 if int(re.search(r"Question (\d+)", answer)[1]) % 2 else 5
+        if answer.startswith("untuned answer"):
+            return 3
+        return 5
+
+    if "answer_1" not in (request.variables or {}):
+        return "4.5"  # the 0-5 quality rating of a method's pair
+    return f"{score(request.variables['answer_1'])} {score(request.variables['answer_2'])}"
+
+
+def world(tmp: Path, *, latency: float = 0.0, methods: list[dict[str, Any]] | None = None, **overrides: Any) -> Path:
+    """A bake-off config with its test set and method recipes in `tmp`; returns the config's path."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    items = [{"instruction": f"Question {i}: describe thing number {i} in a few words, please, for the report."} for i in range(N_ITEMS)]
+    write_rows(tmp / "testset.jsonl", items)
+    write_rows(tmp / "leaky_input.jsonl", items)  # every test item: the evaluation part's must be dropped
+    respond = {"stages": [{"type": "respond", "role": "strong"}]}
+    (tmp / "respond.yaml").write_text(yaml.safe_dump({"models": {}, **respond}))
+    (tmp / "leaky.yaml").write_text(yaml.safe_dump({"models": {}, "input": "leaky_input.jsonl", **respond}))
+    (tmp / "two.yaml").write_text(yaml.safe_dump({"models": {}, "input": {"path": "leaky_input.jsonl", "limit": 2}, **respond}))
+    config = {
+        "name": "scripted-bakeoff",
+        "seed": 0,
+        "budget_pairs": 4,
+        "testsets": [str(tmp / "testset.jsonl")],
+        "models": {
+            "strong": {"backend": "scripted", "model": "reference", "latency_s": latency,
+                       "rules": [{"match": ".*", "reply": "reference answer"}]},
+            "judge": {"backend": "scripted", "model": "judge", "handler": "tests.test_bakeoff:judge", "latency_s": latency},
+        },
+        "methods": methods if methods is not None else [
+            {"name": "good", "recipe": "respond.yaml"},
+            {"name": "odd", "recipe": "respond.yaml"},
+            {"name": "leaky", "recipe": "leaky.yaml", "input": "recipe"},
+            {"name": "base", "untuned": True},
+        ],
+        "train": {"kind": "external",
+                  "target": {"backend": "scripted", "model": "tuned-{method}", "latency_s": latency,
+                             "rules": [{"match": r"(Question \d+)", "reply": "{method} answer to: {{ m[1] }}"}]},
+                  "untuned": {"backend": "scripted", "model": "untuned",
+                              "rules": [{"match": r"(Question \d+)", "reply": "untuned answer to: {{ m[1] }}"}]}},
+        "eval": {"bootstrap": 500},
+        **overrides,
+    }
+    path = tmp / "bakeoff.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_the_split_is_disjoint_deterministic_and_seeded(tmp_path: Path) -> None:
+    world(tmp_path)
+    testset = load_testset_file(tmp_path / "testset.jsonl")
+    a, b, c = (split_testset(testset, 0.2, s) for s in (0, 0, 1))
+    ids = lambda records: [r.id for r in records]  # noqa: E731
+    assert len(a.seeds) == 6 and len(a.evaluation) == 24
+    assert not set(ids(a.seeds)) & set(ids(a.evaluation))
+    assert sorted(ids(a.seeds) + ids(a.evaluation)) == sorted(ids(testset.records))
+    assert ids(a.seeds) == ids(b.seeds) and ids(a.seeds) != ids(c.seeds)
+    order = ids(testset.records)
+    assert ids(a.evaluation) == [i for i in order if i in set(ids(a.evaluation))]  # test-set order kept
+
+
+def test_the_bakeoff_table_equals_its_evaluation_runs(tmp_path: Path) -> None:
+    report = run_bakeoff(load_bakeoff(world(tmp_path)), tmp_path / "out", log_stream=None)
+    methods = report["methods"]
+    ts = tmp_path.joinpath("testset.jsonl").stem
+    # equal sizes: every method's data is exactly budget_pairs, trimmed by the bake-off's own stage
+    assert {n: m["data"]["pairs"] for n, m in methods.items() if "data" in m} == {"good": 4, "odd": 4, "leaky": 4}
+    assert methods["good"]["data"]["trimmed"] == 2  # 6 seeds answered, 2 trimmed
+    # decontamination: of the 30 test items the leaky method read, the 24 of the evaluation part were dropped
+    assert methods["leaky"]["data"]["contamination_dropped"] == 24
+    for name, m in methods.items():
+        summary = json.loads((tmp_path / "out" / "methods" / name / "eval" / ts / "eval.json").read_text())
+        row = m["testsets"][ts]
+        assert {k: row[k] for k in ("wins", "ties", "losses", "crr", "wr1", "wr2", "qs")} == \
+               {k: summary["metrics"][k] for k in ("wins", "ties", "losses", "crr", "wr1", "wr2", "qs")}
+        assert report["ranking"]["methods"][name]["crr"] == pytest.approx(summary["metrics"]["crr"])
+    assert (methods["good"]["testsets"][ts]["wins"], methods["good"]["testsets"][ts]["n"]) == (24, 24)
+    odd = methods["odd"]["testsets"][ts]
+    assert odd["wins"] + odd["ties"] == 24 and odd["wins"] == sum(1 for r in read_jsonl(tmp_path / "out/split" / f"{ts}.eval.jsonl")
+                                                                  if int(re.search(r"Question (\d+)", r["instruction"])[1]) % 2)
+    assert methods["base"]["testsets"][ts]["losses"] == 24 and "data" not in methods["base"]
+    assert report["ranking"]["ranking"][-1] == "base"
+    last = report["ranking"]["differences"][-1]
+    assert last["lower"] == "base" and last["differs"] and last["low"] > 0.5
+    md = (tmp_path / "out" / "bakeoff_report.md").read_text()
+    assert "| good | 100.0 (24/0/0)" in md and "base (untuned)" in md
+    # the methods' seeds are the seed part only, without the test set's reference answers
+    seeds = read_jsonl(tmp_path / "out" / "seeds.jsonl")
+    evaluated = {r["instruction"] for r in read_jsonl(tmp_path / "out" / "split" / f"{ts}.eval.jsonl")}
+    assert len(seeds) == 6 and not {s["instruction"] for s in seeds} & evaluated
+
+
+def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path) -> None:
+    path = world(tmp_path, methods=[{"name": "good", "recipe": "respond.yaml"}, {"name": "tiny", "recipe": "two.yaml", "input": "recipe"}])
+    done = subprocess.run([sys.executable, "-m", "datatailor", "bakeoff", str(path), "--out", str(tmp_path / "out")],
+                          env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c")), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    report = json.loads((tmp_path / "out" / "bakeoff_report.json").read_text())
+    tiny = report["methods"]["tiny"]["data"]
+    assert tiny["short"] and tiny["pairs"] <= 2
+    assert "tiny (short)" in done.stdout and "fewer pairs than budget_pairs=4" in done.stdout
+    assert "projected cost" in done.stdout
+
+
+def test_a_method_that_cannot_work_fails_before_anything_is_spent(tmp_path: Path) -> None:
+    path = world(tmp_path)
+    (tmp_path / "respond.yaml").write_text(yaml.safe_dump({"models": {}, "stages": [{"type": "respond", "role": "nobody"}]}))
+    with pytest.raises(UserError, match="nobody"):
+        prepare(load_bakeoff(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError):
+        BakeoffConfig.model_validate({"budget_pairs": 2, "testsets": ["x"], "models": {}, "methods": [{"name": "a"}],
+                                      "train": {"base": "b"}})
+
+
+def test_resume_after_kill_9_and_zero_calls_on_a_rerun(tmp_path: Path) -> None:
+    path = world(tmp_path, latency=0.02)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "datatailor", "bakeoff", str(path), "--out", str(out)]
+    marker = out / "methods" / "odd" / "run" / "stages"
+    kill_9_when(cmd, cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")), lambda: marker.exists(), timeout_s=120)
+    assert not (out / "bakeoff_report.json").exists()
+    resumed = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = run_bakeoff(load_bakeoff(path), tmp_path / "clean", log_stream=None)
+    report = json.loads((out / "bakeoff_report.json").read_text())
+    strip = lambda r: {n: {k: v for k, v in m.items() if k not in ("data",)} for n, m in r["methods"].items()}  # noqa: E731
+    assert strip(report) == strip(clean) and report["ranking"] == clean["ranking"]
+    # the good method finished before the kill: its run was not asked again
+    good_usage = json.loads((out / "methods" / "good" / "run" / "usage.json").read_text())
+    assert good_usage["run"]["all"]["requests"] == 0
+    again = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c3")), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    requests = [json.loads(p.read_text())["run"]["all"]["requests"] for p in out.glob("methods/*/**/usage.json")]
+    assert len(requests) >= 7 and sum(requests) == 0  # a fresh cache, yet not one call: everything was finished
+
+
+def test_bootstrap_intervals_on_known_cases() -> None:
+    half = ["win", "loss"] * 500
+    r = bootstrap({"coin": half, "all": ["tie"] * 1000, "none": ["loss"] * 1000}, resamples=2000, seed=0)
+    coin = r["methods"]["coin"]
+    # CRR 0.5 over 1000 items: the normal approximation's 95 % interval is 0.5 ± 0.031
+    assert coin["crr"] == 0.5 and 0.462 < coin["low"] < 0.476 and 0.524 < coin["high"] < 0.538
+    assert (r["methods"]["all"]["low"], r["methods"]["all"]["high"]) == (1.0, 1.0)
+    assert r["ranking"] == ["all", "coin", "none"]
+    assert all(d["differs"] for d in r["differences"])
+    close = bootstrap({"a": ["win"] * 51 + ["loss"] * 49, "b": ["win"] * 49 + ["loss"] * 51}, resamples=2000, seed=0)
+    assert not close["differences"][0]["differs"]  # 2 points apart on 100 items: within the noise
+    assert close["ranking"] == ["a", "b"]
+    with pytest.raises(ValueError):
+        bootstrap({"a": ["win"], "b": ["win", "loss"]}, resamples=100, seed=0)
+    same = bootstrap({"a": half}, resamples=500, seed=3)
+    assert same == bootstrap({"a": half}, resamples=500, seed=3) and np.isfinite(same["methods"]["a"]["low"])
