@@ -192,3 +192,16 @@ def test_bootstrap_intervals_on_known_cases() -> None:
         bootstrap({"a": ["win"], "b": ["win", "loss"]}, resamples=100, seed=0)
     same = bootstrap({"a": half}, resamples=500, seed=3)
     assert same == bootstrap({"a": half}, resamples=500, seed=3) and np.isfinite(same["methods"]["a"]["low"])
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "openai.yaml"])
+def test_the_example_bakeoffs_check_out(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datatailor.bakeoff.projection import project
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-used")
+    plan = prepare(load_bakeoff(REPO / "examples" / "bakeoff" / name), tmp_path / "out")
+    assert [m.name for m in plan.methods][-1] == "untuned" and len(plan.methods) >= 4
+    projected = project(plan)
+    assert projected["complete"] and projected["calls"] > 0
+    assert not (tmp_path / "out").exists()  # checking spends and writes nothing
