@@ -129,6 +129,16 @@ def build_teams_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
     return tmp_path / "out" / "reports" / "teams_rl_report.html", teams_report.FIGURE_IDS
 
 
+def build_bakeoff_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
+    """The scripted bake-off of tests/test_bakeoff.py (three methods and the untuned row)."""
+    from datatailor.bakeoff.config import load_bakeoff
+    from datatailor.bakeoff.run import run_bakeoff
+    from tests.test_bakeoff import world
+
+    run_bakeoff(load_bakeoff(world(tmp_path)), tmp_path / "out", log_stream=None)
+    return tmp_path / "out" / "bakeoff_report.html", ("fig-crr",)
+
+
 # One line per HTML report the project writes.
 REPORTS = [
     pytest.param(build_compare_report, id="compare"),
@@ -136,6 +146,7 @@ REPORTS = [
     pytest.param(build_refed_report, id="refed"),
     pytest.param(build_coach_report, id="coachlm"),
     pytest.param(build_teams_report, id="teams_rl"),
+    pytest.param(build_bakeoff_report, id="bakeoff"),
 ]
 
 
