@@ -179,12 +179,12 @@ class Log:
             print(f"[bakeoff] {message}", file=self.stream, flush=True)
 
 
-def run_method(plan: Plan, m: MethodPlan, log: Log, progress: bool) -> dict[str, Any]:
+def run_method(plan: Plan, m: MethodPlan, log: Log, progress: bool, force: bool = False) -> dict[str, Any]:
     """The method's data: run (or resume) its recipe. Returns its status and size."""
     assert m.recipe is not None
     out = plan.folder(m.name) / "run"
     log(f"{m.name}: data ({m.spec.recipe})")
-    result = run_recipe_sync(m.recipe, out, show_progress=progress)
+    result = run_recipe_sync(m.recipe, out, show_progress=progress, force=force)
     if result.status not in (STATUS_COMPLETE, STATUS_SHORTFALL):
         raise UserError(f"method {m.name}: its run stopped ({result.status}: {result.message}); "
                         "fix it or raise the budget, and run the same bake-off command again to continue")
@@ -217,7 +217,7 @@ def train_method(plan: Plan, m: MethodPlan, log: Log) -> dict[str, Any]:
     return {"target": trained.use_as, "train": trained.model_dump(mode="json")}
 
 
-def eval_method(plan: Plan, m: MethodPlan, target: dict[str, Any], log: Log, progress: bool) -> dict[str, Any]:
+def eval_method(plan: Plan, m: MethodPlan, target: dict[str, Any], log: Log, progress: bool, force: bool = False) -> dict[str, Any]:
     from datatailor.evaluate.evaluation import EvalPlan, run_eval
 
     ev = plan.config.eval
@@ -228,7 +228,7 @@ def eval_method(plan: Plan, m: MethodPlan, target: dict[str, Any], log: Log, pro
         eplan = EvalPlan(testset=testset, candidate=_model(target, f"{m.name} target"), judge=plan.models[ev.judge],
                          reference=plan.models[ev.reference], rule=ev.rule, answer_max_tokens=ev.answer_max_tokens,
                          seed=plan.config.seed, base_dir=plan.config.base_dir, consistency_threshold=ev.consistency_threshold)
-        result, summary = run_eval(eplan, plan.folder(m.name) / "eval" / split.name, show_progress=progress)
+        result, summary = run_eval(eplan, plan.folder(m.name) / "eval" / split.name, show_progress=progress, force=force)
         if summary is None:
             raise UserError(f"method {m.name}: the evaluation on {split.name} stopped ({result.status}: {result.message}); "
                             "run the same bake-off command again to continue")
@@ -236,7 +236,7 @@ def eval_method(plan: Plan, m: MethodPlan, target: dict[str, Any], log: Log, pro
     return results
 
 
-def rate_method(plan: Plan, m: MethodPlan, log: Log, progress: bool) -> dict[str, Any] | None:
+def rate_method(plan: Plan, m: MethodPlan, log: Log, progress: bool, force: bool = False) -> dict[str, Any] | None:
     if not plan.config.eval.rate or m.spec.untuned:
         return None
     from datatailor.evaluate.evaluation import run_rate
@@ -244,7 +244,7 @@ def rate_method(plan: Plan, m: MethodPlan, log: Log, progress: bool) -> dict[str
     data = plan.folder(m.name) / "run" / "data.jsonl"
     log(f"{m.name}: rating its data")
     result, summary = run_rate(data, plan.models[plan.config.eval.judge], plan.folder(m.name) / "rate",
-                               show_progress=progress, seed=plan.config.seed, base_dir=plan.config.base_dir)
+                               show_progress=progress, force=force, seed=plan.config.seed, base_dir=plan.config.base_dir)
     if summary is None:
         raise UserError(f"method {m.name}: the rating stopped ({result.status}: {result.message}); run again to continue")
     return summary
@@ -264,12 +264,12 @@ def run_bakeoff(config: BakeoffConfig, out: Path, *, force: bool = False, progre
     for m in plan.methods:
         row: dict[str, Any] = {"name": m.name, "untuned": m.spec.untuned, "recipe": m.spec.recipe}
         if m.recipe is not None:
-            row["data"] = run_method(plan, m, log, progress)
-            row["quality"] = rate_method(plan, m, log, progress)
+            row["data"] = run_method(plan, m, log, progress, force)
+            row["quality"] = rate_method(plan, m, log, progress, force)
         trained = train_method(plan, m, log)
         row["train"] = trained["train"]
         row["target"] = trained["target"]
-        row["eval"] = eval_method(plan, m, trained["target"], log, progress)
+        row["eval"] = eval_method(plan, m, trained["target"], log, progress, force)
         rows[m.name] = row
     report = collect(plan, rows)
     write_report(out, report)
