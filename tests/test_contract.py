@@ -91,6 +91,8 @@ def test_every_packaged_template_matches_what_its_stage_passes() -> None:
             fields["entries"] = [{"use_case": "u", "skills": ["s"]}]
         if type_name == "generate":
             fields["template"] = "respond.j2"
+        if type_name == "decontam":
+            fields["testsets"] = ["vicuna80"]
         configs.append(cls.Config.model_validate(fields))
     assert check_templates(configs, registry, None) == []
 

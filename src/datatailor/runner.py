@@ -553,8 +553,8 @@ class Runner:
             n = done["inputs"]
             self.progress.stage_started(name, total=n, done=n, failed=done["failures"])
             self.progress.stage_finished(name)
-            summary = {k: v for k, v in done.items() if k != "digest"}
-            return JsonlSource(cp.records_path, done["outputs"]), summary
+            summary = {k: v for k, v in done.items() if k not in ("digest", "records_digest")}
+            return JsonlSource(cp.records_path, done["outputs"], done.get("records_digest")), summary
         if isinstance(stage, MapStage):
             if self.executor is not None and stage.distributed:
                 complete = await self.executor.run_map(self, index, stage, cp, inputs)
@@ -593,7 +593,7 @@ class Runner:
                 stage.finalize(listed, failures)
             summary["artifacts"] = sorted(p.name for p in cp.folder.iterdir() if p.is_file() and p.name not in RESERVED_FILES and not p.name.startswith("."))
             summary["complete"] = True
-            cp.mark_complete({"digest": digest, **summary})
+            cp.mark_complete({"digest": digest, "records_digest": outputs.digest(), **summary})
         self.progress.stage_finished(name)
         return (outputs if outputs is not None else ListSource([])), summary
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from datatailor.journal import iter_journal_offsets
 from datatailor.records import Record
 
 DIGEST = np.dtype("S16")
+_LEADING_ID = re.compile(r'^\{"id": ("(?:[^"\\]|\\.)*")')
 
 
 def id_digest(record_id: str) -> bytes:
@@ -160,9 +162,10 @@ class ListSource(RecordSource):
 class JsonlSource(RecordSource):
     """Records stored one per line (records.jsonl, data.jsonl)."""
 
-    def __init__(self, path: Path, count: int | None = None):
+    def __init__(self, path: Path, count: int | None = None, digest: str | None = None):
         self.path = path
         self._count = count
+        self._digest = digest
 
     def __len__(self) -> int:
         if self._count is None:
@@ -178,7 +181,14 @@ class JsonlSource(RecordSource):
     def ids(self) -> Iterator[str]:
         with self.path.open(encoding="utf-8") as fh:
             for line in fh:
-                yield json.loads(line)["id"]
+                # a record line starts with its id (`record_line`): read just that, not the whole record
+                m = _LEADING_ID.match(line)
+                yield json.loads(m.group(1)) if m else json.loads(line)["id"]
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = super().digest()
+        return self._digest
 
 
 class StreamSource(RecordSource):
@@ -208,6 +218,7 @@ class RecordWriter:
         self.path = path
         self.where = where
         self.count = 0
+        self._ids = hashlib.sha256(b"[[")  # the digest of the ids written, as RecordSource.digest computes it
         self._seen = IdSet()
         self._tmp = path.with_name(f".{path.name}.tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +230,7 @@ class RecordWriter:
             self._tmp.unlink(missing_ok=True)
             raise RuntimeError(f"duplicate record id {record.id} in {self.where}; a stage must give derived records distinct ids")
         self._fh.write(record_line(record))
-        self.count += 1
+        self._add_id(record.id)
 
     def write_line(self, record_id: str, line: str) -> None:
         """A record already serialised as `record_line` gives it (no parse, no re-serialisation)."""
@@ -228,6 +239,10 @@ class RecordWriter:
             self._tmp.unlink(missing_ok=True)
             raise RuntimeError(f"duplicate record id {record_id} in {self.where}; a stage must give derived records distinct ids")
         self._fh.write(line)
+        self._add_id(record_id)
+
+    def _add_id(self, record_id: str) -> None:
+        self._ids.update((b"," if self.count else b"") + json.dumps(record_id, ensure_ascii=False).encode("utf-8"))
         self.count += 1
 
     def close(self) -> JsonlSource:
@@ -235,7 +250,8 @@ class RecordWriter:
         os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(self._tmp, self.path)
-        return JsonlSource(self.path, self.count)
+        self._ids.update(b"]]")
+        return JsonlSource(self.path, self.count, self._ids.hexdigest()[:16])
 
     def abort(self) -> None:
         self._fh.close()
