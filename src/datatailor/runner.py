@@ -57,7 +57,7 @@ from datatailor.llm.models import ModelPool
 from datatailor.llm.usage import UsageLedger
 from datatailor.progress import RunProgress
 from datatailor.recipe import Recipe
-from datatailor.journal import append_row, iter_journal, iter_journal_offsets
+from datatailor.journal import append_row, iter_journal, iter_journal_offsets, read_journal
 from datatailor.records import Record
 from datatailor.stages import STAGES, BatchStage, MapStage, Stage, StageContext
 from datatailor.stages.base import RESERVED_FILES, FilterStage
@@ -174,11 +174,22 @@ class StageCheckpoint:
     def round_records(self, round: int) -> list[Record]:
         return [Record.model_validate(r) for r in self._row_at(self.rounds[round])["records"]]
 
-    def replace_failures(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Rewrite failures.jsonl whole (atomically) with `rows`."""
+    def replace_failures(self, rows: Iterable[dict[str, Any]]) -> Counter[str]:
+        """Rewrite failures.jsonl whole (atomically) with `rows`, streamed; returns the count of each kind."""
+        writer = FailureWriter(self)
+        try:
+            for row in rows:
+                writer.write(row)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+
+    def install_failures(self, written: Path) -> None:
         self._fail_fh.close()
-        write_jsonl(self.failures_path, rows)
+        os.replace(written, self.failures_path)
         self._fail_fh = self.failures_path.open("a", encoding="utf-8")
+
 
     def sync(self) -> None:
         for fh in (self._out_fh, self._fail_fh):
@@ -192,6 +203,32 @@ class StageCheckpoint:
     def close(self) -> None:
         self._out_fh.close()
         self._fail_fh.close()
+
+
+class FailureWriter:
+    """A stage's failure rows in input order, written to a temporary file that replaces failures.jsonl on
+    `close()`; counts each kind on the way, so no row is held in memory."""
+
+    def __init__(self, cp: StageCheckpoint):
+        self.cp = cp
+        self.kinds: Counter[str] = Counter()
+        self._tmp = cp.failures_path.with_name(f".{cp.failures_path.name}.tmp")
+        self._fh = self._tmp.open("w", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.kinds[row["kind"]] += 1
+
+    def close(self) -> Counter[str]:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self.cp.install_failures(self._tmp)
+        return self.kinds
+
+    def abort(self) -> None:
+        self._fh.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def _failure_row(record: Record, stage: str, kind: str, message: str, shown: Record | None = None) -> dict[str, Any]:
@@ -560,7 +597,7 @@ class Runner:
                 complete = await self.executor.run_map(self, index, stage, cp, inputs)
             else:
                 complete = await self._run_map(stage, cp, inputs)
-            outputs, failures = self._compact_map(cp, inputs, name) if complete else (None, [])
+            outputs, failures = self._compact_map(cp, inputs, name) if complete else (None, Counter())
         elif isinstance(stage, FilterStage):
             self.progress.stage_started(name, total=len(inputs))
             if self.executor is not None:
@@ -579,18 +616,18 @@ class Runner:
             "method": stage.method,
             "inputs": len(inputs),
             "outputs": len(outputs) if outputs is not None else 0,
-            "failures": len(failures) if complete else sum(1 for i in inputs.ids() if i in cp.failed),
-            "failure_kinds": dict(sorted(Counter(f["kind"] for f in failures).items())),
+            "failures": sum(failures.values()) if complete else sum(1 for i in inputs.ids() if i in cp.failed),
+            "failure_kinds": dict(sorted(failures.items())),
             "rounds": round,
             "complete": False,
         }
         if self._stop is None and complete and outputs is not None:
             if _overrides(stage, "delivery") or _overrides(stage, "finalize"):
-                listed = outputs.load()
-                delivery = stage.delivery(listed, failures)
+                listed, rows = outputs.load(), read_journal(cp.failures_path)  # these stages are method-sized
+                delivery = stage.delivery(listed, rows)
                 if delivery is not None:
                     summary["delivery"] = {"asked": delivery.asked, "delivered": delivery.delivered, "why": delivery.why}
-                stage.finalize(listed, failures)
+                stage.finalize(listed, rows)
             summary["artifacts"] = sorted(p.name for p in cp.folder.iterdir() if p.is_file() and p.name not in RESERVED_FILES and not p.name.startswith("."))
             summary["complete"] = True
             cp.mark_complete({"digest": digest, "records_digest": outputs.digest(), **summary})
@@ -639,14 +676,14 @@ class Runner:
             self._stop = probe.abort(stage.name)
         return self._stop is None
 
-    def _compact_map(self, cp: StageCheckpoint, inputs: RecordSource, name: str) -> tuple[RecordSource, list[dict[str, Any]]]:
+    def _compact_map(self, cp: StageCheckpoint, inputs: RecordSource, name: str) -> tuple[RecordSource, Counter[str]]:
         """Write the finished stage's outputs to records.jsonl and its failures back to failures.jsonl, both in
-        input order, checking that every input is accounted for exactly once."""
+        input order, checking that every input is accounted for exactly once. Returns the failure kinds."""
         cp.sync()
         outputs_at = IdIndex.of_journal(cp.outputs_path, "src")
         failures_at = IdIndex.of_journal(cp.failures_path, "id")
         writer = RecordWriter(cp.records_path, f"{name} outputs")
-        failures: list[dict[str, Any]] = []
+        failed = FailureWriter(cp)
         try:
             with cp.outputs_path.open("rb") as out_fh, cp.failures_path.open("rb") as fail_fh:
                 for rid in inputs.ids():
@@ -659,31 +696,32 @@ class Runner:
                     offset = failures_at.offset(rid)
                     if offset is None:
                         raise RuntimeError(f"stage {name}: input {rid} has neither an output nor a failure row")
-                    failures.append(read_row_at(fail_fh, offset))
+                    failed.write(read_row_at(fail_fh, offset))
         except BaseException:
             writer.abort()
+            failed.abort()
             raise
-        cp.replace_failures(failures)
-        return writer.close(), failures
+        del outputs_at, failures_at
+        return writer.close(), failed.close()
 
-    def _run_filter(self, stage: FilterStage, cp: StageCheckpoint, inputs: RecordSource, **precomputed: Any) -> tuple[RecordSource, list[dict[str, Any]]]:
+    def _run_filter(self, stage: FilterStage, cp: StageCheckpoint, inputs: RecordSource, **precomputed: Any) -> tuple[RecordSource, Counter[str]]:
         """A keep-or-drop whole-set stage, streamed: its decisions are written as they come, in input order.
         `precomputed`: what an executor computed for the stage (dedup's `signed`)."""
         writer = RecordWriter(cp.records_path, f"{stage.name} outputs")
-        failures: list[dict[str, Any]] = []
+        failed = FailureWriter(cp)
         try:
             for record, kept, why in stage.decide(inputs, **precomputed):
                 if kept is not None:
                     writer.write(kept)
                 else:
                     assert why is not None
-                    failures.append(_failure_row(record, stage.name, why[0], why[1]))
+                    failed.write(_failure_row(record, stage.name, why[0], why[1]))
                 self.progress.advance(stage.name, failed=kept is None)
         except BaseException:
             writer.abort()
+            failed.abort()
             raise
-        cp.replace_failures(failures)
-        return writer.close(), failures
+        return writer.close(), failed.close()
 
     async def _process_one(self, stage: MapStage, cp: StageCheckpoint, record: Record, probe: SystematicFailureProbe) -> None:
         try:
@@ -703,14 +741,14 @@ class Runner:
         self.progress.advance(stage.name, failed=failure is not None)
 
     async def _run_batch(self, stage: BatchStage, cp: StageCheckpoint, inputs: RecordSource, digest: str,
-                         round: int) -> tuple[RecordSource | None, list[dict[str, Any]], bool]:
+                         round: int) -> tuple[RecordSource | None, Counter[str], bool]:
         records = inputs.load()
         if digest not in cp.batches:
             try:
                 result = await stage.process_all(records)
             except RunAbort as abort:
                 self._stop = abort
-                return None, [], False
+                return None, Counter(), False
             by_id = {r.id: r for r in records}
             rejected = []
             for rid, (kind, message) in result.rejected.items():
@@ -721,8 +759,7 @@ class Runner:
             cp.add_batch(digest, result.outputs, rejected)
         outputs, rejected = cp.batch(digest)
         order = {r.id: i for i, r in enumerate(records)}
-        failures = sorted(rejected, key=lambda row: order[row["id"]])
-        cp.replace_failures(failures)
+        failures = cp.replace_failures(sorted(rejected, key=lambda row: order[row["id"]]))
         for extra in range(2, round + 1):
             if extra not in cp.rounds:
                 try:

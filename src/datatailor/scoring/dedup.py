@@ -114,7 +114,8 @@ class GreedyDedup:
         if scratch_dir is not None:
             scratch_dir.mkdir(parents=True, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix=".dedup-", dir=scratch_dir))
-        self._keys: list[bytes] = []
+        self._keys: list[bytes] = []  # the current chunk's; earlier chunks as arrays (16 bytes a record)
+        self._key_chunks: list[np.ndarray] = []
         self._sig_fh = (self.scratch / "signatures.u32").open("wb")
         self._band_fhs = [(self.scratch / f"band{b:02d}.bin").open("wb") for b in range(self.bands)]
         self._pending: list[np.ndarray] = []
@@ -127,6 +128,9 @@ class GreedyDedup:
 
     def add_signed(self, key: bytes, signature: np.ndarray | None) -> None:
         self._keys.append(key)
+        if len(self._keys) >= CHUNK:
+            self._key_chunks.append(np.array(self._keys, dtype="S16"))
+            self._keys = []
         self.count += 1
         if signature is not None:
             self._pending.append(signature)
@@ -173,15 +177,18 @@ class GreedyDedup:
         self._sig_fh.close()
         kind = np.zeros(n, dtype=np.int8)
         ref = np.full(n, -1, dtype=np.int64)
-        keys = np.array(self._keys, dtype="S16")
-        self._keys = []
+        keys = np.concatenate([*self._key_chunks, np.array(self._keys, dtype="S16")]) if self.count else np.empty(0, "S16")
+        self._keys, self._key_chunks = [], []
         repeated = np.zeros(n, dtype=bool)
         if self.exact and n:
             _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
             repeated = counts[inverse.reshape(-1)] > 1
         offsets, group_ids = self._band_groups() if self.near else (np.zeros(n + 1, np.int64), np.empty(0, np.int64))
+        group_ids = np.unique(group_ids, return_inverse=True)[1].reshape(-1)  # dense: 0 .. groups-1
         first_exact: dict[bytes, int] = {}
-        kept_in_group: dict[int, list[int]] = {}
+        # the kept records of each band group: the first in an array, any later ones in a dict (rare)
+        first_kept = np.full(int(group_ids.max()) + 1 if len(group_ids) else 0, -1, dtype=np.int64)
+        more_kept: dict[int, list[int]] = {}
         width = 4 * self.num_perm
         pairs = 0
         fd = os.open(self.scratch / "signatures.u32", os.O_RDONLY) if self.near else -1
@@ -194,7 +201,7 @@ class GreedyDedup:
                         continue
                 groups = group_ids[offsets[i] : offsets[i + 1]].tolist()
                 if groups:
-                    candidates = sorted({c for g in groups for c in kept_in_group.get(g, ())})
+                    candidates = sorted({c for g in groups for c in (int(first_kept[g]), *more_kept.get(g, ())) if c >= 0})
                     if candidates:
                         mine = np.frombuffer(os.pread(fd, width, i * width), dtype=np.uint32)
                         for c in candidates:
@@ -206,7 +213,10 @@ class GreedyDedup:
                         if kind[i]:
                             continue
                     for g in groups:
-                        kept_in_group.setdefault(g, []).append(i)
+                        if first_kept[g] < 0:
+                            first_kept[g] = i
+                        else:
+                            more_kept.setdefault(g, []).append(i)
                 if repeated[i]:
                     first_exact.setdefault(keys[i], i)
         finally:
