@@ -149,24 +149,31 @@ class GreedyDedup:
     # -- whole set ------------------------------------------------------------------------------
 
     def _band_groups(self) -> tuple[np.ndarray, np.ndarray]:
-        """CSR of each record's band groups that hold more than one record: (offsets[n+1], group ids)."""
+        """CSR of each record's band groups that hold more than one record: (offsets[n+1], dense group ids).
+        Only records that share a band with another are listed (4 + 4 bytes per membership)."""
         n = self.count
         members: list[np.ndarray] = []
         groups: list[np.ndarray] = []
         band_dtype = np.dtype((np.void, 4 * self.rows))
+        next_id = 0
         for b, fh in enumerate(self._band_fhs):
             fh.close()
             column = np.fromfile(self.scratch / f"band{b:02d}.bin", dtype=band_dtype)
             _, inverse, counts = np.unique(column, return_inverse=True, return_counts=True)
-            inverse = inverse.reshape(-1)
-            shared = np.flatnonzero(counts[inverse] > 1)
-            members.append(shared)
-            groups.append(inverse[shared].astype(np.int64) + b * n)
             del column
-        who = np.concatenate(members) if members else np.empty(0, np.int64)
-        grp = np.concatenate(groups) if groups else np.empty(0, np.int64)
+            inverse = inverse.reshape(-1)
+            shared_groups = counts > 1
+            dense = np.cumsum(shared_groups) - 1 + next_id  # ids for the groups of 2+ records, numbered across bands
+            next_id += int(shared_groups.sum())
+            shared = np.flatnonzero(shared_groups[inverse])
+            members.append(shared.astype(np.int32))
+            groups.append(dense[inverse[shared]].astype(np.int32))
+            del inverse, counts, dense
+        who = np.concatenate(members) if members else np.empty(0, np.int32)
+        grp = np.concatenate(groups) if groups else np.empty(0, np.int32)
+        del members, groups
         order = np.argsort(who, kind="stable")
-        who, grp = who[order], grp[order]
+        grp = grp[order]
         offsets = np.zeros(n + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(np.bincount(who, minlength=n))
         return offsets, grp
@@ -184,7 +191,6 @@ class GreedyDedup:
             _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
             repeated = counts[inverse.reshape(-1)] > 1
         offsets, group_ids = self._band_groups() if self.near else (np.zeros(n + 1, np.int64), np.empty(0, np.int64))
-        group_ids = np.unique(group_ids, return_inverse=True)[1].reshape(-1)  # dense: 0 .. groups-1
         first_exact: dict[bytes, int] = {}
         # the kept records of each band group: the first in an array, any later ones in a dict (rare)
         first_kept = np.full(int(group_ids.max()) + 1 if len(group_ids) else 0, -1, dtype=np.int64)
