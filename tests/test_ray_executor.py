@@ -202,23 +202,25 @@ class DriverOnlyConfig(__import__("datatailor.stages.base", fromlist=["StageConf
     type: str = "test.driver_only"
 
 
-def _register_driver_only() -> None:
-    from datatailor.stages.base import STAGES, MapStage, register
+def _register_driver_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage that cannot be spread, registered for one test only (so it never shows in the docs)."""
+    from datatailor.stages import STAGES, load_all
+    from datatailor.stages.base import MapStage
 
-    if "test.driver_only" in STAGES:
-        return
-
-    @register("test.driver_only")
     class DriverOnly(MapStage[DriverOnlyConfig]):
         Config = DriverOnlyConfig
         distributed = False
+        type_name = "test.driver_only"
 
         async def process(self, record):
             return [record.model_copy(update={"response": f"pid {os.getpid()}"})]
 
+    load_all()
+    monkeypatch.setitem(STAGES, "test.driver_only", DriverOnly)
+
 
 def test_stages_that_cannot_be_spread_run_on_the_driver(tmp_path: Path, local_ray: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    _register_driver_only()
+    _register_driver_only(monkeypatch)
     spread: list[str] = []
     original = RayExecutor.run_map
 

@@ -11,7 +11,7 @@ import pytest
 
 from datatailor.io import iter_records, read_records
 from datatailor.records import Record, stable_hash
-from datatailor.stages.base import MapStage, StageConfig, register
+from datatailor.stages.base import MapStage, StageConfig
 from datatailor.store import IdIndex, IdSet, JsonlSource, ListSource, RecordWriter, id_digest
 from tests.support import make_recipe, questions, read_jsonl, run, write_rows
 
@@ -88,7 +88,6 @@ class CountingConfig(StageConfig):
     type: Literal["test.counting"] = "test.counting"
 
 
-@register("test.counting")
 class Counting(MapStage[CountingConfig]):
     """Records how many input records had been read but not finished, at most, while the stage ran."""
 
@@ -102,6 +101,11 @@ class Counting(MapStage[CountingConfig]):
 
 def test_a_map_stage_reads_its_input_as_it_goes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import datatailor.runner as runner
+    from datatailor.stages import STAGES, load_all
+
+    load_all()
+    monkeypatch.setitem(STAGES, "test.counting", Counting)  # registered for this test only (not in the docs)
+    monkeypatch.setattr(Counting, "type_name", "test.counting", raising=False)
 
     real = runner.iter_records
     reading = {"on": False}
