@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -161,7 +162,10 @@ def test_killing_the_driver_then_resuming_repeats_no_finished_record(tmp_path: P
         out = tmp_path / "out"
         cmd = [sys.executable, "-m", "datatailor", "run", str(tmp_path / "r.yaml"), "--out", str(out), "--no-progress",
                "--executor", "ray", "--workers", "2", "--shard-size", "20"]
-        env = cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+        # The driver's own Ray keeps its files (and its processes' command lines) under a folder of its own, so
+        # killing that Ray cannot touch the module's Ray or this test process (`ray stop` would kill them all).
+        ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+        env = cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_TMPDIR=ray_tmp)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         parts = out / "stages" / "00-respond" / "parts"
         deadline = time.time() + 120
@@ -170,20 +174,51 @@ def test_killing_the_driver_then_resuming_repeats_no_finished_record(tmp_path: P
             if parts.exists() and sum(len(f.read_text().splitlines()) for f in parts.glob("*.outputs.jsonl")) >= 100:
                 break
             time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver
         proc.wait(timeout=20)
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True, timeout=60)
+        _kill_processes_mentioning(ray_tmp)  # and the Ray it started
         finished = {row["src"] for f in parts.glob("*.outputs.jsonl") for row in _complete_rows(f)}
         finished |= {row["src"] for row in _complete_rows(out / "stages" / "00-respond" / "outputs.jsonl")}
         assert 100 <= len(finished) < 500
         before = server.stats()["requests"]
-        done = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                                               RAY_TMPDIR=ray_tmp), capture_output=True, text=True, timeout=300)
+        _kill_processes_mentioning(ray_tmp)
         assert done.returncode == 0, done.stderr
         resumed = server.stats()["requests"] - before
     assert resumed == 500 - len(finished)  # a fresh cache, so only the unfinished records were asked again
     ids = [r["id"] for r in read_jsonl(out / "data.jsonl")]
     assert len(ids) == len(set(ids)) == 500
+
+
+def _kill_processes_mentioning(text: str) -> None:
+    """SIGKILL every process whose command line contains `text` (here: one Ray's temp folder), and their
+    descendants (Ray's workers rename themselves, so their command lines do not mention it)."""
+    parent: dict[int, int] = {}
+    matched: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if text in cmdline:
+            matched.add(int(entry.name))
+    doomed = set(matched)
+    while True:
+        more = {pid for pid, ppid in parent.items() if ppid in doomed and pid not in doomed}
+        if not more:
+            break
+        doomed |= more
+    doomed.discard(os.getpid())
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.5)
 
 
 def _complete_rows(path: Path) -> list[dict[str, Any]]:
