@@ -133,8 +133,9 @@ def test_the_bakeoff_table_equals_its_evaluation_runs(tmp_path: Path) -> None:
 
 def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path) -> None:
     path = world(tmp_path, methods=[{"name": "good", "recipe": "respond.yaml"}, {"name": "tiny", "recipe": "two.yaml", "input": "recipe"}])
-    done = subprocess.run([sys.executable, "-m", "datatailor", "bakeoff", str(path), "--out", str(tmp_path / "out")],
-                          env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c")), capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "datatailor", "bakeoff", str(path), "--out", "out"],  # relative to cwd
+                          env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c")), capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
     assert done.returncode == 4, done.stderr
     report = json.loads((tmp_path / "out" / "bakeoff_report.json").read_text())
     tiny = report["methods"]["tiny"]["data"]

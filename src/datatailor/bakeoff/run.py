@@ -87,6 +87,7 @@ def prepare(config: BakeoffConfig, out: Path, *, force: bool = False) -> Plan:
     from datatailor.stages import STAGES
     from datatailor.stages.contract import check_recipe_order, check_templates
 
+    out = out.resolve()  # the method recipes resolve paths against their own folder: give them absolute ones
     marker = out / "bakeoff.json"
     digest = config_hash(config)
     if marker.exists() and not force:
@@ -257,6 +258,7 @@ def run_bakeoff(config: BakeoffConfig, out: Path, *, force: bool = False, progre
 
     log = Log(log_stream)
     plan = prepare(config, out, force=force)
+    out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bakeoff.json", {"hash": config_hash(config), "config": config.model_dump(mode="json")})
     write_split(plan)
