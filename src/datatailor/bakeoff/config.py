@@ -69,7 +69,9 @@ class EvalSpec(BaseModel):
     reference: str = Field("strong", description="The role whose answers the tuned targets are judged against.")
     judge: str = Field("judge", description="The role that judges, both orders of every pair.")
     rule: Literal["strict", "lenient", "mean"] = Field("strict", description="CodecLM's strict rule by default.")
-    answer_max_tokens: int | None = Field(256, ge=1, description="The answers' limit; a cut-off answer is a failed item.")
+    answer_max_tokens: int | None = Field(256, ge=1, description="The targets' answers' limit; a cut-off answer is a failed item.")
+    reference_max_tokens: int | None = Field(None, ge=1, description="The reference's limit (default: answer_max_tokens); "
+                                             "a cut-off reference answer fails the item for every method.")
     respond_template: str = Field("respond.j2", description="The prompt both the tuned targets and the reference answer with.")
     consistency_threshold: float = Field(0.6, ge=0, le=1)
     rate: bool = Field(True, description="Rate every method's data 0-5 with the judge (quality histogram).")

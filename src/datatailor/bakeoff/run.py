@@ -228,7 +228,7 @@ def eval_method(plan: Plan, m: MethodPlan, target: dict[str, Any], log: Log, pro
         log(f"{m.name}: judged on {split.name} ({len(testset.records)} items)")
         eplan = EvalPlan(testset=testset, candidate=_model(target, f"{m.name} target"), judge=plan.models[ev.judge],
                          reference=plan.models[ev.reference], rule=ev.rule, answer_max_tokens=ev.answer_max_tokens,
-                         respond_template=ev.respond_template,
+                         respond_template=ev.respond_template, reference_max_tokens=ev.reference_max_tokens,
                          seed=plan.config.seed, base_dir=plan.config.base_dir, consistency_threshold=ev.consistency_threshold)
         result, summary = run_eval(eplan, plan.folder(m.name) / "eval" / split.name, show_progress=progress, force=force)
         if summary is None:

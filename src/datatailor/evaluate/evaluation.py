@@ -63,6 +63,7 @@ class EvalPlan:
     judge_template: str = SCORES_ONLY
     limit: int | None = None
     answer_max_tokens: int | None = None  # None: each answering model's own max_tokens
+    reference_max_tokens: int | None = None  # the reference's own limit, when it differs (None: answer_max_tokens)
     seed: int = 0
     budget: Budget | None = None
     base_dir: Path = field(default_factory=Path.cwd)
@@ -90,7 +91,8 @@ def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
         models["reference"] = plan.reference
         stages.append(
             {"type": "generate", "name": "answer-reference", "role": "reference", "template": plan.respond_template,
-             "output": "metadata.reference", "max_tokens": plan.answer_max_tokens}
+             "output": "metadata.reference",
+             "max_tokens": plan.reference_max_tokens if plan.reference_max_tokens is not None else plan.answer_max_tokens}
         )
     stages.append({"type": "respond", "name": "answer-candidate", "role": "candidate", "template": plan.respond_template,
                    "max_tokens": plan.answer_max_tokens})
