@@ -132,7 +132,11 @@ def test_the_bakeoff_table_equals_its_evaluation_runs(tmp_path: Path) -> None:
 
 
 def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path) -> None:
-    path = world(tmp_path, methods=[{"name": "good", "recipe": "respond.yaml"}, {"name": "tiny", "recipe": "two.yaml", "input": "recipe"}])
+    path = world(tmp_path, methods=[{"name": "good", "recipe": "respond.yaml"}, {"name": "tiny", "recipe": "two.yaml", "input": "recipe"},
+                                    {"name": "none", "recipe": "nothing.yaml"}])
+    # every seed is a test item, so a decontamination against the whole test set leaves no pair at all
+    (tmp_path / "nothing.yaml").write_text(yaml.safe_dump({"models": {}, "stages": [
+        {"type": "respond", "role": "strong"}, {"type": "decontam", "testsets": [str(tmp_path / "testset.jsonl")]}]}))
     done = subprocess.run([sys.executable, "-m", "datatailor", "bakeoff", str(path), "--out", "out"],  # relative to cwd
                           env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c")), capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
@@ -140,6 +144,9 @@ def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path)
     report = json.loads((tmp_path / "out" / "bakeoff_report.json").read_text())
     tiny = report["methods"]["tiny"]["data"]
     assert tiny["short"] and tiny["pairs"] <= 2
+    none = report["methods"]["none"]
+    assert none["data"]["pairs"] == 0 and none["testsets"] == {} and "none" not in report["ranking"]["ranking"]
+    assert not (tmp_path / "out" / "methods" / "none" / "tuned").exists() and "(not trained, not judged)" in done.stdout
     assert "tiny (short)" in done.stdout and "fewer pairs than budget_pairs=4" in done.stdout
     assert "projected cost" in done.stdout
 

@@ -50,6 +50,10 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for name, row in rows.items():
         folder = plan.folder(name)
         entry: dict[str, Any] = {"untuned": row["untuned"], "recipe": row["recipe"], "testsets": {}}
+        if row["eval"] is None:  # no pairs: nothing to train or judge
+            entry["data"] = {"pairs": 0, "short": True, "status": row["data"]["status"], "message": row["data"]["message"]}
+            methods[name] = entry
+            continue
         pooled[name] = []
         for split in plan.splits:
             summary = row["eval"][split.name]
@@ -132,6 +136,8 @@ def render_markdown(r: dict[str, Any]) -> str:
               "|---|" + "---|" * (len(sets) + 4)]
     for name in r["ranking"]["ranking"] or list(r["methods"]):
         m = r["methods"][name]
+        if not m["testsets"]:
+            continue
         cells = [f"{_pct(t['crr'])} ({t['wins']}/{t['ties']}/{t['losses']})" for t in (m["testsets"][s] for s in sets)]
         total = {k: sum(m["testsets"][s][k] for s in sets) for k in ("wins", "ties", "losses", "n")}
         c = conf.get(name, {})
@@ -150,6 +156,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", "| method | pairs | contamination dropped | calls / pair | tokens / pair | $ / pair | quality mean | high quality (≥ 4.5) | distinct-2 | judge consistency |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
+        if not m["testsets"]:
+            lines.append(f"| {name} | 0 of {r['budget_pairs']}: {m['data']['message']} (not trained, not judged) | — | — | — | — | — | — | — | — |")
+            continue
         consistency = ", ".join(f"{s} {_pct(m['testsets'][s]['position_consistency'])} %" for s in sets)
         d = m.get("data")
         if d is None:

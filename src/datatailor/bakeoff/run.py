@@ -268,6 +268,11 @@ def run_bakeoff(config: BakeoffConfig, out: Path, *, force: bool = False, progre
         row: dict[str, Any] = {"name": m.name, "untuned": m.spec.untuned, "recipe": m.spec.recipe}
         if m.recipe is not None:
             row["data"] = run_method(plan, m, log, progress, force)
+            if row["data"]["pairs"] == 0:
+                log(f"{m.name}: no pairs ({row['data']['message']}): not trained, not judged")
+                row["eval"] = None
+                rows[m.name] = row
+                continue
             row["quality"] = rate_method(plan, m, log, progress, force)
         trained = train_method(plan, m, log)
         row["train"] = trained["train"]
