@@ -212,4 +212,15 @@ def test_the_example_bakeoffs_check_out(name: str, tmp_path: Path, monkeypatch: 
     assert [m.name for m in plan.methods][-1] == "untuned" and len(plan.methods) >= 4
     projected = project(plan)
     assert projected["complete"] and projected["calls"] > 0
+    if name == "openai.yaml":  # the list: CodecLM from seeds and metadata, REFED and a variant, CoachLM, TeaMs-RL, baselines
+        from datatailor.stages import STAGES
+
+        families = [tuple(dict.fromkeys(STAGES[c.type].method for c in m.recipe.stages if STAGES[c.type].method)) for m in plan.methods if m.recipe]
+        assert {("codec",), ("refed",), ("self_instruct", "coachlm"), ("teams_rl",), ("self_instruct",), ("evol",)} <= set(families)
+        assert families.count(("codec",)) == 2 and families.count(("refed",)) == 2
+        assert any(c.type == "codec.metadata" for m in plan.methods if m.recipe for c in m.recipe.stages)
+        rows = {r["method"]: r for r in projected["rows"]}
+        # a chained recipe costs the sum of its methods plus its rating: (1.17 + 1.0 + 1) calls per pair
+        assert rows["self-instruct-coachlm"]["generation_calls"] == round(3.17 * plan.config.budget_pairs)
+        assert rows["self-instruct"]["generation_calls"] == round(1.17 * plan.config.budget_pairs)
     assert not (tmp_path / "out").exists()  # checking spends and writes nothing

@@ -15,14 +15,18 @@ CALLS_PER_PAIR = {"codec": 7.42, "self_instruct": 1.17, "evol": 3.93, "refed": 2
 PROMPT_TOKENS, COMPLETION_TOKENS = 400, 300  # a typical call (an assumption, shown with the figures)
 
 
-def _method_key(recipe: Any) -> str | None:
+RATING_STAGES = {"quality.rate": 1.0}  # a rating inside a recipe: one judge call per pair
+
+
+def _calls_per_pair(recipe: Any) -> float | None:
+    """Calls per kept pair of a recipe: the sum over the methods it chains (Self-Instruct then CoachLM is both) and
+    its rating stages; None when one of its methods has no measured rate."""
     from datatailor.stages import STAGES
 
-    for cfg in recipe.stages:
-        key = STAGES[cfg.type].method
-        if key is not None:
-            return key
-    return None
+    keys = list(dict.fromkeys(STAGES[cfg.type].method for cfg in recipe.stages if STAGES[cfg.type].method is not None))
+    if not keys or any(k not in CALLS_PER_PAIR for k in keys):
+        return None
+    return sum(CALLS_PER_PAIR[k] for k in keys) + sum(RATING_STAGES.get(cfg.type, 0.0) for cfg in recipe.stages)
 
 
 def _price(model: Any) -> float:
@@ -42,8 +46,7 @@ def project(plan: Plan) -> dict[str, Any]:
     for m in plan.methods:
         row: dict[str, Any] = {"method": m.name}
         if m.recipe is not None:
-            key = _method_key(m.recipe)
-            per_pair = CALLS_PER_PAIR.get(key or "")
+            per_pair = _calls_per_pair(m.recipe)
             strong = m.recipe.models.get("strong") or next(iter(m.recipe.models.values()), None)
             row["generation_calls"] = None if per_pair is None else round(per_pair * config.budget_pairs)
             row["generation_usd"] = None if per_pair is None else row["generation_calls"] * _price(strong)
