@@ -43,8 +43,8 @@ def judge(request: CompletionRequest) -> str:
             return 3
         return 5
 
-    if "answer_1" not in (request.variables or {}):
-        return "4.5"  # the 0-5 quality rating of a method's pair
+    if "answer_1" not in (request.variables or {}):  # the 0-5 quality rating of a method's pair: 4.5 for odd questions
+        return "4.5" if int(re.search(r"Question (\d+)", request.variables["instruction"])[1]) % 2 else "3"
     return f"{score(request.variables['answer_1'])} {score(request.variables['answer_2'])}"
 
 
@@ -125,6 +125,14 @@ def test_the_bakeoff_table_equals_its_evaluation_runs(tmp_path: Path) -> None:
     assert last["lower"] == "base" and last["differs"] and last["low"] > 0.5
     md = (tmp_path / "out" / "bakeoff_report.md").read_text()
     assert "| good | 100.0 (24/0/0)" in md and "base (untuned)" in md
+    # the quality histogram and high-quality share are those of the method's own rating run
+    for name in ("good", "leaky"):
+        quality = json.loads((tmp_path / "out" / "methods" / name / "rate" / "quality.json").read_text())
+        trained = read_jsonl(tmp_path / "out" / "methods" / name / "run" / "data.jsonl")
+        odd_share = sum(int(re.search(r"Question (\d+)", r["instruction"])[1]) % 2 for r in trained) / len(trained)
+        assert quality["high_quality_share"] == methods[name]["quality"]["high_quality_share"] == odd_share
+        assert list(quality["histogram"].values()) == [round(4 * (1 - odd_share)), 0, 0, round(4 * odd_share)]
+        assert f"| {' / '.join(map(str, quality['histogram'].values()))} | {100 * odd_share:.1f} % |" in md.split(f"| {name} | 4 of 4", 1)[1].split("\n")[0]
     # the methods' seeds are the seed part only, without the test set's reference answers
     seeds = read_jsonl(tmp_path / "out" / "seeds.jsonl")
     evaluated = {r["instruction"] for r in read_jsonl(tmp_path / "out" / "split" / f"{ts}.eval.jsonl")}

@@ -136,7 +136,7 @@ def build_bakeoff_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
     from tests.test_bakeoff import world
 
     run_bakeoff(load_bakeoff(world(tmp_path)), tmp_path / "out", log_stream=None)
-    return tmp_path / "out" / "bakeoff_report.html", ("fig-crr",)
+    return tmp_path / "out" / "bakeoff_report.html", ("fig-crr", "fig-quality")
 
 
 # One line per HTML report the project writes.

@@ -153,21 +153,24 @@ def render_markdown(r: dict[str, Any]) -> str:
         verdict = "ahead" if d["differs"] else "not distinguishable from"
         lines.append(f"- {d['higher']} {verdict} {d['lower']}: CRR difference {_pct(d['difference'])} points, "
                      f"95 % interval [{_pct(d['low'])}, {_pct(d['high'])}]")
-    lines += ["", "| method | pairs | contamination dropped | calls / pair | tokens / pair | $ / pair | quality mean | high quality (≥ 4.5) | distinct-2 | judge consistency |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    buckets = next((list(m["quality"]["histogram"]) for m in r["methods"].values() if (m.get("quality") or {}).get("histogram")), [])
+    lines += ["", "| method | pairs | contamination dropped | calls / pair | tokens / pair | $ / pair | quality mean | "
+              f"quality histogram {' / '.join(buckets) or 'n/a'} | high quality (≥ 4.5) | distinct-2 | judge consistency |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["methods"].items():
         if not m["testsets"]:
-            lines.append(f"| {name} | 0 of {r['budget_pairs']}: {m['data']['message']} (not trained, not judged) | — | — | — | — | — | — | — | — |")
+            lines.append(f"| {name} | 0 of {r['budget_pairs']}: {m['data']['message']} (not trained, not judged) |" + " — |" * 9)
             continue
         consistency = ", ".join(f"{s} {_pct(m['testsets'][s]['position_consistency'])} %" for s in sets)
         d = m.get("data")
         if d is None:
-            lines.append(f"| {name} (untuned) | — | — | — | — | — | — | — | — | {consistency} |")
+            lines.append(f"| {name} (untuned) |" + " — |" * 9 + f" {consistency} |")
             continue
         q = m.get("quality") or {}
         per = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        histogram = " / ".join(str(c) for c in q["histogram"].values()) if q.get("histogram") else "n/a"
         lines.append(f"| {name} | {d['pairs']} of {r['budget_pairs']} | {d['contamination_dropped']} | {per(d['requests_per_pair'], '.2f')} | "
-                     f"{per(d['tokens_per_pair'], '.0f')} | {per(d['cost_per_pair'], '.5f')} | {per(q.get('mean'), '.2f')} | "
+                     f"{per(d['tokens_per_pair'], '.0f')} | {per(d['cost_per_pair'], '.5f')} | {per(q.get('mean'), '.2f')} | {histogram} | "
                      f"{_pct(q.get('high_quality_share'))} % | {per(m['diversity']['distinct_2'], '.3f')} | {consistency} |")
     for note in r["notes"]:
         lines += ["", f"Note: {note}"]
@@ -187,9 +190,17 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
     from html import escape
 
     warnings = "".join(f"<p class=\"warning\" role=\"alert\"><strong>Warning:</strong> {escape(w)}</p>" for w in r["warnings"])
+    rated = [n for n, m in r["methods"].items() if (m.get("quality") or {}).get("histogram")]
+    quality = (bar_chart("Quality ratings of each method's pairs (0-5, the judge)", rated,
+                         [(bucket, [r["methods"][n]["quality"]["histogram"][bucket] for n in rated])
+                          for bucket in r["methods"][rated[0]]["quality"]["histogram"]],
+                         fmt=lambda v: f"{v:.0f}", legend=True)
+               if rated else empty_chart("Quality ratings", "no method's data was rated"))
     body = (warnings + f"<pre>{escape(markdown.split(chr(10), 2)[2])}</pre>\n"
             + figure("fig-crr", chart, "Capacity recovery ratio (W + T) / N of each tuned target against the reference, "
-                     "with its 95 % bootstrap interval over the test items."))
+                     "with its 95 % bootstrap interval over the test items.")
+            + figure("fig-quality", quality, "How many of each method's pairs the judge rated in each band; the last band "
+                     "(4.5 and above) is the high-quality share."))
     return page(f"Bake-off: {r['name']}", body, css=".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}\n")
 
 
