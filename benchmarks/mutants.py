@@ -9,6 +9,9 @@ passed ("SURVIVED"). A surviving mutant is a missing test.
     python benchmarks/mutants.py --only gap      # mutants whose name contains "gap"
     python benchmarks/mutants.py --list
 
+A mutant may name the test files meant to catch it; those run instead of the whole suite (a failure there is a
+failure of the suite, so "caught" holds; "SURVIVED" then means those files missed it).
+
 Exit status 1 when any mutant survives. Run from the repository root, in the project's virtualenv.
 """
 
@@ -34,6 +37,8 @@ class Mutant:
     old: str
     new: str
     what: str
+    tests: tuple[str, ...] = ()  # test files that should catch it, run instead of the whole suite (faster; a
+    #                              failure there is a failure of the suite); empty: the whole offline suite
 
 
 MUTANTS = [
@@ -90,6 +95,43 @@ MUTANTS = [
     Mutant("evol-equal-reader", "src/datatailor/stages/evolve.py",
            "return not _NAMES_A_DIFFERENCE.search(t[m.end():])", "return True",
            'an "Equal, but …" reply is read as Equal'),
+    # REFED, CoachLM, TeaMs-RL, dedup and the bake-off (checked against the test files named last)
+    Mutant("refed-feedback-temperature", "src/datatailor/stages/refed/feedback.py",
+           'temperature: float | None = Field(1.0, description="Sampling temperature (the paper\'s code: 1.0).")',
+           'temperature: float | None = Field(None, description="Sampling temperature (the paper\'s code: 1.0).")',
+           "REFED's reference-level feedback samples at the model's temperature instead of 1.0", ("tests/test_refed.py",)),
+    Mutant("refed-per-feature", "src/datatailor/stages/refed/synthesis.py",
+           "per_feature: int = Field(10, ge=1,", "per_feature: int = Field(5, ge=1,",
+           "REFED synthesizes 5 instructions per feature call instead of the paper's 10", ("tests/test_refed.py",)),
+    Mutant("coach-revise-below-strict", "src/datatailor/stages/coach/revise.py",
+           "rating >= cfg.revise_below", "rating > cfg.revise_below",
+           "CoachLM revises a pair rated exactly revise_below (4.5 is high quality, left alone)", ("tests/test_coach.py",)),
+    Mutant("coach-alpha-direction", "src/datatailor/stages/coach/prepare.py",
+           'sign = -1 if direction == "descending" else 1', 'sign = 1 if direction == "descending" else -1',
+           "CoachLM's α share takes the smallest revisions instead of the largest", ("tests/test_coach.py",)),
+    Mutant("teams-reward-always", "src/datatailor/stages/teams/env.py",
+           "reward = 1.0 if not_equal else 0.0", "reward = 1.0",
+           "TeaMs-RL rewards every rewrite, even one the reviewer calls equal", ("tests/test_teams.py",)),
+    Mutant("teams-rewriter-temperature", "src/datatailor/stages/teams/stages.py",
+           'rewriter_temperature: float | None = Field(0.7, description=',
+           'rewriter_temperature: float | None = Field(None, description=',
+           "TeaMs-RL's generation rewriter samples at the model's temperature instead of 0.7", ("tests/test_teams.py",)),
+    Mutant("dedup-near-strict", "src/datatailor/scoring/dedup.py",
+           "/ self.num_perm >= self.threshold:", "/ self.num_perm > self.threshold:",
+           "near-duplicate dedup keeps a record at exactly the Jaccard threshold (datasketch drops it)",
+           ("tests/test_dedup_parity.py",)),
+    Mutant("bakeoff-split-unseeded", "src/datatailor/bakeoff/split.py",
+           'derive_seed("bakeoff-split", testset.name, seed)', 'derive_seed("bakeoff-split", testset.name, 0)',
+           "the bake-off's seed/evaluation split ignores the seed", ("tests/test_bakeoff.py",)),
+    Mutant("bakeoff-split-rounding", "src/datatailor/bakeoff/split.py",
+           "math.floor(share * len(records) + 0.5)", "math.floor(share * len(records))",
+           "the seed part is rounded down instead of to the nearest", ("tests/test_bakeoff.py",)),
+    Mutant("bakeoff-bootstrap-unpaired", "src/datatailor/bakeoff/stats.py",
+           "samples = values[:, idx].mean(axis=2)  # methods × resamples",
+           "samples = np.stack([values[i, np.random.default_rng(seed + i).integers(0, n, size=(resamples, n))].mean(axis=1) "
+           "for i in range(len(methods))])",
+           "the bootstrap resamples each method's items independently instead of the same items for all",
+           ("tests/test_bakeoff.py",)),
 ]
 def copy_repo(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
@@ -114,7 +156,8 @@ def run_mutant(m: Mutant, snapshot: Path, pytest_args: list[str]) -> tuple[bool,
         path.write_text(text.replace(m.old, m.new), encoding="utf-8")
         env = dict(os.environ, PYTHONPATH=f"{root / 'src'}{os.pathsep}{root}", DATATAILOR_CACHE_DIR=str(Path(tmp) / "cache"))
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not integration", *pytest_args],
+        targets = pytest_args or list(m.tests)
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not integration", *targets],
                               cwd=root, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
@@ -137,6 +180,9 @@ def main() -> int:
     snapshot = Path(snapshot_dir.name) / "main"
     copy_repo(snapshot)
     baseline = Mutant("baseline", "pyproject.toml", "[project]", "[project]", "no change: the suite must pass first")
+    # the baseline runs what the mutants will run: the named test files when every chosen mutant names some
+    named = list(dict.fromkeys(t for m in chosen for t in m.tests)) if all(m.tests for m in chosen) else []
+    baseline = Mutant(baseline.name, baseline.file, baseline.old, baseline.new, baseline.what, tuple(named))
     failed, seconds, detail = run_mutant(baseline, snapshot, args.pytest_args)
     if failed:
         print(f"the unchanged suite fails ({detail}): fix it before checking mutants", file=sys.stderr)

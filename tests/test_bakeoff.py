@@ -96,6 +96,8 @@ def test_the_split_is_disjoint_deterministic_and_seeded(tmp_path: Path) -> None:
     assert not set(ids(a.seeds)) & set(ids(a.evaluation))
     assert sorted(ids(a.seeds) + ids(a.evaluation)) == sorted(ids(testset.records))
     assert ids(a.seeds) == ids(b.seeds) and ids(a.seeds) != ids(c.seeds)
+    # the seed part is the nearest whole number of items, half up: 0.25 × 30 = 7.5 → 8; 0.01 × 30 → at least 1
+    assert [len(split_testset(testset, share, 0).seeds) for share in (0.25, 0.24, 0.01)] == [8, 7, 1]
     order = ids(testset.records)
     assert ids(a.evaluation) == [i for i in order if i in set(ids(a.evaluation))]  # test-set order kept
 
@@ -204,6 +206,11 @@ def test_bootstrap_intervals_on_known_cases() -> None:
     close = bootstrap({"a": ["win"] * 51 + ["loss"] * 49, "b": ["win"] * 49 + ["loss"] * 51}, resamples=2000, seed=0)
     assert not close["differences"][0]["differs"]  # 2 points apart on 100 items: within the noise
     assert close["ranking"] == ["a", "b"]
+    # paired: b is a with 6 of its 50 wins lost, on the same items. Compared item by item the 6-point gap is clear;
+    # resampled independently (each method its own items) it would be lost in each method's ±10-point noise
+    a = ["win"] * 50 + ["loss"] * 50
+    paired = bootstrap({"a": a, "b": ["loss"] * 6 + a[6:]}, resamples=2000, seed=0)
+    assert paired["differences"][0]["differs"] and 0 < paired["differences"][0]["low"] < 0.06 < paired["differences"][0]["high"]
     with pytest.raises(ValueError):
         bootstrap({"a": ["win"], "b": ["win", "loss"]}, resamples=100, seed=0)
     same = bootstrap({"a": half}, resamples=500, seed=3)
