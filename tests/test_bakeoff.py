@@ -159,6 +159,7 @@ def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path)
     assert not (tmp_path / "out" / "methods" / "none" / "tuned").exists() and "(not trained, not judged)" in done.stdout
     assert "tiny (short)" in done.stdout and "fewer pairs than budget_pairs=4" in done.stdout
     assert "projected cost" in done.stdout
+    assert re.search(r"^\[bakeoff 0:\d\d\] good: data \(respond.yaml\)$", done.stderr, re.M)  # each step, timed
 
 
 def test_a_method_that_cannot_work_fails_before_anything_is_spent(tmp_path: Path) -> None:

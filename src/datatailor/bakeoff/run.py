@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -172,12 +173,15 @@ def eval_testset(plan: Plan, split: Split) -> TestSet:
 
 
 class Log:
+    """One line per step, with the time since the bake-off started (a local bake-off runs for tens of minutes)."""
+
     def __init__(self, stream: TextIO | None):
-        self.stream = stream
+        self.stream, self.start = stream, time.monotonic()
 
     def __call__(self, message: str) -> None:
         if self.stream is not None:
-            print(f"[bakeoff] {message}", file=self.stream, flush=True)
+            minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
+            print(f"[bakeoff {minutes}:{seconds:02d}] {message}", file=self.stream, flush=True)
 
 
 def run_method(plan: Plan, m: MethodPlan, log: Log, progress: bool, force: bool = False) -> dict[str, Any]:
