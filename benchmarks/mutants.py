@@ -126,6 +126,10 @@ MUTANTS = [
     Mutant("bakeoff-split-rounding", "src/datatailor/bakeoff/split.py",
            "math.floor(share * len(records) + 0.5)", "math.floor(share * len(records))",
            "the seed part is rounded down instead of to the nearest", ("tests/test_bakeoff.py",)),
+    Mutant("bakeoff-decontam-after-select", "src/datatailor/bakeoff/run.py",
+           "    while at and isinstance(stages[at - 1], dict)", "    while False and isinstance(stages[at - 1], dict)",
+           "the bake-off decontaminates after the recipe's own selection (a dropped pair is lost, not replaced)",
+           ("tests/test_bakeoff.py",)),
     Mutant("bakeoff-bootstrap-unpaired", "src/datatailor/bakeoff/stats.py",
            "samples = values[:, idx].mean(axis=2)  # methods × resamples",
            "samples = np.stack([values[i, np.random.default_rng(seed + i).integers(0, n, size=(resamples, n))].mean(axis=1) "

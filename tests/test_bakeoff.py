@@ -141,6 +141,21 @@ def test_the_bakeoff_table_equals_its_evaluation_runs(tmp_path: Path) -> None:
     assert len(seeds) == 6 and not {s["instruction"] for s in seeds} & evaluated
 
 
+def test_decontamination_comes_before_the_recipes_own_selection(tmp_path: Path) -> None:
+    """A recipe that ends by trimming to its budget chooses among clean pairs: the 24 evaluation items it read are
+    dropped first, so its 4 pairs come from the 6 seed items and it is not short."""
+    path = world(tmp_path, methods=[{"name": "picky", "recipe": "picky.yaml", "input": "recipe"}])
+    (tmp_path / "picky.yaml").write_text(yaml.safe_dump({"models": {}, "input": "leaky_input.jsonl", "stages": [
+        {"type": "respond", "role": "strong"}, {"type": "select", "strategy": "random"}]}))
+    report = run_bakeoff(load_bakeoff(path), tmp_path / "out", log_stream=None)
+    data = report["methods"]["picky"]["data"]
+    assert (data["pairs"], data["short"], data["contamination_dropped"]) == (4, False, 24)
+    run = tmp_path / "out" / "methods" / "picky" / "run"
+    assert [s["name"] for s in json.loads((run / "manifest.json").read_text())["stages"]] == ["respond", "bakeoff.decontam", "select", "bakeoff.trim"]
+    evaluated = {r["instruction"] for r in read_jsonl(tmp_path / "out" / "split" / "testset.eval.jsonl")}
+    assert not {r["instruction"] for r in read_jsonl(run / "data.jsonl")} & evaluated
+
+
 def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path) -> None:
     path = world(tmp_path, methods=[{"name": "good", "recipe": "respond.yaml"}, {"name": "tiny", "recipe": "two.yaml", "input": "recipe"},
                                     {"name": "none", "recipe": "nothing.yaml"}])

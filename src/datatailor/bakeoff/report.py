@@ -127,7 +127,7 @@ def _pct(x: float | None) -> str:
 def render_markdown(r: dict[str, Any]) -> str:
     sets = [t["name"] for t in r["testsets"]]
     lines = [f"# Bake-off: {r['name']}", "",
-             f"Every method made {r['budget_pairs']} pairs from the same seeds (seed {r['seed']}); the target was tuned on "
+             f"Every method was asked for {r['budget_pairs']} pairs from the same seeds (seed {r['seed']}); the target was tuned on "
              f"each and judged against the reference in both orders ({r['rule']} rule).", ""]
     lines += ["Test sets: " + "; ".join(f"{t['name']}: {t['seeds']} seeds, {t['judged']} of {t['evaluation']} evaluation items judged"
                                          for t in r["testsets"]), ""]

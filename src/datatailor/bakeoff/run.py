@@ -3,8 +3,8 @@
     DIR/bakeoff.json                 the config as run (a different config in the same DIR is refused)
     DIR/split/<testset>.seeds.jsonl  the seed part of each test set; .eval.jsonl the evaluation part
     DIR/seeds.jsonl                  every seed part together: the methods' input
-    DIR/methods/<name>/run/          the method's run (its recipe + decontamination against the evaluation
-                                     parts + a seeded trim to budget_pairs)
+    DIR/methods/<name>/run/          the method's run (its recipe with decontamination against the evaluation
+                                     parts before its final selection, then a seeded trim to budget_pairs)
     DIR/methods/<name>/rate/         its data rated 0-5 by the judge
     DIR/methods/<name>/tuned/        the target fine-tuned on its data (train_report.json)
     DIR/methods/<name>/eval/<ts>/    the tuned target against the reference on the evaluation part, judged
@@ -39,6 +39,7 @@ from datatailor.runner import STATUS_COMPLETE, STATUS_SHORTFALL, run_recipe_sync
 MODEL = TypeAdapter(ModelConfig)
 DECONTAM = "bakeoff.decontam"
 TRIM = "bakeoff.trim"
+SELECTION_STAGES = ("select", "codec.select")  # a recipe's final trim to its budget
 
 
 @dataclass
@@ -128,7 +129,8 @@ def prepare(config: BakeoffConfig, out: Path, *, force: bool = False) -> Plan:
 def method_recipe(plan: Plan, spec: MethodSpec, seeds_path: Path) -> Recipe:
     """The method's recipe as the bake-off runs it: the shared roles replace its own, the seeds are its input
     (unless it keeps its own), the bake-off's seed and budget, and two stages at the end: decontamination against
-    every evaluation part, and a seeded trim to exactly budget_pairs."""
+    every evaluation part (before the recipe's own final selection, if it ends with one), and a seeded trim to
+    exactly budget_pairs at the end."""
     config = plan.config
     path = config.resolve(spec.recipe or "")
     if not path.is_file():
@@ -144,9 +146,16 @@ def method_recipe(plan: Plan, spec: MethodSpec, seeds_path: Path) -> Recipe:
         data["budget"] = {**(data.get("budget") or {}), "max_usd": config.budget_usd}
     if spec.input == "seeds":
         data["input"] = {"path": str(seeds_path)}
+    stages = list(data.get("stages") or [])
+    # decontamination goes before the recipe's own final selection, so the method picks among clean pairs and a
+    # dropped pair is replaced by another it made, not lost
+    at = len(stages)
+    while at and isinstance(stages[at - 1], dict) and stages[at - 1].get("type") in SELECTION_STAGES:
+        at -= 1
     data["stages"] = [
-        *(data.get("stages") or []),
+        *stages[:at],
         {"type": "decontam", "name": DECONTAM, "testsets": [str(plan.eval_file(s)) for s in plan.splits]},
+        *stages[at:],
         {"type": "select", "name": TRIM, "strategy": "random", "budget_pairs": config.budget_pairs},
     ]
     data["name"] = f"{config.name}:{spec.name}"
