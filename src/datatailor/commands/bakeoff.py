@@ -12,10 +12,10 @@ def register(app: typer.Typer) -> None:
 
 
 def bakeoff(
-    config: Path = typer.Argument(..., help="Bake-off config YAML (see examples/bakeoff_local.yaml)."),
+    config: Path = typer.Argument(..., help="Bake-off config YAML (see examples/bakeoff/local.yaml and openai.yaml)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bake-off folder. Running again with the same --out continues."),
     plan: bool = typer.Option(False, "--plan", help="Check everything and print the projected cost; spend nothing."),
-    force: bool = typer.Option(False, "--force", help="Reuse --out although it holds a bake-off of another config."),
+    force: bool = typer.Option(False, "--force", help="Reuse --out although it holds a bake-off of another config: a method whose recipe changed starts over, the rest continue."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Live progress of each run on stderr."),
 ) -> int:
     """Every method at the same budget on the same seeds: data, decontamination, training, judging, one report.
