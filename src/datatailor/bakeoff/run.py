@@ -238,7 +238,7 @@ def eval_method(plan: Plan, m: MethodPlan, target: dict[str, Any], log: Log, pro
     results = {}
     for split in plan.splits:
         testset = eval_testset(plan, split)
-        log(f"{m.name}: judged on {split.name} ({len(testset.records)} items)")
+        log(f"{m.name}: judging on {split.name} ({len(testset.records)} items)")
         eplan = EvalPlan(testset=testset, candidate=_model(target, f"{m.name} target"), judge=plan.models[ev.judge],
                          reference=plan.models[ev.reference], rule=ev.rule, answer_max_tokens=ev.answer_max_tokens,
                          respond_template=ev.respond_template, reference_max_tokens=ev.reference_max_tokens,
