@@ -7,6 +7,7 @@ passed ("SURVIVED"). A surviving mutant is a missing test.
 
     python benchmarks/mutants.py                 # every mutant
     python benchmarks/mutants.py --only gap      # mutants whose name contains "gap"
+    python benchmarks/mutants.py --only refed,coach,teams,dedup,bakeoff
     python benchmarks/mutants.py --list
 
 A mutant may name the test files meant to catch it; those run instead of the whole suite (a failure there is a
@@ -170,11 +171,12 @@ def run_mutant(m: Mutant, snapshot: Path, pytest_args: list[str]) -> tuple[bool,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="run only mutants whose name contains this")
+    parser.add_argument("--only", help="run only mutants whose name contains this (several: comma-separated)")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (e.g. a test file to run instead of the suite)")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.only or args.only in m.name]
+    wanted = [w for w in (args.only or "").split(",") if w]
+    chosen = [m for m in MUTANTS if not wanted or any(w in m.name for w in wanted)]
     if args.list:
         for m in chosen:
             print(f"{m.name:28s} {m.file}: {m.what}")

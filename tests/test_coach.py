@@ -179,7 +179,8 @@ def test_the_rating_gate_revises_only_low_rated_pairs_then_re_rates(tmp_path: Pa
     rows = [{"instruction": f"{kw} task {i}: explain tides", "input": "", "output": "The moon pulls the oceans."}
             for i, kw in enumerate(["GOOD", "HIGH GOOD", "GOOD", "HIGH GOOD"])]
     judge = {"backend": "scripted", "model": "rater", "handler": "tests.test_coach:rater"}
-    stages = [{"type": "quality.rate", "role": "judge"}, {"type": "coach.revise", "revise_below": 4.5},
+    # revise_below 5: the pairs rated exactly 5 are at the threshold, so they are left alone (below means below)
+    stages = [{"type": "quality.rate", "role": "judge"}, {"type": "coach.revise", "revise_below": 5.0},
               {"type": "quality.rate", "name": "rate-after", "role": "judge", "key": "quality_after"}]
     SEEN.clear()
     revise(tmp_path, stages, rows, judge=judge)

@@ -343,3 +343,21 @@ def calls_in_checkpoints(out: Path) -> int:
                 else:
                     calls += len(row["records"])
     return calls
+
+
+def test_defaults_follow_the_papers_code(tmp_path: Path) -> None:
+    """With no settings but the budget: every teacher call samples at 1.0 whatever the model's own temperature, and
+    each synthesis call asks for 10 new instructions (20 pairs per reference over the two features)."""
+    CALLS.clear()
+    models = {role: {**cfg, "temperature": 0.2} for role, cfg in MODELS.items()}
+    recipe = parse_recipe({"models": models, "input": str(write_refs(tmp_path, REFERENCES[:1])), "budget_pairs": 20, "cache": False,
+                           "stages": [{"type": t} for t in ("refed.references", "refed.feedback", "refed.synthesize",
+                                                             "refed.respond", "refed.improve", "select")]}, "t", tmp_path)
+    assert run_recipe_sync(recipe, tmp_path / "out", show_progress=False).status == "complete"
+    temps: dict[str, set[float | None]] = {}
+    for request in CALLS:
+        temps.setdefault(request.template, set()).add(request.sampling.temperature)
+    assert temps == {t: {1.0} for t in ("refed/instruction_feedback.j2", "refed/response_feedback.j2", "refed/synthesize.j2",
+                                          "refed/respond.j2", "refed/improve.j2")}
+    assert [r.variables["n"] for r in CALLS if r.template == "refed/synthesize.j2"] == [10, 10]
+    assert len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 20

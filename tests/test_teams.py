@@ -51,7 +51,11 @@ def reviewer(request: CompletionRequest) -> str:
     return "Not Equal." if last == GOOD[tag] else "Equal"
 
 
+EXPERT_CALLS: list[CompletionRequest] = []
+
+
 def expert(request: CompletionRequest) -> str:
+    EXPERT_CALLS.append(request)
     if request.template == "respond.j2":
         return f"A fresh expert answer to: {request.variables['instruction']}"
     return rewriter(request)
@@ -228,9 +232,14 @@ def test_the_official_schedule_forces_breadth_at_steps_2_and_5(tmp_path: Path) -
 
 def test_random_schedule_needs_no_policy_and_keep_last_gives_one_pair_per_seed(tmp_path: Path) -> None:
     stages = [{"type": "teams.generate", "schedule": "random", "keep": "last", "elimination": False}]
-    run_recipe_sync(parse_recipe(recipe(tmp_path, stages), "t", tmp_path), tmp_path / "out", show_progress=False)
+    EXPERT_CALLS.clear()
+    world = {**WORLD, "expert": {**WORLD["expert"], "temperature": 0.2}}
+    run_recipe_sync(parse_recipe({**recipe(tmp_path, stages), "models": world}, "t", tmp_path), tmp_path / "out", show_progress=False)
     data = read_jsonl(tmp_path / "out" / "data.jsonl")
     assert len(data) == 4 and all(r["metadata"]["teams_rl"]["step"] == 6 for r in data)
+    # the official generation code: rewrites at 0.7 whatever the expert's own temperature; answers at its own
+    temps = {("answer" if r.template == "respond.j2" else "rewrite", r.sampling.temperature) for r in EXPERT_CALLS}
+    assert temps == {("rewrite", 0.7), ("answer", 0.2)}
     ops = [op for r in data for op in r["metadata"]["teams_rl"]["ops"]]
     assert len(set(ops)) >= 4  # uniform choices over 24 steps
     # every call's tokens are in the one pair of each seed
