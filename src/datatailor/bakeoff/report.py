@@ -13,7 +13,7 @@ from datatailor.evaluate.diversity import diversity_report
 from datatailor.evaluate.metrics import outcome, scores_from_summary
 from datatailor.io import read_records
 from datatailor.journal import iter_journal
-from datatailor.report.page import figure, page, write_report_files
+from datatailor.report.page import figure, markdown_html, page, write_report_files
 from datatailor.report.svg import bar_chart, empty_chart
 
 if TYPE_CHECKING:
@@ -196,7 +196,8 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
                           for bucket in r["methods"][rated[0]]["quality"]["histogram"]],
                          fmt=lambda v: f"{v:.0f}", legend=True)
                if rated else empty_chart("Quality ratings", "no method's data was rated"))
-    body = (warnings + f"<pre>{escape(markdown.split(chr(10), 2)[2])}</pre>\n"
+    summary = "\n".join(line for line in markdown.split("\n", 1)[1].splitlines() if not line.startswith("**Warning:**"))
+    body = (warnings + markdown_html(summary) + "\n"
             + figure("fig-crr", chart, "Capacity recovery ratio (W + T) / N of each tuned target against the reference, "
                      "with its 95 % bootstrap interval over the test items.")
             + figure("fig-quality", quality, "How many of each method's pairs the judge rated in each band; the last band "
