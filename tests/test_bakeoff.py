@@ -156,6 +156,34 @@ def test_decontamination_comes_before_the_recipes_own_selection(tmp_path: Path) 
     assert not {r["instruction"] for r in read_jsonl(run / "data.jsonl")} & evaluated
 
 
+def first_judge(request: CompletionRequest) -> str:
+    """Prefers whichever answer it sees first when one of them is the odd method's; otherwise the fair judge."""
+    v = request.variables or {}
+    if "answer_1" in v and "odd answer" in v["answer_1"] + v["answer_2"]:
+        return "9 5"
+    return judge(request)
+
+
+def always_first(request: CompletionRequest) -> str:
+    return "9 5" if "answer_1" in (request.variables or {}) else judge(request)
+
+
+@pytest.mark.parametrize("handler", ["first_judge", "always_first"])
+def test_a_position_biased_judge_is_named_once(handler: str, tmp_path: Path) -> None:
+    """One method judged inconsistently: a warning for it alone. Every method: one warning about the judge."""
+    models = {"strong": {"backend": "scripted", "model": "reference", "rules": [{"match": ".*", "reply": "reference answer"}]},
+              "judge": {"backend": "scripted", "model": handler, "handler": f"tests.test_bakeoff:{handler}"}}
+    report = run_bakeoff(load_bakeoff(world(tmp_path, models=models)), tmp_path / "out", log_stream=None)
+    consistency = {n: m["testsets"]["testset"]["position_consistency"] for n, m in report["methods"].items()}
+    if handler == "first_judge":
+        assert consistency["odd"] == 0.0 and consistency["good"] == 1.0
+        assert len(report["warnings"]) == 1 and report["warnings"][0].startswith("odd on testset: ")
+    else:
+        assert set(consistency.values()) == {0.0}
+        assert report["warnings"] == [report["warnings"][0]] and "for every method and test set" in report["warnings"][0]
+        assert "only 0.0 % of the judged items (below 60 %)" in report["warnings"][0]
+
+
 def test_a_short_method_is_reported_as_short_and_the_cli_says_so(tmp_path: Path) -> None:
     path = world(tmp_path, methods=[{"name": "good", "recipe": "respond.yaml"}, {"name": "tiny", "recipe": "two.yaml", "input": "recipe"},
                                     {"name": "none", "recipe": "nothing.yaml"}])

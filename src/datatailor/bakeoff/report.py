@@ -97,6 +97,15 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
             entry["train"] = {"steps": t.get("steps"), "first_loss": t.get("first_loss"), "final_loss": t.get("final_loss"),
                               "wall_time_s": t.get("wall_time_s")}
         methods[name] = entry
+    judged = [(n, s, t) for n, m in methods.items() for s, t in m["testsets"].items()]
+    if len(judged) > 1 and len(warnings) == len(judged):  # the judge, not a method: say it once
+        consistency = [t["position_consistency"] or 0.0 for _, _, t in judged]
+        lowest, highest = min(consistency), max(consistency)
+        span = f"{100 * lowest:.1f} %" if lowest == highest else f"{100 * lowest:.1f}–{100 * highest:.1f} %"
+        warnings = [f"for every method and test set, the judge gave the same verdict in both answer orders for only {span} "
+                    f"of the judged items (below {100 * config.eval.consistency_threshold:.0f} %): its verdicts are dominated "
+                    "by which answer it sees first, so no win rate here is meaningful; use a stronger judge, or the logprob "
+                    "scoring mode"]
     confidence = bootstrap(pooled, config.eval.bootstrap, config.seed)
     short = [n for n, m in methods.items() if m.get("data", {}).get("short")]
     notes = []
