@@ -126,6 +126,19 @@ def test_ctrl_c_then_resume(tmp_path: Path) -> None:
     assert [r["response"] for r in rows] == [f"Answer for {i}." for i in range(60)]
 
 
+def test_a_run_killed_before_its_first_manifest_resumes(tmp_path: Path) -> None:
+    """kill -9 between writing recipe.json and the first manifest (or mid-write of either) leaves a folder that is
+    ours: the same command resumes it instead of refusing it."""
+    recipe = _recipe(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "recipe.json").write_text("{}")
+    (out / ".manifest.json.k3x9.tmp").write_text('{"stat')
+    assert main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert not list(out.glob(".*.tmp")) and (out / "data.jsonl").exists()
+
+
 def test_not_a_run_directory_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = _recipe(tmp_path)
     (tmp_path / "busy").mkdir()

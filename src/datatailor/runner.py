@@ -378,9 +378,19 @@ class Runner:
                     elif p.exists():
                         p.unlink()
         elif self.out.exists() and any(self.out.iterdir()) and not self.force:
-            raise UserError(f"{self.out} exists and is not a datatailor run directory; choose another --out")
+            if not self._killed_at_start():
+                raise UserError(f"{self.out} exists and is not a datatailor run directory; choose another --out")
+            for p in self.out.glob(".*.tmp"):  # half-written by the killed start
+                p.unlink()
         self.out.mkdir(parents=True, exist_ok=True)
         return previous
+
+    def _killed_at_start(self) -> bool:
+        """The folder holds only what a run writes before its first manifest (recipe.json, or a half-written temp
+        file of either): a run killed as it started, so it is ours to resume."""
+        return all(p.is_file() and (p.name == "recipe.json" or (p.name.startswith((".recipe.json.", ".manifest.json."))
+                                                               and p.name.endswith(".tmp")))
+                   for p in self.out.iterdir())
 
     def _write_manifest(
         self, status: str, message: str, stages: list[dict[str, Any]], previous: dict[str, Any], started: str,
