@@ -274,7 +274,9 @@ def test_report_counts(seeds_run: tuple[Path, RunResult]) -> None:
     out, _ = seeds_run
     report = json.loads(report_file(out).read_text())
     assert report_file(out, "codec_report.md").read_text().startswith("# CodecLM report")
-    assert "<html>" in report_file(out, "codec_report.html").read_text()
+    page = report_file(out, "codec_report.html").read_text()
+    assert "<html>" in page and "<pre>" not in page  # the summary is HTML, not Markdown text
+    assert "<li>Instructions filtered: <strong>8</strong>; kept <strong>6</strong>" in page
     assert report["pool_requested"] == 4
     assert report["position_consistency"] == 1.0 and report["consistency_warning"] is None
     assert report["instructions"] == 8 and report["kept"] == 6
@@ -672,6 +674,10 @@ def test_the_report_says_when_the_judge_is_dominated_by_answer_order() -> None:
     assert lazy["position_consistency"] == 0.25
     assert "dominated by which answer it sees first" in lazy["consistency_warning"]
     assert "**Warning:**" in render_markdown(lazy)
+    from datatailor.report.codec import render_html
+
+    page = render_html(lazy, render_markdown(lazy))
+    assert page.count("dominated by which answer it sees first") == 1 and 'class="warning"' in page  # a banner, once
     fine = build_codec_report([kept(i, i != 0) for i in range(4)], [], [], threshold=3, max_iterations=1, budget_pairs=4)
     assert fine["position_consistency"] == 0.75 and fine["consistency_warning"] is None
     strict = build_codec_report([kept(i, i != 0) for i in range(4)], [], [], threshold=3, max_iterations=1, budget_pairs=4,

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datatailor.report.page import figure, write_report_files
+from datatailor.report.page import figure, markdown_html, write_report_files
 from datatailor.records import Record
 
 REPORT_STEM = "codec_report"
@@ -267,7 +267,8 @@ def render_html(report: dict[str, Any], markdown: str) -> str:
     )
     gaps = [(f"[{b['from']}, {b['to']})", b["count"]) for b in report["gap_histogram"]["all_scored"]]
     cov = report["coverage"]
-    summary = html.escape(markdown.split("## Per iteration")[0].replace("# CodecLM report", "").strip())
+    head = markdown.split("## Per iteration")[0].replace("# CodecLM report", "")
+    summary = markdown_html("\n".join(line for line in head.splitlines() if not line.startswith("> **Warning:**")))
     warning = (
         f'<p class="warning" role="alert"><strong>Warning:</strong> {html.escape(report["consistency_warning"])}</p>\n'
         if report.get("consistency_warning") else ""
@@ -283,7 +284,7 @@ pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}}
 .warning{{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}}
 </style></head><body>
 <h1>CodecLM report</h1>
-{warning}<pre>{summary}</pre>
+{warning}{summary}
 <h2>Per iteration</h2>
 <table><tr><th>iteration</th><th>entered</th><th>scored</th><th>kept</th><th>kept share</th><th>data share</th></tr>{it_rows}</table>
 <h2>Gap G = S(strong) − S(target), every scored iteration (threshold ±{report['threshold']})</h2>
