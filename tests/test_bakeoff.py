@@ -211,6 +211,13 @@ def test_a_method_that_cannot_work_fails_before_anything_is_spent(tmp_path: Path
     with pytest.raises(UserError, match="nobody"):
         prepare(load_bakeoff(path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # a method that keeps its own input is checked against that input: its pairs have no response to select on
+    (tmp_path / "respond.yaml").write_text(yaml.safe_dump({"models": {}, "stages": [{"type": "respond", "role": "strong"}]}))
+    (tmp_path / "leaky.yaml").write_text(yaml.safe_dump({"models": {}, "input": "leaky_input.jsonl", "stages": [
+        {"type": "judge.pairwise", "role": "judge", "a": "response", "b": "metadata.other", "keep": "a"}]}))
+    with pytest.raises(UserError, match=r"method leaky \(leaky.yaml\) cannot work"):
+        prepare(load_bakeoff(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError):
         BakeoffConfig.model_validate({"budget_pairs": 2, "testsets": ["x"], "models": {}, "methods": [{"name": "a"}],
                                       "train": {"base": "b"}})

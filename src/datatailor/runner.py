@@ -333,6 +333,24 @@ async def process_record(stage: MapStage, record: Record) -> tuple[list[Record],
 # ----------------------------------------------------------------------------- the runner
 
 
+def recipe_input(recipe: Recipe) -> RecordSource:
+    """The records a recipe's run reads, streamed from its input file (none without one)."""
+    if recipe.input is None:
+        return ListSource([])
+    spec = recipe.input
+    path = recipe.resolve(spec.path)
+    return StreamSource(lambda: iter_records(path, spec.format, spec.limit, spec.fields))
+
+
+def contract_problems(recipe: Recipe, records: RecordSource | None) -> list[str]:
+    """What a run checks of a recipe before anything is spent, as messages: its stage order against the fields of
+    `records` (its input; None or a recipe without input: no fields) and the variables of its templates."""
+    from datatailor.stages.contract import check_recipe_order, check_templates
+
+    problems = check_recipe_order(recipe.stages, records if recipe.input is not None else None, STAGES)
+    return problems + check_templates(recipe.stages, STAGES, recipe.base_dir)
+
+
 class Runner:
     def __init__(
         self,
@@ -421,8 +439,10 @@ class Runner:
     async def run(self) -> RunResult:
         # Read the input and check the recipe first: a bad input file or a stage order that cannot work
         # must fail before anything in --out is touched or spent.
-        records = self._load_input()
-        self._check_contract(records)  # also reads the whole input once: a bad line fails here
+        records = recipe_input(self.recipe)
+        problems = contract_problems(self.recipe, records)  # also reads the whole input once: a bad line fails here
+        if problems:
+            raise UserError("the recipe cannot work; nothing was run:\n  " + "\n  ".join(problems))
         # Stages are built before the run directory is touched, so a stage's configuration error (e.g. no
         # budget_pairs for codec.decode) fails first; the model pool is bound to them below.
         stages = [self._build_stage(i) for i in range(len(self.recipe.stages))]
@@ -475,14 +495,6 @@ class Runner:
     def save_usage(self) -> None:
         write_json(self.out / "usage.json", self.ledger.as_json())
 
-    def _check_contract(self, records: RecordSource) -> None:
-        """What `validate` checks of the stages: their order and the variables of their templates."""
-        from datatailor.stages.contract import check_recipe_order, check_templates
-
-        problems = check_recipe_order(self.recipe.stages, records if self.recipe.input is not None else None, STAGES)
-        problems += check_templates(self.recipe.stages, STAGES, self.recipe.base_dir)
-        if problems:
-            raise UserError("the recipe cannot work; nothing was run:\n  " + "\n  ".join(problems))
 
     def _finish(self, status, message, summaries, previous, started, ledger, final: RecordSource | None,
                 shortfall: dict[str, Any] | None = None, rounds: int = 1) -> RunResult:
@@ -524,13 +536,6 @@ class Runner:
             manifest = json.loads((self.out / "manifest.json").read_text(encoding="utf-8"))
             manifest["report_errors"] = errors
             write_json(self.out / "manifest.json", manifest)
-
-    def _load_input(self) -> RecordSource:
-        if self.recipe.input is None:
-            return ListSource([])
-        spec = self.recipe.input
-        path = self.recipe.resolve(spec.path)
-        return StreamSource(lambda: iter_records(path, spec.format, spec.limit, spec.fields))
 
     def _collect_failures(self) -> Iterable[dict[str, Any]]:
         """Every stage's failure rows, stage by stage, each in its input order (as complete stages keep them)."""

@@ -34,7 +34,8 @@ from datatailor.evaluate.testsets import TestSet, resolve_testset
 from datatailor.io import read_yaml, write_json, write_records
 from datatailor.llm.config import ModelConfig
 from datatailor.recipe import Recipe, parse_recipe
-from datatailor.runner import STATUS_COMPLETE, STATUS_SHORTFALL, run_recipe_sync
+from datatailor.runner import STATUS_COMPLETE, STATUS_SHORTFALL, contract_problems, recipe_input, run_recipe_sync
+from datatailor.store import ListSource
 
 MODEL = TypeAdapter(ModelConfig)
 DECONTAM = "bakeoff.decontam"
@@ -86,9 +87,6 @@ def config_hash(config: BakeoffConfig) -> str:
 def prepare(config: BakeoffConfig, out: Path, *, force: bool = False) -> Plan:
     """Everything that can be checked before anything is spent: the folder, the test sets and their split, every
     method's recipe as it will run (models, input, budget, the stage order and templates), the eval roles."""
-    from datatailor.stages import STAGES
-    from datatailor.stages.contract import check_recipe_order, check_templates
-
     out = out.resolve()  # the method recipes resolve paths against their own folder: give them absolute ones
     marker = out / "bakeoff.json"
     digest = config_hash(config)
@@ -114,12 +112,9 @@ def prepare(config: BakeoffConfig, out: Path, *, force: bool = False) -> Plan:
             plan.methods.append(MethodPlan(spec, None))
             continue
         recipe = method_recipe(plan, spec, seeds_path)
-        from datatailor.store import ListSource
-
-        sample = [as_seed(r, s.name) for s in splits for r in s.seeds] if spec.input == "seeds" else None
-        records = ListSource(sample) if sample is not None else None
-        problems = check_recipe_order(recipe.stages, records, STAGES) if sample is not None else []
-        problems += check_templates(recipe.stages, STAGES, recipe.base_dir)
+        # the records the run will read: the seeds (written when the bake-off starts), or the recipe's own input
+        records = ListSource([as_seed(r, s.name) for s in splits for r in s.seeds]) if spec.input == "seeds" else recipe_input(recipe)
+        problems = contract_problems(recipe, records)
         if problems:
             raise UserError(f"method {spec.name} ({spec.recipe}) cannot work; nothing was run:\n  " + "\n  ".join(problems))
         plan.methods.append(MethodPlan(spec, recipe))
