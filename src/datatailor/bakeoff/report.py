@@ -46,7 +46,6 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rule = config.eval.rule
     methods: dict[str, Any] = {}
     pooled: dict[str, list[str]] = {}
-    warnings: list[str] = []
     for name, row in rows.items():
         folder = plan.folder(name)
         entry: dict[str, Any] = {"untuned": row["untuned"], "recipe": row["recipe"], "testsets": {}}
@@ -64,8 +63,6 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "position_consistency": summary["position_consistency"],
                 "consistency_warning": summary["consistency_warning"],
             }
-            if summary["consistency_warning"]:
-                warnings.append(f"{name} on {split.name}: {summary['consistency_warning']}")
         if not row["untuned"]:
             run_dir = folder / "run"
             data = read_records(run_dir / "data.jsonl")
@@ -98,8 +95,10 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                               "wall_time_s": t.get("wall_time_s")}
         methods[name] = entry
     judged = [(n, s, t) for n, m in methods.items() for s, t in m["testsets"].items()]
-    if len(judged) > 1 and len(warnings) == len(judged):  # the judge, not a method: say it once
-        consistency = [t["position_consistency"] or 0.0 for _, _, t in judged]
+    low = [(n, s, t) for n, s, t in judged if t["consistency_warning"]]
+    warnings = [f"{n} on {s}: {t['consistency_warning']}" for n, s, t in low]
+    if len(low) > 1 and len(low) == len(judged):  # the judge, not a method: say it once
+        consistency = [t["position_consistency"] or 0.0 for _, _, t in low]
         lowest, highest = min(consistency), max(consistency)
         span = f"{100 * lowest:.1f} %" if lowest == highest else f"{100 * lowest:.1f}–{100 * highest:.1f} %"
         warnings = [f"for every method and test set, the judge gave the same verdict in both answer orders for only {span} "
