@@ -34,7 +34,7 @@ from datatailor.scoring.quality import BUCKETS, QualitySummary, stored_scores, s
 from datatailor.evaluate.testsets import shipped_testsets
 from datatailor.io import read_records
 from datatailor.stages.contract import method_title
-from datatailor.report.page import figure
+from datatailor.report.page import figure, html_table
 from datatailor.report.svg import OUTCOME_COLORS, bar_chart, empty_chart, stacked_shares
 
 FIGURE_IDS = (
@@ -189,12 +189,6 @@ def _num(value: float | int | None, spec: str = ".2f") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _overview(runs: list[RunSummary]) -> str:
     rows = []
     for r in runs:
@@ -204,7 +198,7 @@ def _overview(runs: list[RunSummary]) -> str:
             r.label, r.method, r.status, _num(r.size), _num(r.requests), _num(r.usage.get("cache_hits")), _num(tokens),
             _num(r.cost, ".4f"), _num(r.per_pair(r.requests), ".2f"), _num(r.per_pair(r.cost), ".6f"), budget,
         ])
-    return _table(["run", "method", "status", "kept pairs", "model calls", "cache hits", "tokens", "$ spent",
+    return html_table(["run", "method", "status", "kept pairs", "model calls", "cache hits", "tokens", "$ spent",
                    "calls / pair", "$ / pair", "budget"], rows)
 
 
@@ -235,7 +229,7 @@ def _quality_section(runs: list[RunSummary]) -> str:
     rows = [[r.label, _num(r.quality.n), _num(r.quality.mean), percent(r.quality.high_quality_share, 1),
              *[str(r.quality.histogram[b]) for b, _, _ in BUCKETS], r.quality_source or ""]
             for r in rated]  # type: ignore[union-attr]
-    table = _table(["run", "rated", "mean (0-5)", "high quality ≥ 4.5 (%)", *[b for b, _, _ in BUCKETS], "source"], rows) if rows else ""
+    table = html_table(["run", "rated", "mean (0-5)", "high quality ≥ 4.5 (%)", *[b for b, _, _ in BUCKETS], "source"], rows) if rows else ""
     return figure("fig-quality", svg, "AlpaGasus-style 0-5 ratings, bucketed as in CoachLM.") + table
 
 
@@ -268,7 +262,7 @@ def _diversity_section(runs: list[RunSummary]) -> str:
             percent(rl.get("share_above_0_7"), 1), _num(d.embedding_distance, ".3f"),  # type: ignore[union-attr]
             _num(d.instruction_length["mean"], ".1f"), _num(d.response_length["mean"], ".1f"),  # type: ignore[union-attr]
         ])
-    table = _table(["run", "distinct-1", "distinct-2", "ROUGE-L self-sim. (mean max)", "max ROUGE-L > 0.7 (%)",
+    table = html_table(["run", "distinct-1", "distinct-2", "ROUGE-L self-sim. (mean max)", "max ROUGE-L > 0.7 (%)",
                     "embedding distance", "instruction words", "response words"], rows) if rows else ""
     return (
         figure("fig-diversity", svg, "Distinct-n over instructions; 1 - mean max ROUGE-L against the other instructions; "
@@ -289,7 +283,7 @@ def _contamination_section(runs: list[RunSummary], testsets: list[str]) -> str:
         svg = empty_chart("Share of pairs overlapping each test set", "no data.jsonl in any run")
     rows = [[r.label, str(r.contamination["flagged_pairs"]), percent(r.contamination["flagged_share"], 2),  # type: ignore[index]
              *[str(r.contamination["by_testset"].get(ts, {}).get("pairs", 0)) for ts in testsets]] for r in have]  # type: ignore[index]
-    table = _table(["run", "flagged pairs", "flagged (%)", *testsets], rows) if rows else ""
+    table = html_table(["run", "flagged pairs", "flagged (%)", *testsets], rows) if rows else ""
     return figure("fig-contamination", svg, "13-gram overlap or ≥ 80 % trigram containment of a test item in a pair's prompt "
                    "(`datatailor export --decontaminate` drops them).") + table
 
@@ -321,7 +315,7 @@ def _eval_section(runs: list[RunSummary]) -> str:
             f"{m['wins']}/{m['ties']}/{m['losses']}", str(m["n"]), percent(m["crr"]), percent(m["wr1"]), percent(m["wr2"]),
             percent(m["qs"]), percent(e.get("position_consistency")),
         ])
-    table = _table(["run · test set", "candidate", "reference", "rule", "W/T/L", "N", "CRR %", "WR1 %", "WR2 %", "QS %",
+    table = html_table(["run · test set", "candidate", "reference", "rule", "W/T/L", "N", "CRR %", "WR1 %", "WR2 %", "QS %",
                     "judge position consistency %"], rows) if rows else ""
     warnings = "".join(
         f'<p class="warning" role="alert"><strong>Warning ({escape(lab)}):</strong> {escape(e["consistency_warning"])}.</p>'

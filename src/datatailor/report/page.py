@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from datatailor.io import atomic_open, write_json
 
@@ -36,6 +36,13 @@ def _inline(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", html)
 
 
+def html_table(headers: list[str], rows: list[list[str]], cell: Callable[[str], str] = escape) -> str:
+    """A plain HTML table; each header and cell is written by `cell` (default: escaped text)."""
+    head = "".join(f"<th>{cell(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _cells(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
 
@@ -48,10 +55,7 @@ def markdown_html(markdown: str) -> str:
     for block in blocks:
         lines = block.splitlines()
         if all(line.startswith("|") for line in lines) and len(lines) >= 2:
-            head, rows = _cells(lines[0]), [_cells(line) for line in lines[2:]]
-            out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows)
-                       + "</tbody></table>")
+            out.append(html_table(_cells(lines[0]), [_cells(line) for line in lines[2:]], cell=_inline))
         elif lines[0].startswith("#"):
             level = min(len(lines[0]) - len(lines[0].lstrip("#")) + 1, 4)  # the page's <h1> is the title
             out.append(f"<h{level}>{_inline(lines[0].lstrip('#').strip())}</h{level}>")
