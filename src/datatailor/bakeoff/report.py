@@ -13,7 +13,7 @@ from datatailor.evaluate.diversity import diversity_report
 from datatailor.evaluate.metrics import outcome, scores_from_summary
 from datatailor.io import read_records
 from datatailor.journal import iter_journal
-from datatailor.report.page import figure, markdown_html, page, write_report_files
+from datatailor.report.page import figure, markdown_html, page, warning_banner, write_report_files
 from datatailor.report.svg import bar_chart, empty_chart
 
 if TYPE_CHECKING:
@@ -195,9 +195,7 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
                         ("95 % interval high", [conf[n]["high"] for n in names])],
                        y_max=1.0, fmt=lambda v: f"{100 * v:.0f}%", legend=True)
              if names else empty_chart("CRR per method", "nothing was judged"))
-    from html import escape
-
-    warnings = "".join(f"<p class=\"warning\" role=\"alert\"><strong>Warning:</strong> {escape(w)}</p>" for w in r["warnings"])
+    warnings = "".join(warning_banner(w) for w in r["warnings"])
     rated = [n for n, m in r["methods"].items() if (m.get("quality") or {}).get("histogram")]
     quality = (bar_chart("Quality ratings of each method's pairs (0-5, the judge)", rated,
                          [(bucket, [r["methods"][n]["quality"]["histogram"][bucket] for n in rated])
@@ -210,7 +208,7 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
                      "with its 95 % bootstrap interval over the test items.")
             + figure("fig-quality", quality, "How many of each method's pairs the judge rated in each band; the last band "
                      "(4.5 and above) is the high-quality share."))
-    return page(f"Bake-off: {r['name']}", body, css=".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}\n")
+    return page(f"Bake-off: {r['name']}", body)
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

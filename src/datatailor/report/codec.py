@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datatailor.report.page import figure, markdown_html, write_report_files
+from datatailor.report.page import WARNING_CSS, figure, markdown_html, warning_banner, write_report_files
 from datatailor.records import Record
 
 REPORT_STEM = "codec_report"
@@ -270,7 +270,7 @@ def render_html(report: dict[str, Any], markdown: str) -> str:
     head = markdown.split("## Per iteration")[0].replace("# CodecLM report", "")
     summary = markdown_html("\n".join(line for line in head.splitlines() if not line.startswith("> **Warning:**")))
     warning = (
-        f'<p class="warning" role="alert"><strong>Warning:</strong> {html.escape(report["consistency_warning"])}</p>\n'
+        warning_banner(report["consistency_warning"]) + "\n"
         if report.get("consistency_warning") else ""
     )
     return f"""<!doctype html>
@@ -281,8 +281,7 @@ table{{border-collapse:collapse;margin:.5rem 0 1.5rem}} td,th{{padding:.2rem .6r
 .bars td.bar{{width:24rem}} .bars td.bar div{{background:#4a7bd0;height:.8rem}} td.n{{text-align:right}} td.none{{color:#666}}
 figure{{margin:1rem 0}} figure table{{margin:.5rem 0 .3rem}} figcaption{{font-size:.8rem;color:#555}}
 pre{{white-space:pre-wrap;background:#f6f6f6;padding:.8rem}}
-.warning{{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}}
-</style></head><body>
+{WARNING_CSS}</style></head><body>
 <h1>CodecLM report</h1>
 {warning}{summary}
 <h2>Per iteration</h2>

@@ -34,7 +34,7 @@ from datatailor.scoring.quality import BUCKETS, QualitySummary, stored_scores, s
 from datatailor.evaluate.testsets import shipped_testsets
 from datatailor.io import read_records
 from datatailor.stages.contract import method_title
-from datatailor.report.page import figure, html_table
+from datatailor.report.page import WARNING_CSS, figure, html_table, warning_banner
 from datatailor.report.svg import OUTCOME_COLORS, bar_chart, empty_chart, stacked_shares
 
 FIGURE_IDS = (
@@ -318,7 +318,7 @@ def _eval_section(runs: list[RunSummary]) -> str:
     table = html_table(["run · test set", "candidate", "reference", "rule", "W/T/L", "N", "CRR %", "WR1 %", "WR2 %", "QS %",
                     "judge position consistency %"], rows) if rows else ""
     warnings = "".join(
-        f'<p class="warning" role="alert"><strong>Warning ({escape(lab)}):</strong> {escape(e["consistency_warning"])}.</p>'
+        warning_banner(f'{e["consistency_warning"]}.', f"Warning ({lab})")
         for (r, e), lab in zip(pairs, [_eval_label(r, e) for r, e in pairs]) if e.get("consistency_warning")
     )
     return warnings + (
@@ -335,8 +335,7 @@ h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid 
 table{border-collapse:collapse;margin:.8rem 0;font-size:.85rem}th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left}
 th{background:#f4f4f4}figure{margin:1rem 0}figcaption{font-size:.8rem;color:#555;max-width:720px}
 .note{font-size:.85rem;color:#555}
-.warning{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}
-"""
+""" + WARNING_CSS
 
 
 def render_html(runs: list[RunSummary], title: str = "datatailor: runs compared", notes: list[str] | None = None,

@@ -10,18 +10,25 @@ from typing import Any, Callable
 
 from datatailor.io import atomic_open, write_json
 
+WARNING_CSS = ".warning{background:#fff3cd;border-left:4px solid #d39e00;padding:.6rem .8rem}\n"
 BASE_CSS = (
     "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222;padding:0 1rem}\n"
     "pre{white-space:pre-wrap;background:#f6f6f6;padding:.8rem} figure{margin:1rem 0} "
     "table{border-collapse:collapse;margin:.8rem 0;font-size:.9rem} th,td{border:1px solid #ddd;padding:.25rem .5rem;"
     "text-align:left;vertical-align:top} th{background:#f3f3f3} code{background:#f3f3f3;padding:0 .2rem}\n"
     "figcaption{font-size:.8rem;color:#555}\n"
+    + WARNING_CSS
 )
 
 
 def figure(fig_id: str, body: str, caption: str) -> str:
     """A chart (SVG or HTML) in `<figure id=…>` with its caption; the rendering test looks figures up by id."""
     return f'<figure id="{fig_id}">{body}<figcaption>{escape(caption)}</figcaption></figure>'
+
+
+def warning_banner(text: str, label: str = "Warning") -> str:
+    """A warning the reader cannot miss (styled by WARNING_CSS)."""
+    return f'<p class="warning" role="alert"><strong>{escape(label)}:</strong> {escape(text)}</p>'
 
 
 def page(title: str, body: str, css: str = "") -> str:
