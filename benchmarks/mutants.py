@@ -137,7 +137,11 @@ MUTANTS = [
            "for i in range(len(methods))])",
            "the bootstrap resamples each method's items independently instead of the same items for all",
            ("tests/test_bakeoff.py",)),
+    # -- audit fixes: REFED, CoachLM, evaluation, local calls (issue 16) --
+    # -- TeaMs-RL and the bake-off (issue 21) --
 ]
+
+
 def copy_repo(dest: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
     for rel in files.stdout.splitlines():
