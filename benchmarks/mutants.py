@@ -137,7 +137,8 @@ MUTANTS = [
            "for i in range(len(methods))])",
            "the bootstrap resamples each method's items independently instead of the same items for all",
            ("tests/test_bakeoff.py",)),
-    # -- audit fixes: REFED, CoachLM, evaluation, local calls (issue 16) --
+    # -- audit fixes (issue 16): REFED, CodecLM and the method reports --
+    # -- audit fixes (issue 16): CoachLM, evaluation, local calls --
     # -- TeaMs-RL and the bake-off (issue 21) --
 ]
 
