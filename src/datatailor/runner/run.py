@@ -1,0 +1,139 @@
+"""The run loop: check the recipe, prepare the run directory, run the stages (in rounds), write the results.
+
+A run, step by step (`Runner.run`):
+
+1. Read the input and check the recipe against it (stage order, templates) before anything is touched or spent.
+2. Build the stages, then prepare the run directory: resume the same recipe's run, refuse another recipe's.
+3. Mark the run `running` in its manifest, and bind the models (cache, usage ledger, budget) to the stages.
+4. Run the stages in order, round after round while the run is short and a stage can top up (`runner.rounds`);
+   each stage checkpoints as records finish (`runner.stage_exec`, `runner.checkpoint`).
+5. Write data.jsonl, failures.jsonl, usage, the manifest (complete, shortfall, interrupted, budget_exhausted) and
+   the methods' reports (`runner.manifest`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from datatailor.errors import RunAbort
+from datatailor.io import write_json
+from datatailor.llm.cache import RequestCache
+from datatailor.llm.models import ModelPool
+from datatailor.llm.usage import UsageLedger
+from datatailor.progress import RunProgress
+from datatailor.recipe import Recipe
+from datatailor.runner.manifest import RunDirectory
+from datatailor.runner.result import STATUS_COMPLETE, STATUS_INTERRUPTED, STATUS_RUNNING, STATUS_SHORTFALL, RunResult
+from datatailor.runner.rounds import run_rounds, shortfall
+from datatailor.runner.stage_exec import StageExecution, build_stage, stage_dir
+from datatailor.stages import Stage
+from datatailor.errors import UserError
+
+
+class Runner(StageExecution):
+    def __init__(
+        self,
+        recipe: Recipe,
+        out_dir: Path,
+        *,
+        force: bool = False,
+        progress: RunProgress | None = None,
+        cache: RequestCache | None = None,
+        executor: Any = None,
+    ):
+        self.recipe = recipe
+        self.executor = executor  # None: every stage in this process; else e.g. executors.ray_executor.RayExecutor
+        self.out = Path(out_dir)
+        self.force = force
+        self.progress = progress or RunProgress(enabled=False)
+        self.run_dir = RunDirectory(recipe, self.out)
+        self._cache = cache
+        self._stop: RunAbort | None = None
+        self._deficits: dict[int, int] = {}  # extra round -> how many pairs the run was short before it
+
+    def stage_dir(self, index: int) -> Path:
+        return stage_dir(self.recipe, self.out, index)
+
+    async def run(self) -> RunResult:
+        from datatailor.runner import contract_problems, recipe_input
+
+        # 1. A bad input file or a stage order that cannot work fails before anything in --out is touched or spent.
+        records = recipe_input(self.recipe)
+        problems = contract_problems(self.recipe, records)  # also reads the whole input once: a bad line fails here
+        if problems:
+            raise UserError("the recipe cannot work; nothing was run:\n  " + "\n  ".join(problems))
+        # 2. A stage's configuration error (e.g. no budget_pairs for codec.decode) fails before the folder is touched.
+        stages = [build_stage(self.recipe, self.out, i) for i in range(len(self.recipe.stages))]
+        previous = self.run_dir.prepare(self.force)
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_json(self.out / "recipe.json", self.recipe.to_json())
+        # 3. "running" marks the folder as ours at once; a killed run leaves it so, and is resumed.
+        self.run_dir.write_manifest(STATUS_RUNNING, "in progress (if no process is running, it was killed: re-run to resume)",
+                                    [], previous, started, count=False)
+        self.ledger = ledger = self._ledger()
+        cache = self._cache
+        if cache is None and self.recipe.cache is not False:
+            cache = RequestCache(None if self.recipe.cache is True else self.recipe.resolve(str(self.recipe.cache)))
+        pool = self._bind_models(stages, ledger, cache)
+
+        # 4. The stages, in rounds.
+        summaries: list[dict[str, Any]] = []
+        status, message, rounds = STATUS_COMPLETE, "", 1
+        try:
+            with self.progress:
+                records, summaries, rounds = await run_rounds(self, records, stages)
+        except RunAbort as abort:
+            status, message = abort.status, str(abort)
+        except BaseException as exc:
+            # Ctrl-C, a user error met mid-run (e.g. a missing model file) or a bug: record why,
+            # keep the checkpoints, and leave the folder resumable by the same command.
+            interrupted = isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError))
+            message = "interrupted by the user" if interrupted else f"stopped by an error: {exc}"
+            self.run_dir.finish(STATUS_INTERRUPTED, message, summaries, previous, started, ledger, None)
+            await pool.aclose()
+            raise
+        finally:
+            if cache is not None and self._cache is None:
+                cache.close()
+            if self.executor is not None:
+                self.executor.close()
+        await pool.aclose()
+
+        # 5. The results.
+        missing = None
+        if status == STATUS_COMPLETE:
+            missing = shortfall(records, summaries, self.recipe.budget_pairs, rounds)
+            if missing is not None:
+                status, message = STATUS_SHORTFALL, missing["message"]
+        final = records if status in (STATUS_COMPLETE, STATUS_SHORTFALL) else None
+        return self.run_dir.finish(status, message, summaries, previous, started, ledger, final, missing, rounds)
+
+    def _ledger(self) -> UsageLedger:
+        """This invocation's usage ledger, carrying the totals of the earlier invocations of the same run."""
+        usage_path = self.out / "usage.json"
+        prev = json.loads(usage_path.read_text()) if usage_path.exists() else {}
+        return UsageLedger(UsageLedger.previous_from_json(prev), self.recipe.budget, UsageLedger.previous_stages_from_json(prev))
+
+    def _bind_models(self, stages: list[Stage], ledger: UsageLedger, cache: RequestCache | None) -> ModelPool:
+        pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed)
+        for stage in stages:
+            stage.ctx.models = pool
+        self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))])
+        return pool
+
+    def save_usage(self) -> None:
+        write_json(self.out / "usage.json", self.ledger.as_json())
+
+
+async def run_recipe(recipe: Recipe, out_dir: str | Path, *, force: bool = False, show_progress: bool | None = None,
+                     cache: RequestCache | None = None, executor: Any = None) -> RunResult:
+    progress = RunProgress(enabled=show_progress)
+    return await Runner(recipe, Path(out_dir), force=force, progress=progress, cache=cache, executor=executor).run()
+
+
+def run_recipe_sync(recipe: Recipe, out_dir: str | Path, **kwargs: Any) -> RunResult:
+    return asyncio.run(run_recipe(recipe, out_dir, **kwargs))
