@@ -28,34 +28,20 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from datatailor.errors import UserError
 from datatailor.stages.teams.env import EPISODE_LENGTH, OPERATIONS, Call, EvolCore, Observer, bias_vector
+from datatailor.stages.teams.options import PolicyOptions
 
 LOG_FILE = "training_log.csv"
 CURVE_FILE = "training_curve.png"
 CHECKPOINTS = "checkpoints"
 LOG_FIELDS = ["update", "timesteps", "episodes", "mean_episode_reward", "kl", "policy_objective", "value_loss",
               "line_search_success", *(f"share_{op}" for op in OPERATIONS), "seconds"]
-
-
-class PolicyOptions(BaseModel):
-    """What a user chooses about the policy's training; `teams.train` takes these fields as they are."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    updates: int = Field(200, ge=1, description="TRPO updates (the official code: 200).")
-    n_envs: int = Field(4, ge=1, description="Episodes per update, stepped concurrently (the official code: 1).")
-    observation: Literal["faithful", "informative"] = Field(
-        "faithful", description="faithful: the paper's one-hot of the last operation; informative: an embedding of the instruction and the step."
-    )
-    embedder: Literal["minilm", "hashing"] = Field("minilm", description="informative mode: all-MiniLM-L6-v2, or a hashing bag of words (no model).")
-    breadth_bias: float = Field(0.3, description="Added to the breadth component before the argmax during training (the official code: +0.3).")
-    chain: bool = Field(False, description="The official code's single never-reset chain of rewrites instead of episodes from seeds.")
 
 
 class RLSettings(PolicyOptions):

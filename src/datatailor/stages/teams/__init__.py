@@ -7,6 +7,8 @@ next; a reviewer's judgement that a rewrite is "Not Equal" to its source is the 
             environment (the `rl` extra: gymnasium, stable-baselines3, sb3-contrib).
 * `stages`  `teams.train` (TRPO with sb3-contrib, checkpoints and resume; see train/rl.py) and `teams.generate`
             (evolve seeds with the policy or the official schedule, WizardLM's elimination checks, fresh expert answers).
+* `options` the policy options a user chooses (shared by `teams.train`'s config and train/rl.py, so neither imports
+            the other at module level).
 * `data`    the `teams_rl` record namespace.
 
 The run's report: `report/teams.py` (training curve, action distributions, query accounting).

@@ -16,8 +16,8 @@ from datatailor.stages.base import RECORD_VARIABLES, BatchResult, BatchStage, Ma
 from datatailor.stages.contract import Contract
 from datatailor.stages.evolve import evolve, is_equal, is_only_punctuation_and_stop_words, is_sorry_and_short, leaked_phrase
 from datatailor.stages.teams.data import TeamsData
-from datatailor.train.rl import PolicyOptions
 from datatailor.stages.teams.env import EPISODE_LENGTH, N_ACTIONS, OPERATIONS, EvolCore, bias_vector, decode_action
+from datatailor.stages.teams.options import PolicyOptions
 
 TRAIN_FOLDER = "policy"  # inside the teams.train stage's folder
 
