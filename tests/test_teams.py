@@ -263,8 +263,9 @@ def test_elimination_undoes_rewrites_the_reviewer_calls_equal(tmp_path: Path) ->
     assert len({r["metadata"]["teams_rl"]["seed_id"] for r in data}) + len(failures) == 4  # every seed accounted for
     for r in data:
         ns = r["metadata"]["teams_rl"]
-        for op, why in zip(ns["ops"], ns["eliminated"]):
+        for op, why, verdict in zip(ns["ops"], ns["eliminated"], ns["rewards"]):
             assert (why is None) == (op == "deepening"), ns  # only [A]'s good operation survives the reviewer
+            assert verdict == (1.0 if op == "deepening" else 0.0), ns  # the reviewer's own verdict, step by step
         assert r["instruction"].count("(deepening)") == sum(1 for why in ns["eliminated"] if why is None)
     assert all(f["kind"] == "eliminated" for f in failures)
 
@@ -292,3 +293,21 @@ def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
     # the resumed run made only the remaining updates' calls: 2 envs × 6 steps × 2 calls each
     requests = json.loads((out / "usage.json").read_text())["run"]["all"]["requests"]
     assert requests == (16 - summary["resumed_from"]) * 2 * 6 * 2
+
+
+def test_without_the_checks_no_reward_is_recorded(tmp_path: Path) -> None:
+    stages = [{"type": "teams.generate", "schedule": "random", "keep": "all", "elimination": False}]
+    REVIEWS.clear()
+    world = {**WORLD, "reviewer": {**WORLD["reviewer"], "handler": "tests.test_teams:counting_reviewer"}}
+    run_recipe_sync(parse_recipe({**recipe(tmp_path, stages), "models": world}, "t", tmp_path), tmp_path / "out", show_progress=False)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert len(data) == 4 * 6 and not REVIEWS  # nobody was asked ...
+    assert all(r["metadata"]["teams_rl"]["rewards"] == [None] * (r["metadata"]["teams_rl"]["step"]) for r in data)  # ... so no verdict
+
+
+REVIEWS: list[CompletionRequest] = []
+
+
+def counting_reviewer(request: CompletionRequest) -> str:
+    REVIEWS.append(request)
+    return reviewer(request)

@@ -15,7 +15,10 @@ class TeamsData(Namespace):
     seed_instruction: str
     step: int = Field(description="Which step of the seed's 6-step episode produced this instruction (1-based).")
     ops: list[str] = Field(default_factory=list, description="The operations applied, step by step, up to this one.")
-    rewards: list[float] = Field(default_factory=list, description="The reviewer's verdict per step: 1 not equal, 0 equal or eliminated.")
+    rewards: list[float | None] = Field(
+        default_factory=list, description="The reviewer's verdict per step: 1 not equal, 0 equal; None when no reviewer was "
+        "asked (elimination off, a rewrite that did not parse, or one eliminated for copying the prompt's words).",
+    )
     eliminated: list[str | None] = Field(default_factory=list, description="Per step: why the rewrite was eliminated, or None.")
     schedule: str
     policy: str | None = None

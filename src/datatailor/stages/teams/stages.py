@@ -171,17 +171,20 @@ class Generate(MapStage[GenerateConfig]):
         obs[vector.shape[0] + min(step, EPISODE_LENGTH - 1)] = 1.0
         return obs
 
-    async def _check(self, previous: str, evolved: str, key: Any, events: list[LineageEvent]) -> str | None:
-        """WizardLM's checks 4 (copied template words) and 1 (no information gain); the reason, or None."""
+    async def _check(self, previous: str, evolved: str, key: Any, events: list[LineageEvent]) -> tuple[float | None, str | None]:
+        """WizardLM's checks 4 (copied template words) and 1 (no information gain): the reviewer's verdict (1 not
+        equal, 0 equal, None when it was not asked or did not parse) and the elimination reason, or None."""
         if phrase := leaked_phrase(evolved):
-            return f"copies the template phrase {phrase!r}"
+            return None, f"copies the template phrase {phrase!r}"
         try:
             equal = await is_equal(self.ctx.model(self.config.reviewer_role), previous, evolved, seed_key=(key, "review"),
                                    base_dir=self.ctx.base_dir, stage=self.name)
         except ParseFailure as exc:
-            return f"the information-gain check did not parse ({exc})"
+            return None, f"the information-gain check did not parse ({exc})"
         events.append(equal.event(self.name, decision="equal" if equal.value else "not_equal"))
-        return "no information gain: judged equal to the previous instruction" if equal.value else None
+        if equal.value:
+            return 0.0, "no information gain: judged equal to the previous instruction"
+        return 1.0, None
 
     async def _answer(self, record: Record, instruction: str, key: Any, events: list[LineageEvent]) -> str | None:
         asked = record.model_copy(update={"instruction": instruction, "input": "", "response": None})
@@ -199,7 +202,7 @@ class Generate(MapStage[GenerateConfig]):
         cfg = self.config
         current, last_op = record.prompt, None
         ops: list[str] = []
-        rewards: list[float] = []
+        rewards: list[float | None] = []  # the reviewer's verdicts; None: no reviewer was asked
         eliminated: list[str | None] = []
         kept: list[tuple[int, str, str, int]] = []  # (step, instruction, answer, events so far)
         events: list[LineageEvent] = []
@@ -212,18 +215,19 @@ class Generate(MapStage[GenerateConfig]):
                 gen = await evolve(self.ctx.model(cfg.rewriter_role), current, OPERATIONS[op], seed_key=(key, "rewrite"),
                                    base_dir=self.ctx.base_dir, stage=self.name, temperature=cfg.rewriter_temperature)
             except ParseFailure as exc:
-                rewards.append(0.0)
+                rewards.append(None)
                 eliminated.append(f"no instruction in the rewrite ({exc})")
                 continue
             last_op = op
             events.append(gen.event(self.name, decision="evolved", op=OPERATIONS[op], step=step + 1))
-            reason = await self._check(current, gen.value, key, events) if cfg.elimination else None
+            # no reviewer asked with the checks off: no verdict (None), never a reward of 1 nobody gave
+            verdict, reason = await self._check(current, gen.value, key, events) if cfg.elimination else (None, None)
             answer = None
             if reason is None and (cfg.keep == "all" or step == cfg.steps - 1):
                 answer = await self._answer(record, gen.value, key, events)
                 if answer is None and cfg.elimination:
                     reason = "the expert's answer is unusable (empty, cut off, a short 'sorry' or only stop words)"
-            rewards.append(0.0 if reason else 1.0)
+            rewards.append(verdict)
             eliminated.append(reason)
             if reason:
                 events.append(LineageEvent(stage=self.name, decision="eliminated", reason=reason, details={"step": step + 1}))
