@@ -5,28 +5,30 @@ The Python API (see `datatailor.api` and the README):
     import datatailor as dt
     run = dt.run(dt.load_recipe("examples/quickstart.yaml"), "runs/quickstart")
     run.records, run.failures, run.usage, run.to_pandas(), run.to_dataset()
-    dt.evaluate(...), dt.compare(...), dt.train(...)
+    dt.evaluate(...), dt.compare(...), dt.train(...), dt.bakeoff(...)
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Record", "Recipe", "RunOutput", "UserError", "compare", "evaluate", "load_recipe", "load_run", "recipe_from_dict",
+    "Record", "Recipe", "RunOutput", "UserError", "bakeoff", "compare", "evaluate", "load_recipe", "load_run", "recipe_from_dict",
     "run", "run_async", "train", "__version__",
 ]
 
 if TYPE_CHECKING:
-    from datatailor.api import RunOutput, compare, evaluate, load_run, recipe_from_dict, run, run_async, train
+    from datatailor.api import RunOutput, bakeoff, compare, evaluate, load_run, recipe_from_dict, run, run_async, train
     from datatailor.errors import UserError
     from datatailor.recipe import Recipe, load_recipe
     from datatailor.records import Record
 
 _LAZY = {
-    "RunOutput": "datatailor.api", "compare": "datatailor.api", "evaluate": "datatailor.api", "load_run": "datatailor.api",
+    "RunOutput": "datatailor.api", "bakeoff": "datatailor.api", "compare": "datatailor.api", "evaluate": "datatailor.api", "load_run": "datatailor.api",
     "recipe_from_dict": "datatailor.api", "run": "datatailor.api", "run_async": "datatailor.api", "train": "datatailor.api",
     "UserError": "datatailor.errors", "Recipe": "datatailor.recipe", "load_recipe": "datatailor.recipe",
     "Record": "datatailor.records",
@@ -40,3 +42,17 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'datatailor' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`dt.evaluate`, `dt.train` and `dt.bakeoff` are API functions named like subpackages (`datatailor.evaluate`, …).
+    Importing a subpackage sets it as an attribute of this package, which would hide the function for good; the
+    function keeps the name (the subpackages import as usual: `from datatailor.evaluate import metrics`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -3,7 +3,7 @@
     import datatailor as dt
 
     recipe = dt.load_recipe("examples/quickstart.yaml")   # or dt.recipe_from_dict({...})
-    run = dt.run(recipe, "runs/quickstart")               # resumes like `datatailor run`
+    run = dt.run(recipe, out="runs/quickstart")           # resumes like `datatailor run`
     print(run.status, len(run.records), run.usage["all"]["cost_usd"])
     df = run.to_pandas()                                  # or run.to_dataset() (HF datasets)
 
@@ -11,6 +11,11 @@
                      reference="local:qwen2.5-coder-0.5b-instruct", judge="local:qwen2.5-coder-0.5b-instruct", limit=4)
     dt.compare(["runs/a", "runs/b"], out="report.html")
     dt.train("runs/quickstart", base="local:gemma-3-270m", out="runs/tuned", epochs=1)
+    dt.bakeoff("examples/bakeoff/local.yaml", out="runs/bakeoff")
+
+The output folder (or file) is `out` in every function, as `--out` on the command line (`out_dir`, the old name
+in `run`, `run_async` and `load_run`, still works for one release and warns). The blocking functions also work
+inside a running event loop (a Jupyter cell): they run on a worker thread with a loop of their own.
 
 Every function returns plain Python objects (pydantic records, dicts) and raises `datatailor.UserError` for a
 mistake the user can fix (the CLI's exit code 2).
@@ -19,14 +24,81 @@ mistake the user can fix (the CLI's exit code 2).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from datatailor.errors import UserError
 from datatailor.records import Record
 from datatailor.recipe import Recipe, load_recipe, parse_recipe
+
+T = TypeVar("T")
+# After Ctrl-C, how long a worker-thread call gets to write its checkpoints and stop.
+_INTERRUPT_GRACE_S = 60.0
+
+
+def _out_folder(function: str, out: str | Path | None, out_dir: str | Path | None) -> Path:
+    """`out`, or the deprecated `out_dir` keyword (with a DeprecationWarning); exactly one of them."""
+    if out_dir is not None:
+        if out is not None:
+            raise TypeError(f"{function}() got both `out` and `out_dir`; pass `out` only")
+        warnings.warn(f"{function}(out_dir=...) is deprecated and will be removed in the next release; use out=...",
+                      DeprecationWarning, stacklevel=3)
+        return Path(out_dir)
+    if out is None:
+        raise TypeError(f"{function}() needs the output folder: out=...")
+    return Path(out)
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _blocking(call: Callable[[], T]) -> T:
+    """Run `call` (which may use `asyncio.run`) to completion from synchronous code.
+
+    Where this thread already runs an event loop (a Jupyter cell, an async application), `asyncio.run` would
+    refuse, so `call` runs on a worker thread, which gets a loop of its own, while this thread waits. Ctrl-C while
+    waiting is passed on to the worker (the run records itself as interrupted and keeps its checkpoints), then
+    raised here.
+    """
+    if not _in_running_loop():
+        return call()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            box["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="datatailor-api", daemon=True)
+    worker.start()
+    # Waits on an Event, not Thread.join: a join interrupted by Ctrl-C can report a live thread as finished.
+    try:
+        while not done.wait(0.2):  # short waits keep this thread interruptible
+            pass
+    except KeyboardInterrupt:
+        if worker.ident is not None and not done.is_set():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(worker.ident), ctypes.py_object(KeyboardInterrupt))
+        if not done.wait(_INTERRUPT_GRACE_S):
+            warnings.warn(f"the interrupted datatailor call did not stop within {_INTERRUPT_GRACE_S:.0f} s; "
+                          "it goes on in the background", RuntimeWarning, stacklevel=2)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def recipe_from_dict(data: dict[str, Any], base_dir: str | Path | None = None) -> Recipe:
@@ -38,7 +110,7 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path | None = None) -
 class RunOutput:
     """A run directory's results: the records, the failure rows, usage and the manifest."""
 
-    out_dir: Path
+    out: Path
     status: str
     message: str = ""
     records: list[Record] = field(default_factory=list)
@@ -50,6 +122,13 @@ class RunOutput:
     @property
     def complete(self) -> bool:
         return self.status == "complete"
+
+    @property
+    def out_dir(self) -> Path:
+        """Deprecated name of `out`."""
+        warnings.warn("RunOutput.out_dir is deprecated and will be removed in the next release; use .out",
+                      DeprecationWarning, stacklevel=2)
+        return self.out
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per record: instruction, input, response, id, and the metadata as a column."""
@@ -76,11 +155,11 @@ class RunOutput:
         return Dataset.from_list(rows) if rows else Dataset.from_dict({k: [] for k in ("id", "instruction", "input", "response", "metadata")})
 
 
-def load_run(out_dir: str | Path) -> RunOutput:
+def load_run(out: str | Path | None = None, *, out_dir: str | Path | None = None) -> RunOutput:
     """Read a run directory written by `datatailor run` or `dt.run`."""
     from datatailor.io import read_jsonl_rows, read_records
 
-    out = Path(out_dir)
+    out = _out_folder("load_run", out, out_dir)
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{out} is not a datatailor run directory (no manifest.json)")
@@ -94,33 +173,36 @@ def load_run(out_dir: str | Path) -> RunOutput:
 
 def run(
     recipe: Recipe | str | Path | dict[str, Any],
-    out_dir: str | Path,
+    out: str | Path | None = None,
     *,
     force: bool = False,
     progress: bool = False,
     cache: bool = True,
+    out_dir: str | Path | None = None,
 ) -> RunOutput:
-    """Run (or resume) a recipe into `out_dir`, as `datatailor run` does, and return what it wrote.
+    """Run (or resume) a recipe into the folder `out`, as `datatailor run --out` does, and return what it wrote.
 
     `recipe` is a Recipe, a YAML path or a dict. `cache=False` neither reads nor writes the request cache.
     A run stopped by its budget, a dead server or a broken stage returns with that `status` (and `message`);
-    its checkpoints are kept and calling `run` again resumes it. Inside a running event loop (Jupyter),
-    use `await run_async(...)` instead.
+    its checkpoints are kept and calling `run` again resumes it. Works in a Jupyter cell too (it then runs on a
+    worker thread); `await run_async(...)` is the non-blocking form. `out_dir` is the deprecated name of `out`.
     """
-    return asyncio.run(run_async(recipe, out_dir, force=force, progress=progress, cache=cache))
+    folder = _out_folder("run", out, out_dir)
+    return _blocking(lambda: asyncio.run(run_async(recipe, folder, force=force, progress=progress, cache=cache)))
 
 
 async def run_async(
-    recipe: Recipe | str | Path | dict[str, Any], out_dir: str | Path, *, force: bool = False, progress: bool = False,
-    cache: bool = True,
+    recipe: Recipe | str | Path | dict[str, Any], out: str | Path | None = None, *, force: bool = False,
+    progress: bool = False, cache: bool = True, out_dir: str | Path | None = None,
 ) -> RunOutput:
-    """`run` for code that already runs an event loop (e.g. a Jupyter cell: `await dt.run_async(...)`)."""
+    """`run` as a coroutine, for code that runs an event loop of its own (`await dt.run_async(recipe, out=...)`)."""
     from datatailor.runner import run_recipe
 
+    folder = _out_folder("run_async", out, out_dir)
     r = _as_recipe(recipe)
     if not cache:
         r.cache = False
-    result = await run_recipe(r, out_dir, force=force, show_progress=progress)
+    result = await run_recipe(r, folder, force=force, show_progress=progress)
     return load_run(result.out_dir)
 
 
@@ -160,7 +242,7 @@ def evaluate(
         reference=None if reference == "stored" else _model(reference), rule=rule, limit=limit,  # type: ignore[arg-type]
         seed=seed, answer_max_tokens=max_tokens, base_dir=Path.cwd(), cache=cache, scoring=scoring,
     )
-    result, summary = run_eval(plan, Path(out), force=force, show_progress=False)
+    result, summary = _blocking(lambda: run_eval(plan, Path(out), force=force, show_progress=False))
     if summary is None:
         raise UserError(f"evaluation stopped ({result.status}): {result.message}; call evaluate() again to resume")
     return summary
@@ -195,5 +277,27 @@ def train(data: str | Path, *, base: str, out: str | Path, force: bool = False, 
     from datatailor.train.sft_config import load_train_config
 
     config = load_train_config(None, settings)
-    report = train_sft(Path(data), base, Path(out), config, force=force, limit=limit, progress=sys.stderr if progress else None)
+    report = _blocking(lambda: train_sft(Path(data), base, Path(out), config, force=force, limit=limit,
+                                         progress=sys.stderr if progress else None))
     return report.model_dump(mode="json")
+
+
+def bakeoff(config: str | Path, out: str | Path, *, plan: bool = False, force: bool = False,
+            progress: bool = False) -> dict[str, Any]:
+    """Run (or continue) a bake-off into the folder `out`, as `datatailor bakeoff CONFIG --out OUT` does.
+
+    Returns the report's numbers (also written to `out/bakeoff_report.{json,md,html}`). With `plan=True` nothing
+    runs: everything is checked and the projected calls and cost come back instead (`--plan`). A method that fell
+    short of `budget_pairs` is marked `short` in the report's `methods`.
+    """
+    import sys
+
+    from datatailor.bakeoff.config import load_bakeoff
+    from datatailor.bakeoff.projection import project
+    from datatailor.bakeoff.run import prepare, run_bakeoff
+
+    cfg = load_bakeoff(Path(config))
+    if plan:
+        return project(prepare(cfg, Path(out), force=force))
+    # one log line per step on stderr, as the command prints (a bake-off runs for tens of minutes)
+    return _blocking(lambda: run_bakeoff(cfg, Path(out), force=force, progress=progress, log_stream=sys.stderr))
