@@ -263,11 +263,87 @@ def test_elimination_undoes_rewrites_the_reviewer_calls_equal(tmp_path: Path) ->
     assert len({r["metadata"]["teams_rl"]["seed_id"] for r in data}) + len(failures) == 4  # every seed accounted for
     for r in data:
         ns = r["metadata"]["teams_rl"]
+        assert len(ns["ops"]) == len(ns["rewards"]) == len(ns["eliminated"]) == 6  # the whole episode, on every pair
         for op, why, verdict in zip(ns["ops"], ns["eliminated"], ns["rewards"]):
             assert (why is None) == (op == "deepening"), ns  # only [A]'s good operation survives the reviewer
             assert verdict == (1.0 if op == "deepening" else 0.0), ns  # the reviewer's own verdict, step by step
-        assert r["instruction"].count("(deepening)") == sum(1 for why in ns["eliminated"] if why is None)
+        assert r["instruction"].count("(deepening)") == sum(1 for why in ns["eliminated"][: ns["step"]] if why is None)
     assert all(f["kind"] == "eliminated" for f in failures)
+
+
+def depth_reviewer(request: CompletionRequest) -> str:
+    """Not Equal for the first two rewrites that stick; every deeper one is Equal (so steps 3 to 6 are eliminated)."""
+    return "Equal" if len(re.findall(r"\((\w+)\)", request.variables["second"])) >= 3 else "Not Equal"
+
+
+def sorry_at_depth_2(request: CompletionRequest) -> str:
+    """The expert: rewrites as usual, but cannot answer an instruction rewritten twice (a short 'sorry')."""
+    if request.template == "respond.j2" and len(re.findall(r"\((\w+)\)", request.variables["instruction"])) == 2:
+        return "Sorry, I cannot."
+    return expert(request)
+
+
+def generate_with(tmp_path: Path, name: str, keep: str, expert_handler: str = "expert", **stage: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    world = {**WORLD, "reviewer": {**WORLD["reviewer"], "handler": "tests.test_teams:depth_reviewer"},
+             "expert": {**WORLD["expert"], "handler": f"tests.test_teams:{expert_handler}"}}
+    stages = [{"type": "teams.generate", "schedule": "random", "keep": keep, "elimination": True, **stage}]
+    result = run_recipe_sync(parse_recipe({**recipe(tmp_path, stages), "models": world}, "t", tmp_path), tmp_path / name, show_progress=False)
+    assert result.status == "complete", result.message
+    return read_jsonl(tmp_path / name / "data.jsonl"), read_jsonl(tmp_path / name / "failures.jsonl")
+
+
+def test_keep_last_keeps_the_last_surviving_step_when_the_final_one_is_eliminated(tmp_path: Path) -> None:
+    every, _ = generate_with(tmp_path, "all", "all")
+    last, failures = generate_with(tmp_path, "last", "last")
+    assert len(every) == 2 * 4 and {r["metadata"]["teams_rl"]["step"] for r in every} == {1, 2}  # steps 3-6 eliminated
+    # one pair per seed, never a lost seed: the last step that survived (step 2), as keep: all's last pair of that seed
+    assert not failures and len(last) == 4
+    final_of_all = {r["metadata"]["teams_rl"]["seed_id"]: (r["instruction"], r["response"]) for r in every if r["metadata"]["teams_rl"]["step"] == 2}
+    assert {r["metadata"]["teams_rl"]["seed_id"]: (r["instruction"], r["response"]) for r in last} == final_of_all
+    for r in last:
+        ns = r["metadata"]["teams_rl"]
+        assert ns["step"] == 2 and ns["eliminated"][:2] == [None, None] and all(ns["eliminated"][2:])
+        assert ns["rewards"] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    # the answer of the last surviving step is unusable: that step is eliminated too, and the one before it is kept
+    fallback, failures = generate_with(tmp_path, "fallback", "last", "sorry_at_depth_2")
+    assert not failures and len(fallback) == 4
+    for r in fallback:
+        ns = r["metadata"]["teams_rl"]
+        assert ns["step"] == 1 and r["instruction"].count("(") == 1 and "unusable" in ns["eliminated"][1]
+        assert r["response"].startswith("A fresh expert answer to:")
+
+
+def test_without_the_checks_no_reward_is_recorded(tmp_path: Path) -> None:
+    stages = [{"type": "teams.generate", "schedule": "random", "keep": "all", "elimination": False}]
+    REVIEWS.clear()
+    world = {**WORLD, "reviewer": {**WORLD["reviewer"], "handler": "tests.test_teams:counting_reviewer"}}
+    run_recipe_sync(parse_recipe({**recipe(tmp_path, stages), "models": world}, "t", tmp_path), tmp_path / "out", show_progress=False)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert len(data) == 4 * 6 and not REVIEWS  # nobody was asked ...
+    assert all(r["metadata"]["teams_rl"]["rewards"] == [None] * 6 for r in data)  # ... so no verdict, never a 1.0
+
+
+REVIEWS: list[CompletionRequest] = []
+
+
+def counting_reviewer(request: CompletionRequest) -> str:
+    REVIEWS.append(request)
+    return reviewer(request)
+
+
+def test_episodes_per_seed_start_again_from_the_seed(tmp_path: Path) -> None:
+    one = {"type": "teams.generate", "schedule": "random", "keep": "all", "elimination": False}
+    run_recipe_sync(parse_recipe(recipe(tmp_path, [one]), "t", tmp_path), tmp_path / "one", show_progress=False)
+    run_recipe_sync(parse_recipe(recipe(tmp_path, [{**one, "episodes_per_seed": 3}]), "t", tmp_path), tmp_path / "three", show_progress=False)
+    single, triple = read_jsonl(tmp_path / "one" / "data.jsonl"), read_jsonl(tmp_path / "three" / "data.jsonl")
+    assert len(single) == 4 * 6 and len(triple) == 3 * 4 * 6 and len({r["id"] for r in triple}) == len(triple)
+    first = [r for r in triple if r["metadata"]["teams_rl"]["episode"] == 0]
+    assert [(r["id"], r["instruction"]) for r in first] == [(r["id"], r["instruction"]) for r in single]  # same ids as before
+    for r in triple:
+        ns = r["metadata"]["teams_rl"]
+        assert r["instruction"].startswith(ns["seed_instruction"]) and r["instruction"].count("(") == ns["step"]  # from the seed
+    ops = {ns["episode"]: tuple(ns["ops"]) for r in triple if (ns := r["metadata"]["teams_rl"])["seed_id"] == triple[0]["metadata"]["teams_rl"]["seed_id"]}
+    assert len(set(ops.values())) == 3  # each episode draws its own operations
 
 
 def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
@@ -293,21 +369,3 @@ def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
     # the resumed run made only the remaining updates' calls: 2 envs × 6 steps × 2 calls each
     requests = json.loads((out / "usage.json").read_text())["run"]["all"]["requests"]
     assert requests == (16 - summary["resumed_from"]) * 2 * 6 * 2
-
-
-def test_without_the_checks_no_reward_is_recorded(tmp_path: Path) -> None:
-    stages = [{"type": "teams.generate", "schedule": "random", "keep": "all", "elimination": False}]
-    REVIEWS.clear()
-    world = {**WORLD, "reviewer": {**WORLD["reviewer"], "handler": "tests.test_teams:counting_reviewer"}}
-    run_recipe_sync(parse_recipe({**recipe(tmp_path, stages), "models": world}, "t", tmp_path), tmp_path / "out", show_progress=False)
-    data = read_jsonl(tmp_path / "out" / "data.jsonl")
-    assert len(data) == 4 * 6 and not REVIEWS  # nobody was asked ...
-    assert all(r["metadata"]["teams_rl"]["rewards"] == [None] * (r["metadata"]["teams_rl"]["step"]) for r in data)  # ... so no verdict
-
-
-REVIEWS: list[CompletionRequest] = []
-
-
-def counting_reviewer(request: CompletionRequest) -> str:
-    REVIEWS.append(request)
-    return reviewer(request)

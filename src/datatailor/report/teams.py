@@ -49,11 +49,10 @@ def build_teams_report(run_dir: Path) -> dict[str, Any]:
     data = [r for r in read_journal(run_dir / "data.jsonl") if _ns(r)]
     log = _training_log(run_dir, manifest)
     per_step: dict[int, Counter[str]] = {}
-    for r in data:
-        ns = _ns(r)
-        if ns["step"] == len(ns["ops"]):  # count each episode's operations once, from its last kept pair
-            for t, op in enumerate(ns["ops"]):
-                per_step.setdefault(t + 1, Counter())[op] += 1
+    episodes = {(_ns(r)["seed_id"], _ns(r).get("episode", 0)): _ns(r)["ops"] for r in data}  # every pair carries its episode's ops
+    for ops in episodes.values():  # so each episode is counted once, however many of its steps were kept
+        for t, op in enumerate(ops):
+            per_step.setdefault(t + 1, Counter())[op] += 1
     seeds = {_ns(r)["seed_id"] for r in data}
     overall: Counter[str] = Counter()
     for counts in per_step.values():

@@ -13,8 +13,10 @@ class TeamsData(Namespace):
 
     seed_id: str
     seed_instruction: str
-    step: int = Field(description="Which step of the seed's 6-step episode produced this instruction (1-based).")
-    ops: list[str] = Field(default_factory=list, description="The operations applied, step by step, up to this one.")
+    episode: int = Field(0, description="Which of the seed's episodes (0-based; see teams.generate's episodes_per_seed).")
+    step: int = Field(description="Which step of the episode produced this instruction (1-based).")
+    ops: list[str] = Field(default_factory=list, description="The operation chosen at each step of the episode (every step, "
+                           "also those after this pair's and the eliminated ones).")
     rewards: list[float | None] = Field(
         default_factory=list, description="The reviewer's verdict per step: 1 not equal, 0 equal; None when no reviewer was "
         "asked (elimination off, a rewrite that did not parse, or one eliminated for copying the prompt's words).",

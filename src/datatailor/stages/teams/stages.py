@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,7 +93,14 @@ class GenerateConfig(StageConfig):
             "breadth elsewhere becomes add constraints); policy: the trained policy alone; random: a uniform choice (a baseline)."
         ),
     )
-    keep: Literal["all", "last"] = Field("all", description="all: each step's instruction is a pair (the official logs keep all 6); last: only the final one.")
+    keep: Literal["all", "last"] = Field(
+        "all", description="all: each step's instruction is a pair (the official logs keep all 6); last: only the last step "
+        "that survived the checks and was answered (an eliminated final step falls back to the one before).",
+    )
+    episodes_per_seed: int = Field(
+        1, ge=1, description="Episodes per seed, each from the seed itself (the official code: 1, over 52K Alpaca seeds). "
+        "A few seeds and a large budget need more: at most seeds × episodes × steps pairs (keep: all).",
+    )
     elimination: bool = Field(True, description="WizardLM's elimination checks on every step (an eliminated rewrite is undone).")
     rewriter_temperature: float | None = Field(0.7, description="The official generation code's expert: 0.7 (top_p 0.95).")
     respond_template: str = "respond.j2"
@@ -137,10 +145,10 @@ class Generate(MapStage[GenerateConfig]):
             self._policy = (model, normaliser, str(path))
         return self._policy
 
-    def choose(self, record: Record, step: int, last_op: int | None, instruction: str) -> int:
+    def choose(self, record: Record, step: int, last_op: int | None, instruction: str, episode: int = 0) -> int:
         """The operation of `step` (0-based), sampled with a per-record, per-step seed (so it does not depend on timing)."""
         cfg = self.config
-        rng = np.random.default_rng(self.ctx.rng(record.id, "op", step).getrandbits(32))
+        rng = np.random.default_rng(self.ctx.rng(record.id, "op", *_episode_key(episode), step).getrandbits(32))
         if cfg.schedule == "random":
             return int(rng.integers(N_ACTIONS))
         from datatailor.train.rl import action_distribution
@@ -199,60 +207,115 @@ class Generate(MapStage[GenerateConfig]):
         return None if is_sorry_and_short(text) or is_only_punctuation_and_stop_words(text) else text
 
     async def process(self, record: Record) -> list[Record]:
+        outputs: list[Record] = []
+        reasons: list[str] = []
+        events: list[LineageEvent] = []
+        for episode in range(self.config.episodes_per_seed):
+            pairs, why, episode_events = await self._episode(record, episode)
+            outputs += pairs
+            events += episode_events
+            if why:
+                reasons.append(why if self.config.episodes_per_seed == 1 else f"episode {episode + 1}: {why}")
+        if not outputs:  # every step of every episode eliminated: the seed is a failure row that says why
+            traced = record.model_copy(deep=True)
+            traced.lineage.extend(events)
+            raise RecordFailure(f"no step of the episode was kept: {' | '.join(reasons)}", kind="eliminated", record=traced)
+        return outputs
+
+    async def _episode(self, record: Record, episode: int) -> tuple[list[Record], str | None, list[LineageEvent]]:
+        """One episode from the seed: its pairs, why it has none (or None), and its lineage events."""
         cfg = self.config
         current, last_op = record.prompt, None
-        ops: list[str] = []
-        rewards: list[float | None] = []  # the reviewer's verdicts; None: no reviewer was asked
-        eliminated: list[str | None] = []
+        log = EpisodeLog(self.name)
+        survivors: list[tuple[int, str]] = []  # (step, instruction) of each step that passed the checks
         kept: list[tuple[int, str, str, int]] = []  # (step, instruction, answer, events so far)
         events: list[LineageEvent] = []
-        policy_label = None if cfg.schedule == "random" else self.policy()[2]
         for step in range(cfg.steps):
-            op = self.choose(record, step, last_op, current)
-            ops.append(OPERATIONS[op])
-            key = (self.name, record.id, step)
+            op = self.choose(record, step, last_op, current, episode)
+            log.ops.append(OPERATIONS[op])
+            key = (self.name, record.id, *_episode_key(episode), step)
             try:
                 gen = await evolve(self.ctx.model(cfg.rewriter_role), current, OPERATIONS[op], seed_key=(key, "rewrite"),
                                    base_dir=self.ctx.base_dir, stage=self.name, temperature=cfg.rewriter_temperature)
             except ParseFailure as exc:
-                rewards.append(None)
-                eliminated.append(f"no instruction in the rewrite ({exc})")
+                log.record(step, None, f"no instruction in the rewrite ({exc})", events)
                 continue
             last_op = op
             events.append(gen.event(self.name, decision="evolved", op=OPERATIONS[op], step=step + 1))
             # no reviewer asked with the checks off: no verdict (None), never a reward of 1 nobody gave
             verdict, reason = await self._check(current, gen.value, key, events) if cfg.elimination else (None, None)
             answer = None
-            if reason is None and (cfg.keep == "all" or step == cfg.steps - 1):
+            if reason is None and cfg.keep == "all":
                 answer = await self._answer(record, gen.value, key, events)
                 if answer is None and cfg.elimination:
-                    reason = "the expert's answer is unusable (empty, cut off, a short 'sorry' or only stop words)"
-            rewards.append(verdict)
-            eliminated.append(reason)
+                    reason = UNUSABLE_ANSWER
+            log.record(step, verdict, reason, events)
             if reason:
-                events.append(LineageEvent(stage=self.name, decision="eliminated", reason=reason, details={"step": step + 1}))
                 continue
             current = gen.value
+            survivors.append((step, current))
             if answer is not None:
                 kept.append((step, current, answer, len(events)))
         if cfg.keep == "last":
-            kept = kept[-1:]
-        if not kept:
-            traced = record.model_copy(deep=True)
-            traced.lineage.extend(events)
-            raise RecordFailure(f"no step of the episode was kept: {'; '.join(r for r in eliminated if r) or 'nothing answered'}",
-                                kind="eliminated", record=traced)
+            kept = await self._answer_last(record, episode, survivors, log, events)
+        why = None if kept else ("; ".join(f"step {i + 1}: {r}" for i, r in enumerate(log.eliminated) if r) or "nothing answered")
+        return self._pairs(record, episode, kept, log, events), why, events
+
+    async def _answer_last(self, record: Record, episode: int, survivors: list[tuple[int, str]], log: EpisodeLog,
+                           events: list[LineageEvent]) -> list[tuple[int, str, str, int]]:
+        """keep: last: answer the last step that survived the checks; when its answer is unusable (an elimination
+        with the checks on), the one before it, and so on, so an eliminated final step never costs the seed its work."""
+        for step, instruction in reversed(survivors):
+            key = (self.name, record.id, *_episode_key(episode), step)
+            answer = await self._answer(record, instruction, key, events)
+            if answer is not None:
+                return [(step, instruction, answer, len(events))]
+            if self.config.elimination:
+                log.eliminated[step] = UNUSABLE_ANSWER
+                log.event(step, UNUSABLE_ANSWER, events)
+        return []
+
+    def _pairs(self, record: Record, episode: int, kept: list[tuple[int, str, str, int]], log: EpisodeLog,
+               events: list[LineageEvent]) -> list[Record]:
         outputs: list[Record] = []
         start = 0
+        policy_label = None if self.config.schedule == "random" else self.policy()[2]
         for i, (step, instruction, answer, upto) in enumerate(kept):
             # Each pair carries the calls made since the previous kept pair (the last one: all that remain), so every
             # call is counted once; with keep: last the one pair carries them all.
             end = len(events) if i == len(kept) - 1 else upto
-            pair = record.child(("teams.generate", step), instruction=instruction, input="", response=answer)
-            pair.metadata = TeamsData(seed_id=record.id, seed_instruction=record.prompt, step=step + 1, ops=ops[: step + 1],
-                                      rewards=rewards[: step + 1], eliminated=eliminated[: step + 1], schedule=cfg.schedule,
+            pair = record.child(("teams.generate", *_episode_key(episode), step), instruction=instruction, input="", response=answer)
+            pair.metadata = TeamsData(seed_id=record.id, seed_instruction=record.prompt, episode=episode, step=step + 1,
+                                      ops=list(log.ops), rewards=list(log.rewards), eliminated=list(log.eliminated), schedule=self.config.schedule,
                                       policy=policy_label).stored(pair)
             pair.lineage.extend(e.model_copy(deep=True) for e in events[start:end])
             outputs.append(pair)
             start = end
         return outputs
+
+
+UNUSABLE_ANSWER = "the expert's answer is unusable (empty, cut off, a short 'sorry' or only stop words)"
+
+
+def _episode_key(episode: int) -> tuple[int, ...]:
+    """The first episode keeps the keys (ids, seeds, cache) of a stage without `episodes_per_seed`."""
+    return (episode,) if episode else ()
+
+
+@dataclass
+class EpisodeLog:
+    """Per step of one episode: the operation chosen, the reviewer's verdict (None: not asked) and why it was eliminated."""
+
+    stage: str
+    ops: list[str] = field(default_factory=list)
+    rewards: list[float | None] = field(default_factory=list)
+    eliminated: list[str | None] = field(default_factory=list)
+
+    def record(self, step: int, verdict: float | None, reason: str | None, events: list[LineageEvent]) -> None:
+        self.rewards.append(verdict)
+        self.eliminated.append(reason)
+        if reason:
+            self.event(step, reason, events)
+
+    def event(self, step: int, reason: str, events: list[LineageEvent]) -> None:
+        events.append(LineageEvent(stage=self.stage, decision="eliminated", reason=reason, details={"step": step + 1}))
