@@ -105,7 +105,27 @@ def render_reference() -> str:
     parts += ["#### Scripted rules (`rules:` items)", "", fields_table(ScriptedRule), "", "## Stages", ""]
     for type_name, stage_cls in sorted(load_all().items()):
         parts += [f"### `type: {type_name}`", "", _doc(stage_cls), "", *contract_lines(stage_cls), "", fields_table(stage_cls.Config), ""]
+    parts += _train_and_bakeoff_reference()
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _train_and_bakeoff_reference() -> list[str]:
+    """The settings files of `datatailor train --config` and `datatailor bakeoff`."""
+    from datatailor.bakeoff.config import BakeoffConfig, EvalSpec, MethodSpec, TrainSpec
+    from datatailor.train.sft_config import PRESETS, TrainConfig
+
+    presets = ["| preset | settings |", "|---|---|"]
+    presets += [f"| `{name}` | " + ", ".join(f"`{k}: {v!r}`" for k, v in values.items()) + " |" for name, values in PRESETS.items()]
+    return [
+        "## Training settings (`datatailor train --config`, `train.settings` of a bake-off)", "",
+        _doc(TrainConfig), "", fields_table(TrainConfig), "",
+        "### Presets", "", "A preset fills only the fields that are not set explicitly.", "", *presets, "",
+        "## Bake-off config (`datatailor bakeoff CONFIG`)", "",
+        fields_table(BakeoffConfig, skip=("base_dir",)), "",
+        "### `methods` items", "", fields_table(MethodSpec), "",
+        "### `train`", "", fields_table(TrainSpec), "",
+        "### `eval`", "", fields_table(EvalSpec), "",
+    ]
 
 
 def render_cli(app_command: click.Command) -> str:
