@@ -6,7 +6,8 @@ The scripted teacher routes by template name and reads the variables it was rend
 
 * instruction feedback → {"subject_areas": "areas of <ref>", "relevant_skills": "skills of <ref>"};
 * response feedback    → {"response_feedback": "feedback on <instruction>"};
-* synthesis            → exactly n new instructions (a reference containing SHORT gives n − 2, one with EXTRA n + 3);
+* synthesis            → exactly n new instructions (a reference containing SHORT gives n − 2, one with EXTRA n + 3;
+                         for a reference containing DROPODD, every odd-numbered one carries HALFJUDGE);
 * respond              → "Draft answer to: <instruction>";
 * improve              → {"analysis": …, "implementation_strategy": …, "improved_response": "Improved: <draft>"};
   for an instruction containing BADIMPROVE, text that is not JSON (every time).
@@ -48,7 +49,9 @@ def teacher(request: CompletionRequest) -> str:
         count = n - 2 if "SHORT" in ref else n + 3 if "EXTRA" in ref else n
         tag = request.sampling.seed % 997
         bad = ["BADIMPROVE task"] if "BADREF" in ref and v["feature_name"] == "subject areas" else []
-        items = bad + [f"New task {i} ({v['feature_name']}, {tag}) inspired by {ref[:30]}" for i in range(count - len(bad))]
+        odd = "HALFJUDGE " if "DROPODD" in ref else ""
+        items = bad + [f"{odd if i % 2 else ''}New task {i} ({v['feature_name']}, {tag}) inspired by {ref[:30]}"
+                       for i in range(count - len(bad))]
         return json.dumps({"instructions": items})
     if t == "refed/respond.j2":
         return f"Draft answer to: {v['instruction']}"
@@ -210,6 +213,57 @@ def test_one_unparsable_improvement_loses_one_item(tmp_path: Path) -> None:
     assert [(f["stage"], f["kind"]) for f in failures] == [("refed.improve", "parse_error")]
     assert failures[0]["record"]["instruction"] == "BADIMPROVE task"
     assert len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 5  # the other 5 of the 6 pairs
+
+
+# ----------------------------------------------------------------------------- top-up wherever the filters stand
+
+
+DROPODD = [{"instruction": f"DROPODD reference task {i}", "output": f"answer {i}"} for i in range(6)]
+JUDGE = {"type": "judge.pairwise", "role": "judge", "a": "response", "b": "metadata.refed.draft", "rule": "strict", "keep": "a"}
+MAKE = [s for s in FULL if s["type"] != "select"]
+
+
+def test_top_up_delivers_the_budget_with_the_judge_filter_before_or_after_select(tmp_path: Path) -> None:
+    """A third of each reference's pairs lose to their draft. With `select` last or first, the run tops up by one
+    reference for the 4 missing pairs and delivers exactly 12, with the same data and the same calls: a `select`
+    standing before the filter runs after it once the run is short, instead of trimming the larger set to 12
+    again before the filter (which drafted, improved and judged pair after pair, and never got past 8)."""
+    runs = {"last": [*MAKE, JUDGE, {"type": "select"}], "first": [*MAKE, {"type": "select"}, JUDGE]}
+    for name, stages in runs.items():
+        result = run(tmp_path, stages, name=name, rows=DROPODD, budget_pairs=12)
+        assert (result.status, result.records) == ("complete", 12), (name, result.message)
+    assert (tmp_path / "first" / "data.jsonl").read_bytes() == (tmp_path / "last" / "data.jsonl").read_bytes()
+    usage = {name: {s: u["requests"] for s, u in stage_usage(tmp_path, name).items()} for name in runs}
+    # 2 references (12 pairs, 8 kept), then 1 more for the 4 missing: 18 pairs drafted, improved and judged once each
+    assert usage["first"] == usage["last"] == {"refed.feedback": 6, "refed.synthesize": 6, "refed.respond": 18,
+                                               "refed.improve": 18, "judge.pairwise": 36}
+    manifest = json.loads((tmp_path / "first" / "manifest.json").read_text())
+    assert manifest["rounds"] == 2
+    select = next(s for s in manifest["stages"] if s["name"] == "select")
+    assert "ran after them" in select["ran_last"] and (select["inputs"], select["outputs"]) == (12, 12)
+
+
+def test_a_trim_that_left_pairs_out_passes_them_to_the_filter_before_any_top_up(tmp_path: Path) -> None:
+    """3 references make 18 pairs; select trims them to 12 and the judge keeps 8. The 6 trimmed pairs go through
+    the judge next (6 more judged, 12 kept): no reference is drawn and nothing is drafted again."""
+    stages = [{"type": "refed.references", "count": 3}, *MAKE[1:], {"type": "select"}, JUDGE]
+    result = run(tmp_path, stages, rows=DROPODD, budget_pairs=12)
+    assert (result.status, result.records) == ("complete", 12)
+    assert {s: u["requests"] for s, u in stage_usage(tmp_path).items()} == {
+        "refed.feedback": 6, "refed.synthesize": 6, "refed.respond": 18, "refed.improve": 18, "judge.pairwise": 36}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["rounds"] == 1 and manifest["stages"][0]["outputs"] == 3
+
+
+def test_a_shortfall_names_the_filter_that_dropped_the_pairs_not_select(tmp_path: Path) -> None:
+    rows = [{"instruction": f"HALFJUDGE reference task {i}", "output": "a"} for i in range(6)]  # every pair loses
+    stages = [dict(MAKE[0], top_up_rounds=1), *MAKE[1:], {"type": "select"}, JUDGE]
+    result = run(tmp_path, stages, rows=rows, budget_pairs=6)
+    assert result.status == "shortfall" and result.records == 0
+    # round 1: 1 reference, 6 pairs; round 2: nothing kept yet, so one reference per missing pair (36 pairs)
+    assert result.shortfall["stage"] == "judge.pairwise"
+    assert result.message == ("the run delivered 0 of budget_pairs=6 pairs: judge.pairwise dropped 42 of 42 (judge_filter 42), "
+                              "after 1 extra round(s) of refed.references")
 
 
 # ----------------------------------------------------------------------------- the ablations
