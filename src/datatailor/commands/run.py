@@ -18,7 +18,8 @@ def register(app: typer.Typer) -> None:
 
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory. Re-running with the same --out resumes."),
+    out: str = typer.Option(..., "--out", "-o", help="Run directory, or an object-store URL (s3://bucket/run, gs://, abfs://; "
+                            "pip install 'datatailor[cloud]'). Re-running with the same --out resumes."),
     force: bool = typer.Option(False, "--force", help="Discard an existing run of a different recipe in --out."),
     budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="Override the recipe's budget.max_usd."),
     budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Override the recipe's budget.max_tokens."),
@@ -35,6 +36,12 @@ def run(
     shard_size: int = typer.Option(128, "--shard-size", min=1, help="ray: records per task."),
     stall_timeout: float = typer.Option(600.0, "--stall-timeout", min=1.0, help="ray: stop as interrupted (resumable) "
                                         "when no worker made progress for this many seconds."),
+    flush_records: int = typer.Option(256, "--flush-records", min=1, help="ray with --out in an object store: a worker "
+                                      "uploads its results every this many records (or --flush-seconds)."),
+    flush_seconds: float = typer.Option(5.0, "--flush-seconds", min=0.1, help="ray with --out in an object store: … or "
+                                        "every this many seconds; a node lost loses at most that much work."),
+    batch: bool = typer.Option(False, "--batch", help="Send every role that can through the provider's batch API "
+                               "(about half the price, results within 24 h; see docs/batch.md)."),
 ) -> int:
     """Run a recipe. Prints where the data went, what it cost, and where each stage's report is.
 
@@ -44,6 +51,7 @@ def run(
     failed the same way for its first records stopped the run; 130 on Ctrl-C (re-run to resume).
     """
     from datatailor.io import parse_field_options
+    from datatailor.llm.config import batched_roles
     from datatailor.llm.usage import Budget
     from datatailor.recipe import load_recipe
     from datatailor.runner import run_recipe_sync
@@ -64,27 +72,41 @@ def run(
         )
     if no_cache:
         r.cache = False
+    if batch:
+        from datatailor.llm.config import force_batch
+
+        r.models, switched, online = force_batch(dict(r.models))
+        if not switched:
+            raise UserError(f"--batch: no role of {recipe} can use a batch API ({'; '.join(f'{k}: {v}' for k, v in online.items()) or 'no models'})")
+        typer.echo(f"batch: {', '.join(switched)} through the batch API" + "".join(f"; {k} stays online: {v}" for k, v in online.items()), err=True)
     if executor not in ("local", "ray"):
         raise UserError(f"--executor {executor!r}: use local or ray")
+    if executor == "ray" and (batched := batched_roles(r.models)):
+        raise UserError(f"batched role(s) {', '.join(batched)} need the local executor (their batches are driven from one process); "
+                        "drop --executor ray, or set batch: false")
     if executor == "local" and address is not None:
         raise UserError("--address is for --executor ray")
     runner_executor = None
     if executor == "ray":
         from datatailor.executors import RaySettings, ray_executor
 
-        runner_executor = ray_executor(RaySettings(address=address, workers=workers, shard_size=shard_size, stall_timeout_s=stall_timeout))
+        runner_executor = ray_executor(RaySettings(address=address, workers=workers, shard_size=shard_size, stall_timeout_s=stall_timeout,
+                                                   flush_records=flush_records, flush_s=flush_seconds))
         runner_executor.start()  # a missing extra or an unreachable cluster fails here, before anything is touched
-    result = run_recipe_sync(r, out, force=force, show_progress=progress, executor=runner_executor)
-    total = result.usage.get("run", {}).get("all", {})
-    summary = (
-        f"{result.status}: {result.records} records in {out / 'data.jsonl'}, {result.failures} in failures.jsonl | "
-        f"this run: {total.get('requests', 0)} requests, {total.get('cache_hits', 0)} cache hits, "
-        f"{total.get('prompt_tokens', 0) + total.get('completion_tokens', 0)} tokens, ${total.get('cost_usd', 0.0):.4f}"
-    )
+    from datatailor.storage import check_url, is_url
+
+    remote = is_url(out)
+    location = check_url(out.rstrip("/")) if remote else Path(out)
+    result = run_recipe_sync(r, location, force=force, show_progress=progress, executor=runner_executor)
+    summary = (f"{result.status}: {result.records} records in {location}/data.jsonl, {result.failures} in failures.jsonl | "
+               f"{spend_summary(result.usage)}")
     if result.status in ("complete", "shortfall"):
         typer.echo(summary)
-        for report in sorted([*out.glob("stages/*/*.html"), *out.glob("reports/*.html")]):
-            typer.echo(f"report: {report}")
+        if not remote:
+            for report in sorted([*location.glob("stages/*/*.html"), *location.glob("reports/*.html")]):  # type: ignore[union-attr]
+                typer.echo(f"report: {report}")
+    else:
+        typer.echo(spend_summary(result.usage), err=True)
     if result.status == "complete":
         return 0
     if result.status == "shortfall":
@@ -93,6 +115,26 @@ def run(
     typer.secho(f"{result.status}: {result.message}", err=True, fg="yellow")
     typer.echo(f"checkpoints kept in {out}; re-run the same command to continue", err=True)
     return 3 if result.status == "budget_exhausted" else 2
+
+
+def spend_summary(usage: dict) -> str:
+    """What this invocation asked for, and the run's total over every invocation (with the requests a killed
+    process left in flight, whose outcome nobody recorded)."""
+
+    def line(section: dict) -> str:
+        a = section.get("all", {})
+        return (f"{a.get('requests', 0)} requests, {a.get('cache_hits', 0)} cache hits, "
+                f"{a.get('prompt_tokens', 0) + a.get('completion_tokens', 0)} tokens, ${a.get('cost_usd', 0.0):.4f}")
+
+    run, total = usage.get("run", {}), usage.get("total", {})
+    text = f"this run: {line(run)}"
+    if total and total.get("all") != run.get("all"):
+        text += f" | run total: {line(total)}"
+    lost = int(total.get("unaccounted_requests", 0) or 0)
+    if lost:
+        text += (f" | {lost} request(s) in flight when a process was killed are not in these figures "
+                 "(the server may have answered them)")
+    return text
 
 
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")) -> int:
@@ -119,6 +161,7 @@ def export(
     ),
     decontam_n: int = typer.Option(13, "--decontam-n", min=1, help="Word n-gram length of the overlap check."),
     decontam_report: Optional[Path] = typer.Option(None, "--decontam-report", help="Where the dropped pairs are listed (default: OUT with suffix .decontam.json)."),
+    drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Leave out the records flagged bad with `datatailor view` (the run's flags.jsonl)."),
 ) -> int:
     """Export a run's data (or any dataset datatailor can read) to a training format."""
     from datatailor.io import export_records, read_records
@@ -127,6 +170,11 @@ def export(
     if source.is_dir() and (source / "manifest.json").exists() and not (source / "data.jsonl").exists():
         raise UserError(f"{source}: the run is not complete yet (no data.jsonl); re-run it first")
     records = read_records(path)
+    if drop_flagged:
+        from datatailor.stages.flags import without_flagged
+
+        records, note = without_flagged(records, source)
+        typer.echo(note)
     if decontaminate:
         from datatailor.evaluate.decontam import DecontamSettings
         from datatailor.evaluate.decontam import decontaminate as drop_overlaps
