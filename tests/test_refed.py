@@ -29,7 +29,7 @@ import yaml
 from datatailor.llm.base import CompletionRequest
 from datatailor.recipe import parse_recipe
 from datatailor.runner import RunResult, run_recipe_sync
-from datatailor.stages.refed import Instructions, at_least_one, clean_instructions, exactly
+from datatailor.stages.refed import Instructions, at_least_one, clean_instructions, exactly, per_feature_counts
 from tests.conftest import cli_env
 from tests.support import kill_9_when, line_count, read_jsonl
 
@@ -128,16 +128,16 @@ def test_full_refed_delivers_exactly_the_budget_with_evidence(tmp_path: Path) ->
         assert d["response_feedback"].startswith("feedback on") and d["feedback_applied"] == "reference"
         assert {e["stage"] for e in pair["lineage"]} >= {"refed.feedback", "refed.synthesize", "refed.respond", "refed.improve"}
         assert all("cost_usd" in e for e in pair["lineage"])
-    # 10 pairs at 6 per reference: ceil(10 / 6) = 2 references drawn, 12 pairs made, 2 trimmed by select.
+    # 10 pairs at 6 per reference: ceil(10 / 6) = 2 references drawn, the second asked for the 4 still needed.
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     refs = next(s for s in manifest["stages"] if s["name"] == "refed.references")
     assert refs["outputs"] == 2 and refs["failure_kinds"] == {"multi_turn": 1, "no_response": 1}
     select = next(s for s in manifest["stages"] if s["name"] == "select")
-    assert (select["inputs"], select["outputs"]) == (12, 10)
+    assert (select["inputs"], select["outputs"]) == (10, 10)
     # one call per step: 2 feedback per reference, 2 synthesis per reference, 1 draft + 1 improvement per pair
     usage = stage_usage(tmp_path)
     assert (usage["refed.feedback"]["requests"], usage["refed.synthesize"]["requests"]) == (4, 4)
-    assert (usage["refed.respond"]["requests"], usage["refed.improve"]["requests"]) == (12, 12)
+    assert (usage["refed.respond"]["requests"], usage["refed.improve"]["requests"]) == (10, 10)
 
 
 def test_references_are_drawn_without_replacement_and_reused_only_after_all(tmp_path: Path) -> None:
@@ -213,6 +213,36 @@ def test_one_unparsable_improvement_loses_one_item(tmp_path: Path) -> None:
     assert [(f["stage"], f["kind"]) for f in failures] == [("refed.improve", "parse_error")]
     assert failures[0]["record"]["instruction"] == "BADIMPROVE task"
     assert len(read_jsonl(tmp_path / "out" / "data.jsonl")) == 5  # the other 5 of the 6 pairs
+
+
+# ----------------------------------------------------------------------------- what the budget needs
+
+
+def test_per_feature_counts_spread_a_reference_quota_over_the_features() -> None:
+    assert per_feature_counts(2, 10, None) == [10, 10] and per_feature_counts(2, 10, 25) == [10, 10]
+    assert per_feature_counts(2, 10, 20) == [10, 10] and per_feature_counts(2, 10, 19) == [10, 9]
+    assert per_feature_counts(2, 10, 4) == [2, 2] and per_feature_counts(2, 10, 5) == [3, 2]
+    assert per_feature_counts(2, 10, 1) == [1, 0] and per_feature_counts(1, 10, 7) == [7]
+
+
+def test_a_budget_not_a_multiple_of_20_pays_only_for_the_pairs_it_needs(tmp_path: Path) -> None:
+    """Budget 24 at the paper's 20 pairs per reference: the second reference is asked for the 4 pairs still needed
+    (2 per feature), so nothing is drafted or improved only to be trimmed: 56 calls, 2.33 per pair (was 88: 3.67)."""
+    stages = [{"type": t} for t in ("refed.references", "refed.feedback", "refed.synthesize", "refed.respond", "refed.improve", "select")]
+    for budget, asked in ((24, [10, 10, 2, 2]), (21, [10, 10, 1])):
+        CALLS.clear()
+        result = run(tmp_path, stages, name=f"b{budget}", budget_pairs=budget)
+        assert result.status == "complete" and result.records == budget
+        assert sorted((r.variables["n"] for r in CALLS if r.template == "refed/synthesize.j2"), reverse=True) == asked
+        usage = stage_usage(tmp_path, f"b{budget}")
+        assert {s: u["requests"] for s, u in usage.items()} == {
+            "refed.feedback": 4, "refed.synthesize": len(asked), "refed.respond": budget, "refed.improve": budget}
+        manifest = json.loads((tmp_path / f"b{budget}" / "manifest.json").read_text())
+        assert next(s for s in manifest["stages"] if s["name"] == "select")["failures"] == 0  # nothing made to be trimmed
+        refs = read_jsonl(tmp_path / f"b{budget}" / "stages" / "00-refed.references" / "records.jsonl")
+        assert [ns(r)["quota"] for r in refs] == [20, budget - 20]
+    report = json.loads((tmp_path / "b24" / "reports" / "refed_report.json").read_text())
+    assert report["cost"]["requests"] == 56 and report["cost"]["requests_per_kept_pair"] == round(56 / 24, 6)
 
 
 # ----------------------------------------------------------------------------- top-up wherever the filters stand
@@ -293,8 +323,9 @@ def test_each_variant_delivers_the_same_size_with_its_own_feedback_calls(tmp_pat
         feedback[name] = sum(u["requests"] for s, u in usage.items() if s in ("refed.feedback", "refed.sample_feedback"))
         report = json.loads((tmp_path / name / "reports" / "refed_report.json").read_text())
         assert report["cost"]["feedback_calls"] == feedback[name] and report["kept_pairs"] == 5
-    # 1 reference; sample-level feedback is one call per generated pair (6) instead of one per reference
-    assert feedback == {"no_synthesis": 0, "instruction_feedback": 1, "sample_feedback": 1 + 6, "refed": 2}
+    # 1 reference asked for the 5 pairs of the budget; sample-level feedback is one call per generated pair (5)
+    # instead of one per reference
+    assert feedback == {"no_synthesis": 0, "instruction_feedback": 1, "sample_feedback": 1 + 5, "refed": 2}
     data = read_jsonl(tmp_path / "sample_feedback" / "data.jsonl")
     assert all(ns(r)["feedback_applied"] == "sample" and ns(r)["sample_feedback"] for r in data)
     plain = read_jsonl(tmp_path / "instruction_feedback" / "data.jsonl")

@@ -18,9 +18,10 @@ Filters that work on any method's output: `judge.pairwise` with `keep: a` (the L
 from datatailor.stages.refed.data import FEATURES, Improvement, InstructionFeedback, Instructions, RefedData, ResponseFeedback
 from datatailor.stages.refed.feedback import Feedback, SampleFeedback
 from datatailor.stages.refed.references import References
-from datatailor.stages.refed.synthesis import Improve, Respond, Synthesize, at_least_one, clean_instructions, exactly
+from datatailor.stages.refed.synthesis import Improve, Respond, Synthesize, at_least_one, clean_instructions, exactly, per_feature_counts
 
 __all__ = [
     "FEATURES", "Feedback", "Improve", "Improvement", "InstructionFeedback", "Instructions", "RefedData", "References",
     "Respond", "ResponseFeedback", "SampleFeedback", "Synthesize", "at_least_one", "clean_instructions", "exactly",
+    "per_feature_counts",
 ]

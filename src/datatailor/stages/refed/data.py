@@ -27,6 +27,10 @@ class RefedData(Namespace):
     reference_response: str
     draw: int = Field(description="Position of the reference in the draw order (0-based).")
     draw_pass: int = Field(1, description="1 on the first pass over the references; 2 once all had been used; …")
+    quota: int | None = Field(
+        None, description="Pairs asked of this reference: pairs_per_reference, less for the last one the budget needs "
+        "(None: no budget, the synthesis stage's full count)."
+    )
     subject_areas: str | None = None
     relevant_skills: str | None = None
     response_feedback: str | None = None

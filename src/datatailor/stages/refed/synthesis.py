@@ -50,6 +50,16 @@ def at_least_one(obj: Instructions, reference: str) -> list[str]:
     return items
 
 
+def per_feature_counts(features: int, per_feature: int, quota: int | None) -> list[int]:
+    """How many new instructions to ask of each feature: `per_feature` each, or, for a reference asked for fewer
+    pairs than that (the last one a budget needs), its quota spread over the features, the first ones taking the
+    remainder (quota 5 over 2 features: 3 and 2; quota 1: 1 and 0, and no call for the second)."""
+    if quota is None or quota >= features * per_feature:
+        return [per_feature] * features
+    base, rest = divmod(quota, features)
+    return [base + (i < rest) for i in range(features)]
+
+
 class SynthesizeConfig(StageConfig):
     type: Literal["refed.synthesize"] = "refed.synthesize"
     role: str = Field("teacher", description="The teacher model.")
@@ -63,7 +73,8 @@ class SynthesizeConfig(StageConfig):
 @register("refed.synthesize")
 class Synthesize(MapStage[SynthesizeConfig]):
     """Instruction synthesis (Mehri et al., arXiv 2502.04511): per reference and per instruction feature, one call
-    writes `per_feature` new instructions of similar complexity and length to the reference's. The count is enforced:
+    writes `per_feature` new instructions of similar complexity and length to the reference's (fewer for a reference
+    whose quota is smaller: the last one the budget needs, see `per_feature_counts`). The count is enforced:
     extra ones are cut, a short list is re-asked within the parse-retry budget, and what the last re-ask gave is kept
     with the shortfall in lineage. Each instruction is a new record inheriting the reference's namespace; a failed
     feature call loses that feature's instructions only."""
@@ -75,9 +86,9 @@ class Synthesize(MapStage[SynthesizeConfig]):
     clears = ("response",)
     templates = {"template": ("reference_instruction", "feature_name", "feature_text", "n")}
 
-    async def _feature(self, record: Record, data: RefedData, feature: Feature) -> Generation[list[str]]:
+    async def _feature(self, record: Record, data: RefedData, feature: Feature, n: int) -> Generation[list[str]]:
         cfg = self.config
-        n, ref = cfg.per_feature, data.reference_instruction
+        ref = data.reference_instruction
         text = getattr(data, feature)
         gen = await self.call(
             cfg.role, "template",
@@ -93,11 +104,13 @@ class Synthesize(MapStage[SynthesizeConfig]):
     async def process(self, record: Record) -> list[Record]:
         data = RefedData.of(record)
         assert data is not None
-        features = [f for f in self.config.features if getattr(data, f)]
-        results = await asyncio.gather(*(self._feature(record, data, f) for f in features), return_exceptions=True)
+        present = [f for f in self.config.features if getattr(data, f)]
+        counts = per_feature_counts(len(present), self.config.per_feature, data.quota)
+        features = [(f, n) for f, n in zip(present, counts) if n]
+        results = await asyncio.gather(*(self._feature(record, data, f, n) for f, n in features), return_exceptions=True)
         children: list[Record] = []
         failures: list[str] = []
-        for feature, result in zip(features, results):
+        for (feature, n), result in zip(features, results):
             if isinstance(result, RecordFailure):
                 failures.append(f"{feature}: {result}")
                 continue
@@ -107,7 +120,7 @@ class Synthesize(MapStage[SynthesizeConfig]):
                 child = record.child(("refed.synthesize", feature, text_key(text)), instruction=text, input="", response=None)
                 child.metadata = data.update(feature=feature, feature_text=getattr(data, feature)).stored(child)
                 event = result.event(self.name, decision="synthesized", feature=feature, index=i,
-                                     requested=self.config.per_feature, returned=len(result.value))
+                                     requested=n, returned=len(result.value))
                 if i:
                     event.prompt_tokens = event.completion_tokens = 0
                     event.cost_usd = 0.0
