@@ -1,6 +1,8 @@
-"""Live progress: rows done/failed per stage, requests, tokens, $ and req/s.
+"""Live progress: rows done/failed per stage, requests, tokens, $ and req/s, and the run's provider batches.
 
-A rich live display on a terminal; a plain log line every few seconds otherwise (CI, pipes).
+A rich live display on a terminal; a plain log line every few seconds otherwise (CI, pipes). With batched roles
+(llm/batch) it also shows the batches submitted / in progress / completed / failed, the requests they answered and
+the age of the oldest pending one — what the run is waiting for while a batch runs for hours.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -26,6 +28,11 @@ class _StageState:
     finished: bool = False
 
 
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class RunProgress:
     def __init__(self, enabled: bool | None = None, stream: Any = None, log_every_s: float = 5.0):
         self.stream = stream or sys.stderr
@@ -34,15 +41,23 @@ class RunProgress:
         self.live_mode = self.enabled and is_tty
         self.log_every_s = log_every_s
         self.ledger: UsageLedger | None = None
+        self.batches: Callable[[], dict[str, Any] | None] | None = None
         self.stages: dict[str, _StageState] = {}
         self.t0 = time.monotonic()
         self._last_log = 0.0
         self._live: Live | None = None
         self._console = Console(file=self.stream)
 
-    def attach(self, ledger: UsageLedger, stage_names: list[str]) -> None:
+    def attach(self, ledger: UsageLedger, stage_names: list[str],
+               batches: Callable[[], dict[str, Any] | None] | None = None) -> None:
+        """Show `ledger`'s usage and these stages; `batches` gives the run's batch summary (None: no batched role)."""
         self.ledger = ledger
         self.stages = {n: _StageState() for n in stage_names}
+        self.batches = batches
+
+    def refresh(self) -> None:
+        """Something changed outside the stages (a batch was submitted or ended): redraw, or log if a line is due."""
+        self._refresh()
 
     # -- events from the runner --------------------------------------------------
 
@@ -72,7 +87,18 @@ class RunProgress:
         tok = sum(u.tokens for u in run)
         usd = sum(u.cost_usd for u in run)
         rate = req / max(1e-9, time.monotonic() - self.t0)
-        return f"requests {req} (+{hits} cached) | tokens {tok} | ${usd:.4f} | {rate:.1f} req/s"
+        return f"requests {req} (+{hits} cached) | tokens {tok} | ${usd:.4f} | {rate:.1f} req/s" + self.batch_line()
+
+    def batch_line(self) -> str:
+        """' | batches …' when the run has batched roles, else ''."""
+        b = self.batches() if self.batches is not None else None
+        if not b or not b.get("submitted"):
+            return ""
+        line = (f" | batches {b['submitted']} submitted, {b['in_progress']} in progress, {b['completed']} completed, "
+                f"{b['failed']} failed; {b['requests_done']}/{b['requests']} batched requests done")
+        if b.get("oldest_pending_s") is not None:
+            line += f"; oldest pending {_age(b['oldest_pending_s'])}"
+        return line
 
     def _table(self) -> Table:
         table = Table(box=None, show_header=True, header_style="bold")

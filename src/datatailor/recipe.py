@@ -20,7 +20,7 @@ from pydantic import (
 
 from datatailor.errors import UserError
 from datatailor.io import check_fields, read_yaml
-from datatailor.llm.config import ModelConfig
+from datatailor.llm.config import BATCH_SETTINGS, ModelConfig
 from datatailor.llm.usage import Budget
 from datatailor.stages import StageConfig, load_all
 
@@ -141,8 +141,11 @@ class Recipe(BaseModel):
 
     def content_hash(self) -> str:
         """Identity of the work a recipe describes. The budget (and the systematic-failure stop) is left out, so it
-        can be changed to continue."""
+        can be changed to continue; so are the batch settings (`--batch`), which change how replies are paid, not them."""
         data = self.model_dump(mode="json", exclude={"budget", "base_dir", "systematic_failures"})
+        for model in data.get("models", {}).values():
+            for name in BATCH_SETTINGS:
+                model.pop(name, None)
         data["stages"] = [s.model_dump(mode="json") for s in self.stages]
         if self.input is not None:
             data["input_sha256"] = file_digest(self.resolve(self.input.path))

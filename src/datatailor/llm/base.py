@@ -7,6 +7,7 @@ usage, budget and structured-output repair live in `llm.models.RoleModel`, above
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,11 +69,23 @@ class Completion(BaseModel):
     # "stop" (the model ended), "length" (cut by max_tokens: the text is truncated), or what the server said.
     finish_reason: str | None = None
     logprobs: list[PositionLogprobs] | None = None
+    # The provider batch that answered (llm/batch); None for an online reply. Priced at the batch price, and
+    # named in the lineage of the records that used the reply.
+    batch_id: str | None = None
+
+
+# Which stage and record a model call is made for ("stage:record id"), set by the runner around each record's work.
+# The batch journal writes it beside each request (llm/batch), so a run directory says which record waits on which batch.
+CALL_OWNER: ContextVar[str | None] = ContextVar("datatailor_call_owner", default=None)
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """One model behind one async interface."""
+    """One model behind one async interface.
+
+    A backend may also set `batched = True` (llm/batch): its calls wait for a provider batch, so `RoleModel` does not
+    hold them to the model's `max_concurrency`, and stages using it keep many records in flight.
+    """
 
     # True when the backend constrains output to `json_schema` itself (grammar, guided decoding).
     native_json_schema: bool

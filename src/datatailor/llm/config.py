@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from datatailor.llm.base import Sampling
 
@@ -36,6 +44,14 @@ class _ModelBase(BaseModel):
         from datatailor.llm.fingerprint import model_identity
 
         return model_identity(self, base_dir)
+
+
+# How a role is paid and delivered, not what it answers: left out of the request cache key and of the recipe's hash.
+BATCH_SETTINGS = (
+    "batch", "batch_discount", "batch_price_per_mtok_in", "batch_price_per_mtok_out", "batch_fallback", "batch_max_attempts",
+    "batch_max_requests", "batch_max_bytes", "batch_collect_s", "batch_collect_max_s", "batch_poll_s", "batch_poll_max_s",
+    "batch_completion_window", "batch_wait_margin_s", "batch_records_in_flight",
+)
 
 
 class OpenAIModel(_ModelBase):
@@ -78,12 +94,84 @@ class OpenAIModel(_ModelBase):
         ),
     )
 
+    # -- the provider's batch API (llm/batch, docs/batch.md) ------------------------------------------------------
+    batch: bool = Field(
+        False,
+        description=(
+            "Send this role's requests through the provider's batch API (POST /v1/files + /v1/batches): about half "
+            "the price, results within `batch_completion_window`. Checkpointed in the run directory's `batches/`."
+        ),
+    )
+    batch_discount: float = Field(
+        0.5, gt=0.0, le=1.0, description="Batch price as a share of the online price (OpenAI: 0.5), unless batch prices are given."
+    )
+    batch_price_per_mtok_in: float | None = Field(None, ge=0.0, description="$ per million prompt tokens in a batch.")
+    batch_price_per_mtok_out: float | None = Field(None, ge=0.0, description="$ per million completion tokens in a batch.")
+    batch_fallback: Literal["none", "online"] = Field(
+        "none",
+        description=(
+            "What becomes of a request that comes back with a retryable error or from an expired/failed batch: "
+            "none: it goes into a new batch (up to `batch_max_attempts` batches); online: it is sent online at once."
+        ),
+    )
+    batch_max_attempts: int = Field(3, ge=1, description="Batches one request may go through before its record fails.")
+    batch_max_requests: int = Field(50_000, ge=1, description="Most requests in one batch input file (OpenAI: 50,000).")
+    batch_max_bytes: int = Field(200_000_000, ge=1024, description="Largest batch input file in bytes (OpenAI: 200 MB).")
+    batch_collect_s: float = Field(
+        1.5, gt=0.0, description="A batch is sent once no new request arrived for this long (or it is full)."
+    )
+    batch_collect_max_s: float = Field(
+        60.0, gt=0.0, description="...or once its first request has waited this long, even while requests keep coming."
+    )
+    batch_poll_s: float = Field(10.0, gt=0.0, description="First wait between two status checks of a batch.")
+    batch_poll_max_s: float = Field(300.0, gt=0.0, description="Longest wait between two status checks (the wait grows ×1.5).")
+    batch_completion_window: str = Field("24h", pattern=r"^[1-9][0-9]*h$", description="The batch's completion window (OpenAI: 24h).")
+    batch_wait_margin_s: float = Field(
+        3600.0, ge=0.0,
+        description=(
+            "A batch still unfinished this long after its completion window has passed is cancelled and its "
+            "unanswered requests retried (the bound on waiting for one batch)."
+        ),
+    )
+    batch_records_in_flight: int = Field(
+        10_000, ge=1,
+        description=(
+            "Records a stage that uses this role keeps in flight (instead of its `concurrency`), so that one "
+            "batch gathers many requests; memory grows with it (a few KB per record)."
+        ),
+    )
+
     @field_validator("base_url")
     @classmethod
     def _some_url(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
             raise ValueError("give at least one URL")
         return value
+
+    @model_validator(mode="after")
+    def _one_server_for_batches(self) -> "OpenAIModel":
+        if self.batch and len(self.base_urls) > 1:
+            raise ValueError("batch: true needs one base_url (a batch's files live on one server), not a list of replicas")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_batch_settings(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Recipes that do not batch dump (and hash) as before the batch settings existed, so their runs still resume.
+        data = handler(self)
+        for name in BATCH_SETTINGS:
+            if name in data and data[name] == type(self).model_fields[name].default:
+                del data[name]
+        return data
+
+    def batch_prices(self) -> tuple[float, float]:
+        """$ per million (prompt, completion) tokens of a batched request."""
+        p_in = self.batch_price_per_mtok_in if self.batch_price_per_mtok_in is not None else self.price_per_mtok_in * self.batch_discount
+        p_out = self.batch_price_per_mtok_out if self.batch_price_per_mtok_out is not None else self.price_per_mtok_out * self.batch_discount
+        return p_in, p_out
+
+    @property
+    def batch_window_s(self) -> float:
+        return float(self.batch_completion_window[:-1]) * 3600.0
 
     @property
     def base_urls(self) -> list[str]:
@@ -149,3 +237,25 @@ class ScriptedModel(_ModelBase):
 ModelConfig = Annotated[
     Union[OpenAIModel, LlamaCppModel, HFModel, ScriptedModel], Field(discriminator="backend")
 ]
+
+
+def force_batch(models: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """`datatailor run --batch`: every role whose backend has a batch API set to `batch: true`.
+
+    Returns the new model entries, the roles switched (or already batched), and the roles left online with why."""
+    out: dict[str, Any] = {}
+    switched: list[str] = []
+    online: dict[str, str] = {}
+    for role, config in models.items():
+        if isinstance(config, OpenAIModel) and len(config.base_urls) == 1:
+            out[role] = config if config.batch else config.model_copy(update={"batch": True})
+            switched.append(role)
+        else:
+            out[role] = config
+            online[role] = ("a list of replicas (a batch lives on one server)" if isinstance(config, OpenAIModel)
+                            else f"the {config.backend} backend has no batch API")
+    return out, switched, online
+
+
+def batched_roles(models: dict[str, Any]) -> list[str]:
+    return [role for role, config in models.items() if getattr(config, "batch", False)]

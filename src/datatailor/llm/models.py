@@ -46,6 +46,8 @@ class Generation(Generic[T]):
     # Of the reply that was kept: "length" means max_tokens cut it (see `truncated`).
     finish_reason: str | None = None
     logprobs: list[PositionLogprobs] | None = None
+    # The provider batch that answered the kept reply (llm/batch); named in the lineage event.
+    batch_id: str | None = None
 
     @property
     def truncated(self) -> bool:
@@ -55,6 +57,8 @@ class Generation(Generic[T]):
     def event(self, stage: str, decision: str | None = None, reason: str | None = None, **details: Any) -> LineageEvent:
         if self.truncated:
             details = {**details, "truncated": True}
+        if self.batch_id is not None:
+            details = {**details, "batch_id": self.batch_id}
         return LineageEvent(
             stage=stage,
             role=self.role,
@@ -73,8 +77,13 @@ class Generation(Generic[T]):
         return replace(self, prompt_tokens=0, completion_tokens=0, cost_usd=0.0)
 
 
-def _price(config: Any, prompt_tokens: int, completion_tokens: int) -> float:
-    return (prompt_tokens * config.price_per_mtok_in + completion_tokens * config.price_per_mtok_out) / 1e6
+def _price(config: Any, completion: Completion) -> float:
+    """$ of one reply: at the batch price when a provider batch answered it (`OpenAIModel.batch_prices`)."""
+    if completion.batch_id is not None and hasattr(config, "batch_prices"):
+        p_in, p_out = config.batch_prices()
+    else:
+        p_in, p_out = config.price_per_mtok_in, config.price_per_mtok_out
+    return (completion.prompt_tokens * p_in + completion.completion_tokens * p_out) / 1e6
 
 
 class RoleModel:
@@ -180,7 +189,7 @@ class RoleModel:
             all_cached &= cached
             total_in += completion.prompt_tokens
             total_out += completion.completion_tokens
-            total_cost += _price(self.config, completion.prompt_tokens, completion.completion_tokens)
+            total_cost += _price(self.config, completion)
             try:
                 if schema is not None:
                     value: Any = parse_model(completion.text, schema)
@@ -213,6 +222,7 @@ class RoleModel:
                 cached=all_cached,
                 finish_reason=completion.finish_reason,
                 logprobs=completion.logprobs,
+                batch_id=completion.batch_id,
             )
         snippet = (completion.text if completion else "")[:160].replace("\n", "\\n")
         raise ParseFailure(
@@ -235,13 +245,14 @@ class RoleModel:
             self.ledger.record_cache_hit(self.role, stage)
             return hit, True
         self.ledger.check_budget()
-        async with self._semaphore:
-            try:
-                completion = await self.backend.complete(request)
-            except LLMCallFailure:
-                self.ledger.record_failure(self.role, stage)
-                raise
-        cost = _price(self.config, completion.prompt_tokens, completion.completion_tokens)
+        if getattr(self.backend, "batched", False):
+            # Waits for its batch (bounded by the batch's window, see llm/batch); not held to max_concurrency, so
+            # one batch can gather the requests of every record in flight.
+            completion = await self._call_backend(request, stage)
+        else:
+            async with self._semaphore:
+                completion = await self._call_backend(request, stage)
+        cost = _price(self.config, completion)
         self.ledger.record_request(
             self.role, completion.prompt_tokens, completion.completion_tokens, cost,
             truncated=completion.finish_reason == "length", stage=stage,
@@ -251,6 +262,13 @@ class RoleModel:
         if self.config.record_to:
             self._record(request_key(request), request, completion)
         return completion, False
+
+    async def _call_backend(self, request: CompletionRequest, stage: str | None) -> Completion:
+        try:
+            return await self.backend.complete(request)
+        except LLMCallFailure:
+            self.ledger.record_failure(self.role, stage)
+            raise
 
     def _record(self, key: str, request: CompletionRequest, completion: Completion) -> None:
         line = json.dumps(
@@ -310,15 +328,21 @@ def build_backend(config: Any, base_dir: Path | None = None) -> Backend:
 
 @dataclass
 class ModelPool:
-    """The recipe's roles, built lazily; roles with identical backend settings share one backend."""
+    """The recipe's roles, built lazily; roles with identical backend settings share one backend.
+
+    Roles with `batch: true` share the run's `BatchHub` (llm/batch), which keeps its state in `run_dir/batches`."""
 
     configs: dict[str, ModelConfig]
     ledger: UsageLedger
     cache: RequestCache | None = None
     base_dir: Path | None = None
     seed: int = 0
+    run_dir: Path | None = None
+    # Called when a batch is submitted, changes status or ends (progress display).
+    on_batch_change: Callable[[], None] | None = None
     _roles: dict[str, RoleModel] = field(default_factory=dict)
     _backends: dict[str, tuple[Backend, asyncio.Semaphore]] = field(default_factory=dict)
+    _hub: Any = None
 
     def role(self, name: str) -> RoleModel:
         if name in self._roles:
@@ -329,14 +353,40 @@ class ModelPool:
         config = self.configs[name]
         key = _backend_key(config)
         if key not in self._backends:
-            self._backends[key] = (build_backend(config, self.base_dir), asyncio.Semaphore(config.max_concurrency))
+            backend = self._batched(name, config) if getattr(config, "batch", False) else build_backend(config, self.base_dir)
+            self._backends[key] = (backend, asyncio.Semaphore(config.max_concurrency))
         backend, semaphore = self._backends[key]
         self._roles[name] = RoleModel(
             name, config, backend, self.cache, self.ledger, semaphore, run_seed=self.seed, base_dir=self.base_dir
         )
         return self._roles[name]
 
+    def _batched(self, name: str, config: Any) -> Backend:
+        from datatailor.llm.batch import BatchedBackend, BatchHub
+
+        if self.run_dir is None:
+            raise UserError(
+                f"role {name!r} has batch: true, which needs a run directory to keep its batches in: use it in a recipe run "
+                "(`datatailor run`, datatailor.run) on the local executor, or set batch: false here"
+            )
+        if self._hub is None:
+            self._hub = BatchHub(self.run_dir / "batches", self.ledger, self.on_batch_change)
+        return BatchedBackend(config, self._hub)
+
+    def records_in_flight(self, roles: Any, concurrency: int) -> int:
+        """How many records a stage using `roles` keeps in flight: its `concurrency`, or, when one of the roles is
+        batched, that role's `batch_records_in_flight` if larger (one batch should gather many records' requests)."""
+        batched = [self.configs[r].batch_records_in_flight for r in roles
+                   if r in self.configs and getattr(self.configs[r], "batch", False)]
+        return max([concurrency, *batched])
+
+    def batch_summary(self) -> dict[str, Any] | None:
+        """The run's batches so far (llm/batch/journal.py `summary`), or None when no role is batched."""
+        return self._hub.summary() if self._hub is not None else None
+
     async def aclose(self) -> None:
+        if self._hub is not None:
+            await self._hub.aclose()
         for backend, _ in self._backends.values():
             await backend.aclose()
         self._backends.clear()

@@ -306,6 +306,66 @@ def _schema_name(schema: dict[str, Any]) -> str:
     return name or "reply"
 
 
+def encode_body(config: OpenAIModel, request: CompletionRequest) -> dict[str, Any]:
+    """The chat-completions request body of `request` (online, and each line of a batch input file)."""
+    s = request.sampling
+    body: dict[str, Any] = {
+        "model": config.model,
+        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_tokens": s.max_tokens,
+    }
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.top_logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = s.top_logprobs
+    schema = request.json_schema
+    mode = config.json_mode
+    if schema is not None and mode == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": _schema_name(schema), "schema": schema}}
+    elif schema is not None and mode == "json_object":
+        body["response_format"] = {"type": "json_object", "schema": schema}
+    elif schema is not None and mode == "guided_json":
+        body["guided_json"] = schema
+    body.update(config.extra_body)
+    return body
+
+
+def read_completion(data: Any, request: CompletionRequest, batch_id: str | None = None) -> Completion:
+    """A chat-completion reply (the parsed JSON body) → `Completion`; `LLMCallFailure` when it holds no choice.
+
+    Usage the server did not report is estimated (~4 characters a token)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        detail = data.get("error", data) if isinstance(data, dict) else data
+        raise LLMCallFailure(f"reply without choices: {json.dumps(detail)[:300]}")
+    choice = choices[0]
+    text = (choice.get("message") or {}).get("content") or ""
+    if isinstance(text, list):  # content parts, as some servers send them
+        text = "".join(str(part.get("text", "")) for part in text if isinstance(part, dict))
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    prompt_tokens = usage.get("prompt_tokens")
+    completion_tokens = usage.get("completion_tokens")
+    if not isinstance(prompt_tokens, int):
+        prompt_tokens = sum(estimate_tokens(m.content) for m in request.messages)
+    if not isinstance(completion_tokens, int):
+        completion_tokens = estimate_tokens(text)
+    return Completion(
+        text=text,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason=choice.get("finish_reason"),
+        logprobs=parse_logprobs(choice.get("logprobs")) if request.sampling.top_logprobs is not None else None,
+        batch_id=batch_id,
+    )
+
+
 class OpenAIBackend:
     """An OpenAI-compatible chat-completions server, with backpressure, retries and a circuit breaker."""
 
@@ -449,61 +509,17 @@ class OpenAIBackend:
         except ValueError:
             self.stats.invalid_bodies += 1
             raise _Retryable(f"HTTP {response.status_code} with a body that is not valid JSON (cut short?)") from None
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not choices or not isinstance(choices[0], dict):
+        try:
+            return read_completion(data, request)
+        except LLMCallFailure as exc:
             self._consecutive_failures = 0  # it answered, just not with a completion
             self.stats.failed_calls += 1
-            detail = data.get("error", data) if isinstance(data, dict) else data
-            raise LLMCallFailure(f"{self.base_url}: reply without choices: {json.dumps(detail)[:300]}")
-        choice = choices[0]
-        text = (choice.get("message") or {}).get("content") or ""
-        if isinstance(text, list):  # content parts, as some servers send them
-            text = "".join(str(part.get("text", "")) for part in text if isinstance(part, dict))
-        usage = data.get("usage")
-        if not isinstance(usage, dict):
-            usage = {}
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
-        if not isinstance(prompt_tokens, int):
-            prompt_tokens = sum(estimate_tokens(m.content) for m in request.messages)
-        if not isinstance(completion_tokens, int):
-            completion_tokens = estimate_tokens(text)
-        return Completion(
-            text=text,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            finish_reason=choice.get("finish_reason"),
-            logprobs=parse_logprobs(choice.get("logprobs")) if request.sampling.top_logprobs is not None else None,
-        )
+            raise LLMCallFailure(f"{self.base_url}: {exc}") from None
 
     # -- request body, backoff, circuit breaker ------------------------------------------
 
     def _encode(self, request: CompletionRequest) -> bytes:
-        s = request.sampling
-        body: dict[str, Any] = {
-            "model": self.config.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
-        }
-        if s.seed is not None:
-            body["seed"] = s.seed
-        if s.stop:
-            body["stop"] = list(s.stop)
-        if s.top_logprobs is not None:
-            body["logprobs"] = True
-            body["top_logprobs"] = s.top_logprobs
-        schema = request.json_schema
-        mode = self.config.json_mode
-        if schema is not None and mode == "json_schema":
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": _schema_name(schema), "schema": schema}}
-        elif schema is not None and mode == "json_object":
-            body["response_format"] = {"type": "json_object", "schema": schema}
-        elif schema is not None and mode == "guided_json":
-            body["guided_json"] = schema
-        body.update(self.config.extra_body)
-        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return json.dumps(encode_body(self.config, request), ensure_ascii=False).encode("utf-8")
 
     def _backoff(self, attempt: int, failure: _Retryable) -> float:
         """Full jitter: uniform in [0, base·2^(attempt-1)], capped; never less than the server's Retry-After."""

@@ -107,6 +107,16 @@ class UsageLedger:
         if b.max_tokens is not None and tokens >= b.max_tokens:
             raise BudgetExhausted(f"budget reached: {tokens} of {b.max_tokens} tokens spent")
 
+    def check_worst_case(self, usd: float, tokens: int) -> None:
+        """Raise BudgetExhausted when spending up to `usd` and `tokens` more could pass a limit: asked before work is
+        committed whose bill comes later (a provider batch, with the batches still pending; llm/batch)."""
+        spent_usd, spent_tokens = self.spent()
+        b = self.budget
+        if b.max_usd is not None and spent_usd + usd > b.max_usd:
+            raise BudgetExhausted(f"budget: up to ${usd:.4f} more on top of ${spent_usd:.4f} spent could pass ${b.max_usd:.4f}")
+        if b.max_tokens is not None and spent_tokens + tokens > b.max_tokens:
+            raise BudgetExhausted(f"budget: up to {tokens} tokens more on top of {spent_tokens} could pass {b.max_tokens}")
+
     def total_stages(self) -> dict[str, RoleUsage]:
         names = sorted(set(self.previous_stages) | set(self.run_stages))
         return {n: self.previous_stages.get(n, RoleUsage()).add(self.run_stages.get(n, RoleUsage())) for n in names}

@@ -119,10 +119,11 @@ class Runner(StageExecution):
         return UsageLedger(UsageLedger.previous_from_json(prev), self.recipe.budget, UsageLedger.previous_stages_from_json(prev))
 
     def _bind_models(self, stages: list[Stage], ledger: UsageLedger, cache: RequestCache | None) -> ModelPool:
-        pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed)
+        pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed,
+                         run_dir=self.out, on_batch_change=self.progress.refresh)  # batched roles keep out/batches
         for stage in stages:
             stage.ctx.models = pool
-        self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))])
+        self.progress.attach(ledger, [self.recipe.stage_name(i) for i in range(len(self.recipe.stages))], batches=pool.batch_summary)
         return pool
 
     def save_usage(self) -> None:

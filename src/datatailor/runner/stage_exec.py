@@ -16,6 +16,7 @@ from typing import Any
 
 from datatailor.errors import RecordFailure, Rejected, RunAbort, UserError
 from datatailor.journal import read_journal
+from datatailor.llm.base import CALL_OWNER
 from datatailor.recipe import Recipe
 from datatailor.records import Record
 from datatailor.runner.checkpoint import FailureWriter, StageCheckpoint, check_unique, failure_row
@@ -52,6 +53,7 @@ async def process_record(stage: MapStage, record: Record) -> tuple[list[Record],
     decision). A run-level stop (RunAbort) or a user error propagates; any other exception is the record's
     `stage_error` failure (a bug in a stage must not lose the record or hang the run)."""
     name = stage.name
+    owner = CALL_OWNER.set(f"{name}:{record.id}")  # named beside its requests in a batch journal (llm/batch)
     try:
         outputs = await stage.process(record)
     except (RunAbort, UserError):
@@ -61,6 +63,8 @@ async def process_record(stage: MapStage, record: Record) -> tuple[list[Record],
         return [], failure_row(record, name, failure_exc.kind, str(failure_exc), shown), isinstance(failure_exc, Rejected)
     except Exception as exc:
         return [], failure_row(record, name, "stage_error", f"{type(exc).__name__}: {exc}"), False
+    finally:
+        CALL_OWNER.reset(owner)
     if not outputs:
         return [], failure_row(record, name, "empty_output", "the stage returned no records"), False
     return outputs, None, False
@@ -147,7 +151,9 @@ class StageExecution:
         if done == total:
             return True
         probe = SystematicFailureProbe(self.recipe.systematic_failures, done)
-        n = min(stage.config.concurrency, total - done)
+        # with a batched role, enough records in flight to fill a batch (`batch_records_in_flight`)
+        in_flight = stage.ctx.models.records_in_flight(stage.config.role_fields().values(), stage.config.concurrency)
+        n = min(in_flight, total - done)
         queue: asyncio.Queue[Record | None] = asyncio.Queue(maxsize=2 * n)
 
         async def feed() -> None:

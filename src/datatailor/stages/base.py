@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from datatailor.errors import RecordFailure, RunAbort, UserError
+from datatailor.llm.base import CALL_OWNER
 from datatailor.llm.models import Generation, ModelPool, RoleModel
 from datatailor.prompts import Prompt, load_prompt
 from datatailor.records import Record, derive_seed
@@ -215,15 +216,19 @@ class Stage(ABC, Generic[C]):
         return gen
 
     async def gather(self, items: Sequence[T], call: Callable[[T], Awaitable[R]]) -> list[R | RecordFailure]:
-        """Run `call` over `items`, `config.concurrency` at a time; results in item order.
+        """Run `call` over `items`, `config.concurrency` at a time (with a batched role, its `batch_records_in_flight`,
+        so that one provider batch gathers them); results in item order.
 
         A `RecordFailure` is returned in the item's place (for the caller to turn into a failure row); a bug
         in `call` becomes a `stage_error` failure; a run-level stop (budget, dead server) or a user error is
         raised once every started call has finished.
         """
-        semaphore = asyncio.Semaphore(self.config.concurrency)
+        semaphore = asyncio.Semaphore(self.ctx.models.records_in_flight(self.config.role_fields().values(), self.config.concurrency))
 
         async def one(item: T) -> R:
+            record = item[0] if isinstance(item, tuple) and item else item
+            if isinstance(record, Record):
+                CALL_OWNER.set(f"{self.name}:{record.id}")  # this task's own context: named in a batch journal
             async with semaphore:
                 try:
                     return await call(item)

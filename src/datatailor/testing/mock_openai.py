@@ -35,6 +35,7 @@ import asyncio
 import collections
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import random
@@ -48,6 +49,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from datatailor.testing.mock_batches import BatchEndpoints
 
 OUTCOMES = ("ok", "429", "500", "503", "timeout", "truncated", "400")
 
@@ -77,6 +80,13 @@ class MockConfig:
     script: list[str] = field(default_factory=list)
     keep_bodies: int = 200
     reply_text: str | None = None  # a fixed reply (instead of the echo) for requests without a JSON schema
+    # "module:function" taking a chat request body (dict) and returning the reply text (chat and batch requests)
+    handler: str | None = None
+    # The files and batches endpoints (mock_batches.py): how long a batch takes, and its faults.
+    batch_delay_s: float = 0.0
+    batch_error_rate: float = 0.0
+    batch_expire: int = 0
+    batch_fail: int = 0
 
     def __post_init__(self) -> None:
         total = self.rate_429 + self.rate_500 + self.rate_503 + self.rate_timeout + self.rate_truncated + self.rate_400
@@ -224,7 +234,7 @@ class _Connection(asyncio.Protocol):
         del self.buffer[:total]
         self.busy = True
         self.keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        self.server._handle(self, method, path, body)
+        self.server._handle(self, method, path, body, headers)
 
     def send(self, status: int, body: bytes, extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.pending = None
@@ -254,6 +264,8 @@ class MockOpenAIServer:
         self._seen: dict[bytes, int] = {}
         self._script = collections.deque(self.config.script)
         self._connections: set[_Connection] = set()
+        self.batch_api = BatchEndpoints(self)
+        self._handler: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
@@ -320,9 +332,11 @@ class MockOpenAIServer:
 
     # -- requests -------------------------------------------------------------------
 
-    def _handle(self, conn: _Connection, method: str, path: str, body: bytes) -> None:
+    def _handle(self, conn: _Connection, method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> None:
         route = path.split("?", 1)[0].rstrip("/")
-        if method == "GET" and route.endswith("/models"):
+        if self.batch_api.handles(route):
+            self.batch_api.handle(conn, method, path, headers or {}, body)
+        elif method == "GET" and route.endswith("/models"):
             payload = {"object": "list", "data": [{"id": self.config.model, "object": "model", "owned_by": "mock"}]}
             conn.send(200, json.dumps(payload).encode())
         elif method == "GET" and route == "/stats":
@@ -400,10 +414,23 @@ class MockOpenAIServer:
             self._reply(conn, body, messages, truncated)
 
     def _reply(self, conn: _Connection, body: dict[str, Any], messages: list[dict[str, Any]], truncated: bool) -> None:
+        data = json.dumps(self.completion_payload(body)).encode()
+        if truncated:
+            data = data[: len(data) // 2]
+        conn.send(200, data)
+
+    def completion_payload(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The chat completion a request body gets (the chat endpoint's reply, and each answered batch line)."""
         c = self.config
+        messages = body.get("messages") or []
         last_user = next((m.get("content") or "" for m in reversed(messages) if m.get("role") == "user"), "")
         schema = _requested_schema(body)
-        if schema is not None:
+        if c.handler is not None:
+            if self._handler is None:
+                module, _, name = c.handler.partition(":")
+                self._handler = getattr(importlib.import_module(module), name)
+            text = str(self._handler(body))
+        elif schema is not None:
             text = json.dumps(example_for_schema(schema))
         elif c.reply_text is not None:
             text = c.reply_text
@@ -426,10 +453,7 @@ class MockOpenAIServer:
         if c.include_usage:
             payload["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                 "total_tokens": prompt_tokens + completion_tokens}
-        data = json.dumps(payload).encode()
-        if truncated:
-            data = data[: len(data) // 2]
-        conn.send(200, data)
+        return payload
 
 
 class MockServerProcess:
