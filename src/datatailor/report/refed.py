@@ -1,9 +1,12 @@
 """The REFED run report: what the references yielded, what it cost, what the improvement and the judge did.
 
 Written at the end of a run that used REFED stages, into `reports/refed_report.{json,md,html}` of the run
-directory, from the run's own files (manifest, usage with its per-stage counts, data, failures, the stage folders):
+directory, from the run's final files: data.jsonl, failures.jsonl, the manifest, usage.json (what was spent, earlier
+rounds included), and each stage's final records (records.jsonl) — never a stage's journal, which still holds the
+records of earlier rounds:
 
-* references drawn (and passes over them), rejected inputs by kind, pairs per reference;
+* the reference pool: input rows, rejected ones by kind, available, drawn (distinct, passes), not drawn;
+  pairs per reference;
 * calls, tokens and $ per kept pair for the whole run, and the feedback calls (REFED's point: one collection per
   reference instead of one per sample; the paper's pipeline makes 2 + 42 calls per reference for up to 20 pairs);
 * improvement: pairs improved, length (words) of the draft and of the improved response;
@@ -34,13 +37,15 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _stage_rows(run_dir: Path, manifest: dict[str, Any], stage_type: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
-    """(output records, failure rows, summary) of the first stage of `stage_type` (records from its checkpoint)."""
+def _stage_final(run_dir: Path, manifest: dict[str, Any], failures: list[dict[str, Any]], stage_type: str
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """(output records, failure rows, summary) of the first stage of `stage_type`, as the run ended: its outputs
+    from its records.jsonl (what its last pass passed on), its failures from the run's failures.jsonl. Never its
+    journal (outputs.jsonl), which still holds what earlier rounds made."""
     for index, summary in enumerate(manifest.get("stages", [])):
         if summary.get("type") == stage_type:
             folder = run_dir / "stages" / f"{index:02d}-{_safe(summary['name'])}"
-            outputs = [r for row in read_journal(folder / "outputs.jsonl") for r in row["records"]]
-            return outputs, read_journal(folder / "failures.jsonl"), summary
+            return (read_journal(folder / "records.jsonl"), [f for f in failures if f.get("stage") == summary["name"]], summary)
     return [], [], None
 
 
@@ -65,12 +70,13 @@ def _distinct2(texts: list[str]) -> float | None:
 def build_refed_report(run_dir: Path) -> dict[str, Any]:
     manifest = _json(run_dir / "manifest.json")
     usage = _json(run_dir / "usage.json").get("total", {})
-    data = [r for r in read_journal(run_dir / "data.jsonl")]
+    data = read_journal(run_dir / "data.jsonl")
+    failures = read_journal(run_dir / "failures.jsonl")
     kept = [r for r in data if _ns(r)]
     types = {s["name"]: s["type"] for s in manifest.get("stages", [])}
     stage_usage = {name: u for name, u in (usage.get("stages") or {}).items()}
     all_usage = usage.get("all", {})
-    references, _, ref_summary = _stage_rows(run_dir, manifest, "refed.references")
+    references, ref_failures, ref_summary = _stage_final(run_dir, manifest, failures, "refed.references")
 
     per_reference = Counter(_ns(r).get("reference_id") for r in kept)
     synthesized = [r for r in kept if _ns(r).get("feature")]
@@ -81,7 +87,7 @@ def build_refed_report(run_dir: Path) -> dict[str, Any]:
     tokens = all_usage.get("prompt_tokens", 0) + all_usage.get("completion_tokens", 0)
 
     judge = None
-    judged, judge_failures, judge_summary = _stage_rows(run_dir, manifest, "judge.pairwise")
+    judged, judge_failures, judge_summary = _stage_final(run_dir, manifest, failures, "judge.pairwise")
     if judge_summary is not None:
         summaries = [s for r in judged + [f["record"] for f in judge_failures if f.get("kind") == "judge_filter"]
                      for s in [(r.get("metadata") or {}).get("judge")] if isinstance(s, dict)]
@@ -106,12 +112,7 @@ def build_refed_report(run_dir: Path) -> dict[str, Any]:
         "budget_pairs": manifest.get("budget_pairs"),
         "kept_pairs": n,
         "shortfall": manifest.get("shortfall"),
-        "references": {
-            "drawn": len(references),
-            "passes": max((_ns(r).get("draw_pass", 1) for r in references), default=0),
-            "rejected": (ref_summary or {}).get("failure_kinds", {}),
-            "yielding_kept_pairs": len(per_reference),
-        },
+        "references": reference_pool(references, ref_failures, ref_summary, per_reference),
         "pairs_per_reference": {
             "mean": round(statistics.fmean(per_reference.values()), 3) if per_reference else None,
             "min": min(per_reference.values(), default=None),
@@ -147,6 +148,26 @@ def build_refed_report(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def reference_pool(references: list[dict[str, Any]], rejected: list[dict[str, Any]], summary: dict[str, Any] | None,
+                   per_reference: Counter[Any]) -> dict[str, Any]:
+    """What became of the reference stage's input rows. It is a pool to draw from, not a list to process: each row
+    is rejected (a failure row), or available; of the available ones some were drawn, the others were not needed
+    and stay in the input file only (in neither data.jsonl nor failures.jsonl)."""
+    inputs = (summary or {}).get("inputs", 0)
+    available = inputs - len(rejected)
+    distinct = len({_ns(r).get("reference_id") for r in references})
+    return {
+        "input_rows": inputs,
+        "rejected": dict(sorted(Counter(f.get("kind") for f in rejected).items())),
+        "available": available,
+        "drawn": len(references),
+        "drawn_distinct": distinct,
+        "not_drawn": available - distinct,
+        "passes": max((_ns(r).get("draw_pass", 1) for r in references), default=0),
+        "yielding_kept_pairs": len(per_reference),
+    }
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
@@ -158,8 +179,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [f"> **Shortfall:** {r['shortfall']['message']}", ""]
     lines += [
         f"- Kept pairs: **{r['kept_pairs']}**" + (f" of budget_pairs {r['budget_pairs']}" if r.get("budget_pairs") else ""),
-        f"- References drawn: {refs['drawn']} (passes over the reference set: {refs['passes']}); rejected inputs: "
-        + (", ".join(f"{k} {v}" for k, v in refs["rejected"].items()) or "none"),
+        f"- References: {refs['available']} available of {refs['input_rows']} input rows (rejected: "
+        + (", ".join(f"{k} {v}" for k, v in refs["rejected"].items()) or "none")
+        + f"); drawn {refs['drawn']} ({refs['drawn_distinct']} distinct, {refs['passes']} pass(es) over the pool); "
+        f"not drawn {refs['not_drawn']} (not needed for the budget: they stay in the input file only)",
         f"- Pairs per reference: mean {ppr['mean']}, min {ppr['min']}, max {ppr['max']}",
         f"- Model calls: {c['requests']} ({c['cache_hits']} more answered by the cache), {c['tokens']} tokens, ${c['cost_usd']:.4f}",
         f"- Per kept pair: {c['requests_per_kept_pair']} calls, {c['tokens_per_kept_pair']} tokens, ${c['usd_per_kept_pair'] or 0:.6f} "

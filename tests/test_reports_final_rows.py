@@ -1,0 +1,151 @@
+"""Method reports are computed from the final rows: data.jsonl, failures.jsonl and each stage's final records
+(records.jsonl), never from a stage's journal (outputs.jsonl), which still holds what earlier rounds made.
+
+Each run below has a top-up round in which `filter.rouge` (seeded random order over a larger set) drops a pair it
+had kept in an earlier round, after the next stage had already judged it: that stage's journal then holds pairs
+that are not among its final inputs. Each test first checks that this happened, then compares every figure of
+the report with what it recomputes from the final files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from datatailor.llm.base import CompletionRequest
+from datatailor.recipe import parse_recipe
+from datatailor.report.compare import collect_run
+from datatailor.runner import run_recipe_sync
+from tests.support import read_jsonl
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec romeo sierra tango".split()
+
+
+def teacher(request: CompletionRequest) -> str:
+    """REFED's teacher and judge. Every reference's first subject-area instruction is the same poem request (so
+    filter.rouge keeps one of them, which one depending on the set it sees); the others are seeded word lists, and
+    every odd-numbered one carries LOSES, which makes the judge prefer its draft."""
+    t, v = request.template, request.variables or {}
+    if t == "refed/instruction_feedback.j2":
+        ref = json.loads(v["pair"])["instruction"]
+        return json.dumps({"subject_areas": f"areas of {ref}", "relevant_skills": f"skills of {ref}"})
+    if t == "refed/response_feedback.j2":
+        return json.dumps({"response_feedback": "be concrete"})
+    if t == "refed/synthesize.j2":
+        items = []
+        for i in range(v["n"]):
+            if i == 0 and v["feature_name"] == "subject areas":
+                items.append("Write a short poem about the sea")
+                continue
+            h = int(hashlib.sha256(f"{request.sampling.seed}|{i}|{v['feature_name']}".encode()).hexdigest(), 16)
+            words = " ".join(WORDS[(h >> (5 * k)) % len(WORDS)] for k in range(6))
+            items.append(("LOSES " if i % 2 else "") + f"Tell me about {words}")
+        return json.dumps({"instructions": items})
+    if t == "refed/respond.j2":
+        return f"Draft answer to: {v['instruction']}"
+    if t == "refed/improve.j2":
+        return json.dumps({"analysis": {"original_strengths": [], "improvement_opportunities": [], "relevant_feedback": []},
+                           "implementation_strategy": {"planned_changes": [], "rationale": ""},
+                           "improved_response": "Improved: " + json.loads(v["response"]) + " And more."})
+    if t == "judge/pairwise_scores.j2":
+        def score(answer: str) -> int:
+            return (3 if "LOSES" in v["question"] else 8) if answer.startswith("Improved") else 5
+        return f"{score(v['answer_1'])} {score(v['answer_2'])}"
+    raise AssertionError(f"unexpected template {t!r}")
+
+
+def journal_only(out: Path, stage: str, before: str) -> set[str]:
+    """Ids in `stage`'s journal that are not among its final inputs (the records.jsonl of the stage `before` it)."""
+    journal = {row["src"] for row in read_jsonl(out / "stages" / stage / "outputs.jsonl")}
+    return journal - {r["id"] for r in read_jsonl(out / "stages" / before / "records.jsonl")}
+
+
+def mean1(values: list[float]) -> float | None:
+    return round(statistics.fmean(values), 1) if values else None
+
+
+# ----------------------------------------------------------------------------- REFED
+
+
+def refed_run(tmp_path: Path) -> Path:
+    rows = [{"instruction": f"Reference task number {i}", "output": f"answer {i}"} for i in range(8)]
+    rows.append({"conversations": ["A question?", "An answer.", "A follow-up?", "Another answer."]})
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    model = {"backend": "scripted", "model": "teacher", "handler": "tests.test_reports_final_rows:teacher"}
+    stages = [{"type": "refed.references", "pairs_per_reference": 6}, {"type": "refed.feedback"},
+              {"type": "refed.synthesize", "per_feature": 3}, {"type": "refed.respond"}, {"type": "refed.improve"},
+              {"type": "filter.rouge"},
+              {"type": "judge.pairwise", "role": "judge", "a": "response", "b": "metadata.refed.draft", "rule": "strict", "keep": "a"},
+              {"type": "select"}]
+    recipe = parse_recipe({"models": {"teacher": model, "judge": model}, "input": str(tmp_path / "refs.jsonl"), "budget_pairs": 8,
+                           "seed": 1, "stages": stages, "cache": False}, "t", tmp_path)
+    result = run_recipe_sync(recipe, tmp_path / "refed", show_progress=False)
+    assert (result.status, result.records) == ("complete", 8)
+    return tmp_path / "refed"
+
+
+def test_the_refed_report_counts_the_final_rows_not_the_judges_journal(tmp_path: Path) -> None:
+    out = refed_run(tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rounds"] > 1
+    stale = journal_only(out, "06-judge.pairwise", "05-filter.rouge")
+    assert stale, "the judge's journal should hold pairs filter.rouge dropped in a later round"
+
+    report = json.loads((out / "reports" / "refed_report.json").read_text())
+    data, failures = read_jsonl(out / "data.jsonl"), read_jsonl(out / "failures.jsonl")
+    ns = [r["metadata"]["refed"] for r in data]
+    assert report["kept_pairs"] == len(data) == 8
+
+    # the judge: what it kept in its last pass (its records.jsonl) and what it dropped (failures.jsonl)
+    judged = read_jsonl(out / "stages" / "06-judge.pairwise" / "records.jsonl") + [
+        f["record"] for f in failures if f["stage"] == "judge.pairwise" and f["kind"] == "judge_filter"]
+    verdicts = Counter(r["metadata"]["judge"]["verdict"] for r in judged)
+    consistent = sum(1 for r in judged if r["metadata"]["judge"]["position_consistent"])
+    assert report["judge"] == {
+        "stage": "judge.pairwise", "judged": len(judged), "prefers_improved": verdicts["a"], "prefers_draft": verdicts["b"],
+        "ties": verdicts["tie"], "prefers_improved_share": round(verdicts["a"] / len(judged), 6),
+        "position_consistency": round(consistent / len(judged), 6)}
+    journal_judged = len(read_jsonl(out / "stages" / "06-judge.pairwise" / "outputs.jsonl")) + sum(
+        1 for f in failures if f["stage"] == "judge.pairwise")
+    assert journal_judged == len(judged) + len(stale)  # what reading the journal would have counted
+
+    # the reference pool: 9 input rows, 1 multi-turn, 8 available; those drawn are the references stage's final records
+    references = read_jsonl(out / "stages" / "00-refed.references" / "records.jsonl")
+    distinct = {r["metadata"]["refed"]["reference_id"] for r in references}
+    per_reference = Counter(d["reference_id"] for d in ns)
+    assert report["references"] == {
+        "input_rows": 9, "rejected": {"multi_turn": 1}, "available": 8, "drawn": len(references),
+        "drawn_distinct": len(distinct), "not_drawn": 8 - len(distinct), "passes": 1, "yielding_kept_pairs": len(per_reference)}
+    assert report["pairs_per_reference"] == {
+        "mean": round(statistics.fmean(per_reference.values()), 3), "min": min(per_reference.values()),
+        "max": max(per_reference.values()), "histogram": {str(k): v for k, v in sorted(Counter(per_reference.values()).items())}}
+
+    # what the improvement did, over the delivered pairs
+    improved = [r for r in data if r["metadata"]["refed"]["analysis"] is not None]
+    assert report["improvement"] == {
+        "improved_pairs": len(improved),
+        "draft_words_mean": mean1([len(r["metadata"]["refed"]["draft"].split()) for r in improved]),
+        "improved_words_mean": mean1([len(r["response"].split()) for r in improved])}
+    assert report["diversity"]["instructions"] == len(data)
+
+    # the money is what was spent, earlier rounds included
+    usage = json.loads((out / "usage.json").read_text())["total"]
+    assert report["cost"]["requests"] == usage["all"]["requests"]
+    assert report["cost"]["requests_per_kept_pair"] == round(usage["all"]["requests"] / len(data), 6)
+    assert report["cost"]["feedback_calls"] == usage["stages"]["refed.feedback"]["requests"]
+    markdown = (out / "reports" / "refed_report.md").read_text()
+    assert f"prefers the improved response in {verdicts['a']} of {len(judged)}" in markdown
+    assert f"drawn {len(references)} ({len(distinct)} distinct, 1 pass(es) over the pool); not drawn {8 - len(distinct)}" in markdown
+
+
+def test_compare_reads_the_final_rows_of_a_run_with_a_top_up_round(tmp_path: Path) -> None:
+    out = refed_run(tmp_path)
+    summary = collect_run(out, "refed", None, [])
+    usage = json.loads((out / "usage.json").read_text())["total"]["all"]
+    assert summary.size == len(read_jsonl(out / "data.jsonl")) == 8
+    assert (summary.requests, summary.per_pair(summary.requests)) == (usage["requests"], usage["requests"] / 8)
+    assert summary.diversity is not None and summary.diversity.n == 8
