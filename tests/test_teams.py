@@ -32,6 +32,7 @@ from datatailor.llm.usage import UsageLedger  # noqa: E402
 from datatailor.recipe import parse_recipe  # noqa: E402
 from datatailor.runner import run_recipe_sync  # noqa: E402
 from datatailor.stages.teams import OPERATIONS, EvolCore, Observer, bias_vector, decode_action  # noqa: E402
+from datatailor.stages.teams.env import Episode  # noqa: E402
 from tests.conftest import cli_env  # noqa: E402
 from tests.support import kill_9_when, read_jsonl, write_rows  # noqa: E402
 
@@ -67,8 +68,8 @@ WORLD = {"rewriter": {"backend": "scripted", "model": "rw", "handler": "tests.te
          "expert": {"backend": "scripted", "model": "ex", "handler": "tests.test_teams:expert", "max_concurrency": 64}}
 
 
-def core_and_loop(**kwargs: Any) -> tuple[EvolCore, asyncio.AbstractEventLoop]:
-    pool = ModelPool({name: ScriptedModel.model_validate(cfg) for name, cfg in WORLD.items()}, UsageLedger())
+def core_and_loop(world: dict[str, Any] | None = None, cache: Any = None, **kwargs: Any) -> tuple[EvolCore, asyncio.AbstractEventLoop]:
+    pool = ModelPool({name: ScriptedModel.model_validate(cfg) for name, cfg in (world or WORLD).items()}, UsageLedger(), cache=cache)
     return EvolCore(pool.role("rewriter"), pool.role("reviewer"), stage="test", **kwargs), asyncio.new_event_loop()
 
 
@@ -152,6 +153,28 @@ def test_a_vector_step_issues_every_environments_calls_at_once() -> None:
     assert rw.peak == 8 and rv.peak == 8  # the 8 environments' rewrites overlapped, then their reviews
 
 
+def test_novelty_is_scored_in_environment_order_whatever_review_comes_back_first() -> None:
+    """The novelty term compares a rewrite with those scored before it: environment 0 first, so a resumed run (and
+    any run) gets the same rewards even when environment 0's review is the slowest to come back."""
+    from datatailor.stages.teams.vec import LLMVecEnv
+
+    class FirstSeedSlow(SlowBackend):
+        async def complete(self, request: CompletionRequest) -> Completion:
+            if "number 0 " in request.variables["second"]:
+                await asyncio.sleep(0.2)
+            return Completion(text=self.handler(request), finish_reason="stop")
+
+    ledger = UsageLedger()
+    rw, rv = SlowBackend(rewriter), FirstSeedSlow(reviewer)
+    core = EvolCore(RoleModel("rewriter", ScriptedModel(model="rw"), rw, None, ledger),
+                    RoleModel("reviewer", ScriptedModel(model="rv", max_concurrency=8), rv, None, ledger), stage="t", novelty_weight=1.0)
+    seeds = ["[A] a question number 0 about cooking", "[A] a question number 1 about cooking"]
+    env = LLMVecEnv(core, seeds, n_envs=2, observer=Observer("faithful"), call=asyncio.new_event_loop().run_until_complete)
+    env.episodes = [Episode(seed=t, instruction=t) for t in seeds]
+    _, rewards, _, _ = env.step(np.tile(np.eye(6)[2], (2, 1)))  # deepening: "Not Equal" for both, reward 1 + novelty
+    assert rewards[0] == 2.0 and 1.0 < rewards[1] < 1.5  # the first has nothing before it; the second is close to it
+
+
 def test_the_gymnasium_interface() -> None:
     from datatailor.stages.teams.vec import EvolInstructEnv
 
@@ -215,6 +238,9 @@ def test_training_checkpoints_every_update_and_generation_uses_the_policy(tmp_pa
     assert all(r["metadata"]["teams_rl"]["policy"].endswith("policy") for r in data)
     report = json.loads((tmp_path / "out" / "reports" / "teams_rl_report.json").read_text())
     assert report["training"]["updates"] == 4 and report["pairs"] == len(data)
+    # each episode's operations are counted once, not once per kept pair of it
+    episodes = {r["metadata"]["teams_rl"]["seed_id"] for r in data}
+    assert len(data) > len(episodes) and all(sum(c.values()) == len(episodes) for c in report["operations"]["per_step"].values())
     usage = json.loads((tmp_path / "out" / "usage.json").read_text())["total"]
     assert report["queries"]["expert_requests_per_pair"] == round(usage["roles"]["expert"]["requests"] / len(data), 4)
     assert report["queries"]["training_requests"] == 4 * 2 * 6 * 2  # updates × envs × steps × (rewrite + review)
@@ -346,11 +372,78 @@ def test_episodes_per_seed_start_again_from_the_seed(tmp_path: Path) -> None:
     assert len(set(ops.values())) == 3  # each episode draws its own operations
 
 
+REWRITES: list[tuple[Any, str]] = []
+
+
+def recording_rewriter(request: CompletionRequest) -> str:
+    REWRITES.append((request.sampling.seed, request.variables["instruction"]))
+    return rewriter(request)
+
+
+def final_weights(folder: Path) -> dict[str, Any]:
+    from datatailor.train.rl import load_policy
+
+    model, normaliser = load_policy(folder)
+    weights = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    weights.update({f"optimizer.{k}": v for k, v in model.policy.optimizer.state_dict()["state"].items()})
+    if normaliser is not None:
+        weights["obs_rms.mean"], weights["obs_rms.var"] = normaliser.obs_rms.mean, normaliser.obs_rms.var
+    return weights
+
+
+def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):  # an optimizer's per-parameter state (Adam's moments and step)
+            assert_same_weights(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), f"{key} differs by up to {(a[key] - b[key]).abs().max()}"
+        else:
+            assert np.array_equal(a[key], b[key]), key
+
+
+def training_log(folder: Path) -> list[dict[str, str]]:
+    """The log without its wall-clock column."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader((folder / "training_log.csv").open())]
+
+
+@pytest.mark.parametrize("observation, novelty, chain", [("faithful", 0.0, False), ("informative", 0.5, True)])
+def test_a_resumed_training_ends_with_the_weights_log_and_calls_of_an_uninterrupted_one(
+    observation: str, novelty: float, chain: bool, tmp_path: Path
+) -> None:
+    """Stopped after 2 of 6 updates and run again (new objects, as a new process would make): the resumed run continues
+    the seed draws, episode counters, sampling and normaliser, so it ends where an uninterrupted run ends, having made
+    the same model calls; with one cache for both parts, as a bake-off re-run has, it pays for the same requests."""
+    from datatailor.llm.cache import RequestCache
+    from datatailor.train.rl import RLSettings, train_policy
+
+    world = {**WORLD, "rewriter": {**WORLD["rewriter"], "handler": "tests.test_teams:recording_rewriter"}}
+    settings = RLSettings(updates=6, n_envs=2, observation=observation, embedder="hashing", chain=chain, seed=3)
+    calls: dict[str, list[tuple[Any, str]]] = {}
+    requests: dict[str, int] = {}
+    for name, stops in (("straight", [6]), ("resumed", [2, 6])):
+        REWRITES.clear()
+        cache = RequestCache(tmp_path / f"{name}.sqlite")
+        requests[name] = 0
+        for updates in stops:
+            core, loop = core_and_loop(world, cache, novelty_weight=novelty)
+            summary = train_policy(core, SEEDS, tmp_path / name, settings.model_copy(update={"updates": updates}), loop.run_until_complete)
+            requests[name] += sum(u.requests for u in core.rewriter.ledger.total().values())
+        assert summary["updates"] == 6 and summary["resumed_from"] == (2 if name == "resumed" else 0)
+        calls[name] = list(REWRITES)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed"))
+    assert training_log(tmp_path / "resumed") == training_log(tmp_path / "straight")
+    assert sorted(calls["resumed"]) == sorted(calls["straight"]) and len(set(calls["straight"])) == len(calls["straight"])
+    assert requests["resumed"] == requests["straight"] == 6 * 2 * 6 * 2  # no rollout replayed from the cache for free
+
+
 def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
     # Slow enough that a loaded machine still sees the kill land part-way (about 0.6 s per update).
     slow = {name: {**cfg, "latency_s": 0.05} for name, cfg in WORLD.items()}
     path = tmp_path / "teams.yaml"
-    data = recipe(tmp_path, [{**TRAIN, "updates": 16}])
+    data = recipe(tmp_path, [{**TRAIN, "updates": 12}])
     data["models"] = slow
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     out = tmp_path / "out"
@@ -359,13 +452,18 @@ def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
     kill_9_when(cmd, cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c1")),
                 lambda: len(list(checkpoints.glob("update_*.zip"))) >= 3, timeout_s=90)
     done_before = len(list(checkpoints.glob("update_*.zip")))
-    assert 3 <= done_before < 16
+    assert 3 <= done_before < 12
     resumed = subprocess.run(cmd, env=cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "c2")), capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((checkpoints.parent / "train_summary.json").read_text())
-    assert summary["updates"] == 16 and summary["resumed_from"] >= done_before
-    rows = list(csv.DictReader((checkpoints.parent / "training_log.csv").open()))
-    assert [int(r["update"]) for r in rows] == list(range(1, 17))
+    assert summary["updates"] == 12 and summary["resumed_from"] >= done_before
+    assert not list(checkpoints.glob(".*"))  # no temporary file left behind
     # the resumed run made only the remaining updates' calls: 2 envs × 6 steps × 2 calls each
     requests = json.loads((out / "usage.json").read_text())["run"]["all"]["requests"]
-    assert requests == (16 - summary["resumed_from"]) * 2 * 6 * 2
+    assert requests == (12 - summary["resumed_from"]) * 2 * 6 * 2
+    # and it ended as a run never killed: the same policy, the same log
+    straight = run_recipe_sync(parse_recipe({**data, "models": WORLD}, "t", tmp_path), tmp_path / "straight", show_progress=False)
+    assert straight.status == "complete", straight.message
+    policy = tmp_path / "straight" / "stages" / "00-teams.train" / "policy"
+    assert_same_weights(final_weights(checkpoints.parent), final_weights(policy))
+    assert training_log(checkpoints.parent) == training_log(policy)

@@ -16,9 +16,12 @@ What sb3-contrib's TRPO does differently, and why that is acceptable:
 * one update uses `n_envs` episodes (stepped concurrently) instead of one: the official 6 transitions per update
   make very noisy steps. `n_envs: 1` gives the paper's batch.
 
-Every update is checkpointed (`checkpoints/update_NNNN.zip`, with the observation normaliser) and logged
-(`training_log.csv`: mean episode reward, KL, line-search success, the share of each operation); a killed training
-resumes from the last checkpoint. `training_curve.png` plots the mean episode reward per update.
+Every update is checkpointed (`checkpoints/update_NNNN.zip`, with the observation normaliser and `state_NNNN.pkl`:
+the random states and the environments' seed draws, episodes and counters) and logged (`training_log.csv`: mean
+episode reward, KL, line-search success, the share of each operation). A killed training resumes from the last
+checkpoint and continues where it stopped: it ends with the same weights and log as an uninterrupted one (but the
+`seconds` column), and its model calls are the ones the uninterrupted run would make (the same cache keys).
+`training_curve.png` plots the mean episode reward per update.
 """
 
 from __future__ import annotations
@@ -166,17 +169,58 @@ def _callback(out: Path, start: int, progress: TextIO | None) -> Any:
 
 
 def save_checkpoint(model: Any, out: Path, update: int) -> None:
-    """The policy after `update` updates, and the observation normaliser's statistics (faithful mode)."""
+    """The policy after `update` updates, with what a resumed training needs to continue exactly as an uninterrupted
+    one: the observation normaliser's statistics (faithful mode) and the training state (the Python, NumPy and torch
+    random states, and the environments' seed draws, episodes and counters). Each file is written to a temporary name
+    and renamed; the policy's zip comes last, so a checkpoint exists only once all of it is on disk."""
+    import pickle
+
     from stable_baselines3.common.vec_env import VecNormalize
 
     folder = out / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     env = model.get_env()
+    venv = env.venv if isinstance(env, VecNormalize) else env
     if isinstance(env, VecNormalize):
-        env.save(str(folder / f"vecnormalize_{update:04d}.pkl"))
-    tmp = folder / f".update_{update:04d}.zip"
-    model.save(str(tmp))
-    tmp.replace(folder / f"update_{update:04d}.zip")  # the zip appears only once it is complete
+        _atomic(folder / f"vecnormalize_{update:04d}.pkl", lambda tmp: env.save(str(tmp)))
+    state = {"rng": _rng_state(), "env": venv.state()}
+    _atomic(folder / f"state_{update:04d}.pkl", lambda tmp: tmp.write_bytes(pickle.dumps(state)))
+    _atomic(folder / f"update_{update:04d}.zip", lambda tmp: model.save(str(tmp)))
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}")  # same suffix: sb3 would append .zip to another
+    write(tmp)
+    tmp.replace(path)
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_training_state(model: Any, out: Path, update: int) -> bool:
+    """Put back the random states and the environments' state saved with checkpoint `update` (after TRPO.load, which
+    re-seeds everything from the seed). False when the checkpoint has none (written by an older version)."""
+    import pickle
+    import random
+
+    import torch
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    path = out / CHECKPOINTS / f"state_{update:04d}.pkl"
+    if not path.is_file():
+        return False
+    state = pickle.loads(path.read_bytes())
+    env = model.get_env()
+    (env.venv if isinstance(env, VecNormalize) else env).restore(state["env"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return True
 
 
 def train_policy(core: EvolCore, seeds: list[str], out: Path, settings: RLSettings, call: Call,
@@ -192,7 +236,11 @@ def train_policy(core: EvolCore, seeds: list[str], out: Path, settings: RLSettin
     if done:
         if isinstance(env, VecNormalize):
             env = VecNormalize.load(str(out / CHECKPOINTS / f"vecnormalize_{done:04d}.pkl"), env.venv)
-        model = TRPO.load(str(out / CHECKPOINTS / f"update_{done:04d}.zip"), env=env, device="cpu")
+        # force_reset=False: keep the saved last observation, or learn() resets the environments (new seed draws)
+        model = TRPO.load(str(out / CHECKPOINTS / f"update_{done:04d}.zip"), env=env, device="cpu", force_reset=False)
+        if not restore_training_state(model, out, done) and progress is not None:
+            print(f"checkpoint {done} has no training state (an older version wrote it): training continues from its "
+                  "weights, but the rest will not equal an uninterrupted run", file=progress, flush=True)
     else:
         model = TRPO(
             "MlpPolicy", env, n_steps=steps, batch_size=steps * settings.n_envs, gamma=settings.gamma,

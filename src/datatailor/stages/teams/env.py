@@ -98,13 +98,21 @@ class EvolCore:
             return StepResult(new, 0.0, op, new, None, f"the review did not parse ({exc})")
         not_equal = not review.value
         reward = 1.0 if not_equal else 0.0
-        if self.novelty_weight:
-            similarity, _ = self.novelty.closest(new)
-            reward += self.novelty_weight * (1.0 - similarity)
-            self.novelty.add(str(len(self.novelty.ids)), new)
         if self.elimination and not not_equal:
             return StepResult(current, reward, op, new, False, "no information gain: judged equal to the previous instruction")
         return StepResult(new, reward, op, new, not_equal)
+
+    def score_novelty(self, results: list[StepResult]) -> None:
+        """Add the novelty term to each reviewed rewrite's reward, in the given order (so concurrent steps score the
+        same whichever review came back first): weight × (1 − ROUGE-L with the closest instruction generated so far)."""
+        if not self.novelty_weight:
+            return
+        for res in results:
+            if res.rewritten is None or res.not_equal is None:
+                continue
+            similarity, _ = self.novelty.closest(res.rewritten)
+            res.reward += self.novelty_weight * (1.0 - similarity)
+            self.novelty.add(str(len(self.novelty.ids)), res.rewritten)
 
 
 @dataclass

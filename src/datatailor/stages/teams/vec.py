@@ -5,6 +5,7 @@ the standard single-environment Gymnasium interface over the same logic (env.py)
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,7 @@ class LLMVecEnv(_vec_env_base()):  # type: ignore[misc]
         assert self._actions is not None
         ops = [decode_action(a, self.bias) for a in self._actions]
         results = self.call(self._step_all(ops))
+        self.core.score_novelty(results)  # in environment order, not in the order the reviews came back
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         dones = np.zeros(self.num_envs, dtype=bool)
         infos: list[dict[str, Any]] = []
@@ -104,6 +106,24 @@ class LLMVecEnv(_vec_env_base()):  # type: ignore[misc]
         if dones.any():
             obs = self.observer(self.episodes)
         return obs, rewards, dones, infos
+
+    def state(self) -> dict[str, Any]:
+        """Everything a resumed training needs to continue exactly where this environment stopped: each environment's
+        seed-draw stream, its episode in progress and episode counter (part of every model call's cache key), the
+        operation counts and the novelty index."""
+        return {"rngs": [r.getstate() for r in self.rngs], "episodes": copy.deepcopy(self.episodes),
+                "episode_counts": list(self.episode_counts), "op_counts": self.op_counts.copy(),
+                "novelty": copy.deepcopy(self.core.novelty)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if len(state["rngs"]) != self.num_envs:
+            raise ValueError(f"the checkpoint holds {len(state['rngs'])} environments, this training has {self.num_envs}")
+        for rng, saved in zip(self.rngs, state["rngs"]):
+            rng.setstate(saved)
+        self.episodes = copy.deepcopy(state["episodes"])
+        self.episode_counts = list(state["episode_counts"])
+        self.op_counts = np.asarray(state["op_counts"], dtype=np.int64).copy()
+        self.core.novelty = copy.deepcopy(state["novelty"])
 
     def close(self) -> None:
         return None
