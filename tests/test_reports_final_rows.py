@@ -149,3 +149,36 @@ def test_compare_reads_the_final_rows_of_a_run_with_a_top_up_round(tmp_path: Pat
     assert summary.size == len(read_jsonl(out / "data.jsonl")) == 8
     assert (summary.requests, summary.per_pair(summary.requests)) == (usage["requests"], usage["requests"] / 8)
     assert summary.diversity is not None and summary.diversity.n == 8
+
+
+# ----------------------------------------------------------------------------- CodecLM
+
+
+def test_the_codec_report_counts_the_final_rows_not_the_contrastive_journal(tmp_path: Path) -> None:
+    from tests.test_codec import MODELS, SEEDS, seed_rows
+
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in seed_rows(SEEDS)), encoding="utf-8")
+    stages = [{"type": "codec.encode"}, {"type": "codec.augment", "pool_size": 4}, {"type": "codec.rubrics"}, {"type": "codec.decode"},
+              {"type": "filter.rouge"}, {"type": "codec.contrastive"}, {"type": "codec.select"}]
+    recipe = parse_recipe({"models": MODELS, "input": str(tmp_path / "seeds.jsonl"), "stages": stages, "budget_pairs": 8,
+                           "cache": False}, "t", tmp_path)
+    run_recipe_sync(recipe, tmp_path / "codec", show_progress=False)
+    out = tmp_path / "codec"
+    assert json.loads((out / "manifest.json").read_text())["rounds"] > 1
+    stale = journal_only(out, "05-codec.contrastive", "04-filter.rouge")
+    assert stale, "the contrastive stage's journal should hold pairs filter.rouge dropped in a later round"
+
+    report = json.loads((out / "stages" / "05-codec.contrastive" / "codec_report.json").read_text())
+    kept = read_jsonl(out / "stages" / "05-codec.contrastive" / "records.jsonl")
+    dropped = [f for f in read_jsonl(out / "failures.jsonl") if f["stage"] == "codec.contrastive"]
+    result = [r["metadata"]["codec"]["contrastive"] for r in kept]
+    passed = [c for c in result if not c.get("below_threshold")]
+    histories = [c["history"] for c in result] + [f["record"]["metadata"]["codec"]["contrastive"]["history"] for f in dropped]
+    assert (report["instructions"], report["kept"]) == (len(kept) + len(dropped), len(kept))
+    assert report["dropped"] == dict(sorted(Counter(f["kind"] for f in dropped).items()))
+    assert (report["kept_strong"], report["kept_target"]) == (sum(c["kept"] == "strong" for c in passed), sum(c["kept"] == "target" for c in passed))
+    assert report["gap_count"] == {"all_scored": sum(1 for h in histories for step in h if step.get("G") is not None),
+                                   "final": sum(1 for h in histories if h and h[-1].get("G") is not None)}
+    assert report["iterations"][0]["entered"] == sum(1 for h in histories if h)
+    assert report["coverage"]["generated_use_cases"] == dict(Counter(r["metadata"]["codec"]["use_case"] for r in kept))
+

@@ -6,8 +6,11 @@ Written by `codec.contrastive` when it finishes, into the run directory:
 * `codec_report.md`    the same as short tables;
 * `codec_report.html`  a self-contained page (inline CSS bars, no scripts).
 
-Inputs: the kept records (their `metadata.codec` summary), the stage's failure rows (their records carry the
-same summary for what was tried), and `metadata.jsonl` (the pool, with the seeds behind each entry).
+Inputs: the records the stage kept in its last pass and its failure rows, as `finalize` gets them once every input
+is accounted for (never its journal, which after a top-up round may hold pairs an earlier stage has since dropped);
+their `metadata.codec` summary says what was tried; and `metadata.jsonl` (the pool, with the seeds behind each
+entry). "Kept" is what Contrastive Filtering kept: a later `codec.select` trims it to the budget, and data.jsonl
+holds what was delivered.
 """
 
 from __future__ import annotations
@@ -197,7 +200,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Judge position consistency: {_pct(report.get('position_consistency'))} of the scored comparisons gave the "
         "same verdict in both answer orders",
         f"- Instructions filtered: **{report['instructions']}**; kept **{report['kept']}**"
-        + (f" of a data budget of {budget}" + ("" if report["budget_met"] else " (budget not met: filtering dropped the rest)") if budget else ""),
+        + (f" for a data budget of {budget}" + (" (the final selection trims them to the budget: data.jsonl holds the pairs delivered)"
+                                                if report["budget_met"] else " (budget not met: filtering dropped the rest)") if budget else ""),
         f"- Kept with the strong answer (G > {report['threshold']}): {report['kept_strong']}; with the target answer "
         f"(G < -{report['threshold']}): {report['kept_target']}; kept below the threshold (flag): {report['kept_below_threshold']}",
         "- Dropped: " + (", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"),
@@ -215,13 +219,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {it['iteration']} | {it['entered']} | {it['scored']} | {it['kept']} | {it['kept_strong']} | "
             f"{it['kept_target']} | {_pct(it['kept_share'])} | {_pct(it['data_share'])} |"
         )
-    lines += ["", "kept share = kept at this iteration / scored at it; data share = kept at it / all kept above θ.", ""]
+    lines += ["", "kept share = kept at this iteration / scored at it; data share = kept at it / all kept above θ "
+              "(before the final selection).", ""]
     lines += ["## Gap G = S(strong) − S(target)", "", "| G from | to | all scored | final |", "|---|---|---|---|"]
     for a, b in zip(report["gap_histogram"]["all_scored"], report["gap_histogram"]["final"]):
         if a["count"] or b["count"]:
             lines.append(f"| {a['from']} | {a['to']} | {a['count']} | {b['count']} |")
     cov = report["coverage"]
-    lines += ["", "## Coverage of the seeds' metadata by the kept data", ""]
+    lines += ["", "## Coverage of the seeds' metadata by the pairs Contrastive Filtering kept (before the final selection)", ""]
     for label, key in (("Use cases", "use_cases"), ("Skills", "skills")):
         c = cov[key]
         lines.append(
