@@ -182,3 +182,47 @@ def test_the_codec_report_counts_the_final_rows_not_the_contrastive_journal(tmp_
     assert report["iterations"][0]["entered"] == sum(1 for h in histories if h)
     assert report["coverage"]["generated_use_cases"] == dict(Counter(r["metadata"]["codec"]["use_case"] for r in kept))
 
+
+# ----------------------------------------------------------------------------- compare: which rating is the data's
+
+
+def rated_run(tmp_path: Path, name: str, stages: list[dict[str, Any]]) -> Path:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"instruction": f"Question {i}?"}) + "\n" for i in range(4)), encoding="utf-8")
+    models = {"first": {"backend": "scripted", "model": "first", "rules": [{"match": ".*", "reply": "A plain answer."}]},
+              "second": {"backend": "scripted", "model": "second", "rules": [{"match": ".*", "reply": "A much better answer."}]},
+              "judge": {"backend": "scripted", "model": "rater",
+                        "rules": [{"match": "much better", "reply": "Score: 5"}, {"match": ".*", "reply": "Score: 3"}]}}
+    recipe = parse_recipe({"name": name, "models": models, "input": str(seeds), "stages": stages}, name, tmp_path)
+    assert run_recipe_sync(recipe, tmp_path / name, show_progress=False).status == "complete"
+    return tmp_path / name
+
+
+def test_compare_shows_the_rating_of_the_pairs_as_delivered(tmp_path: Path) -> None:
+    """Rated (3), rewritten, rated again as quality_after (5), as a CoachLM run does: the delivered pairs are the
+    rewritten ones, so their quality is the second rating, not the first one still stored beside it."""
+    first, rewrite = {"type": "respond", "role": "first"}, {"type": "respond", "name": "rewrite", "role": "second"}
+    rate, rate_after = {"type": "quality.rate", "role": "judge"}, {"type": "quality.rate", "role": "judge", "name": "after", "key": "quality_after"}
+    after = collect_run(rated_run(tmp_path, "after", [first, rate, rewrite, rate_after]), "after", None, [])
+    assert after.quality is not None and (after.quality.n, after.quality.mean) == (4, 5.0)
+    assert after.quality_source == "metadata.quality_after in data.jsonl"
+    stale = collect_run(rated_run(tmp_path, "stale", [first, rate, rewrite]), "stale", None, [])
+    assert stale.quality is not None and stale.quality.mean == 3.0
+    assert stale.quality_source == ("metadata.quality in data.jsonl (rated before rewrite rewrote pairs: these scores are "
+                                    "of the earlier versions)")
+
+
+def test_compare_does_not_show_a_rating_of_an_earlier_data_file(tmp_path: Path) -> None:
+    run = rated_run(tmp_path, "plain", [{"type": "respond", "role": "first"}])
+    (run / "rate").mkdir()
+    (run / "rate" / "quality.json").write_text(json.dumps({  # as `datatailor rate` wrote it when the run held 3 pairs
+        "kind": "datatailor-quality", "n": 3, "mean": 3.0, "histogram": {}, "shares": {}, "high_quality_share": 0.0,
+        "unrated": 0, "failures": {}}), encoding="utf-8")
+    summary = collect_run(run, "plain", None, [])
+    assert summary.quality is None
+    assert summary.quality_source == ("rate/quality.json rated 3 pairs but data.jsonl holds 4: it is of an earlier "
+                                      "data.jsonl, so it is not shown; rate the run again")
+    (run / "rate" / "quality.json").write_text(json.dumps({
+        "kind": "datatailor-quality", "n": 3, "mean": 3.0, "histogram": {"[0,3.5)": 3}, "shares": {"[0,3.5)": 1.0},
+        "high_quality_share": 0.0, "unrated": 0, "failures": {"parse_error": 1}}), encoding="utf-8")
+    assert collect_run(run, "plain", None, []).quality.n == 3  # 3 rated + 1 failed = the 4 pairs: current

@@ -7,8 +7,9 @@ contamination against the shipped test sets, and CRR/WR1/WR2/QS with W/T/L where
 Where things are found, for a run directory RUN:
 
 * data, usage, recipe: RUN/data.jsonl, RUN/usage.json, RUN/recipe.json, RUN/manifest.json;
-* quality: scores in `metadata.quality` of RUN/data.jsonl, else RUN/quality.json or RUN/*/quality.json
-  (what `datatailor rate RUN` writes);
+* quality: the scores of the recipe's last `quality.rate` stage (`metadata.quality`, or its `key`, e.g. CoachLM's
+  `quality_after`) in RUN/data.jsonl, else RUN/quality.json or RUN/*/quality.json (what `datatailor rate RUN`
+  writes) when it rated as many pairs as data.jsonl holds (one of an earlier data.jsonl is named, not shown);
 * evaluations: RUN/eval.json, RUN/*/eval.json (e.g. `datatailor eval --out RUN/eval-vicuna80`), and
   eval folders beside the run named RUN-eval* or RUN_eval*.
 
@@ -114,14 +115,39 @@ def _find_evals(run: Path) -> list[dict[str, Any]]:
     return evals
 
 
-def _find_quality(run: Path, records: list[Any]) -> tuple[QualitySummary | None, str | None]:
-    scores = stored_scores(records)
+def final_rating(stages: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """Which rating describes the pairs as delivered: the metadata key of the recipe's last `quality.rate` stage (a
+    CoachLM run rates before revision as `quality`, after it as `quality_after`), and the first later stage that
+    rewrote the pairs, if any (the rating then describes them as they were before it)."""
+    from datatailor.stages import load_all
+
+    registry = load_all()
+    last = max((i for i, s in enumerate(stages) if s.get("type") == "quality.rate"), default=None)
+    if last is None:
+        return "quality", None
+    key = stages[last].get("key") or "quality"
+    for s in stages[last + 1:]:
+        cls = registry.get(str(s.get("type")))
+        if cls is not None and {"instruction", "input", "response"} & set(cls.contract(cls.Config.model_validate(s)).provides):
+            return key, s.get("name") or s["type"]
+    return key, None
+
+
+def _find_quality(run: Path, records: list[Any], stages: list[dict[str, Any]]) -> tuple[QualitySummary | None, str | None]:
+    """The ratings of the delivered pairs, and where they come from (or, with no summary, why none is shown)."""
+    key, rewritten_by = final_rating(stages)
+    scores = stored_scores(records, key)
     if scores:
-        return summarize_quality(scores), "metadata.quality in data.jsonl"
+        later = f" (rated before {rewritten_by} rewrote pairs: these scores are of the earlier versions)" if rewritten_by else ""
+        return summarize_quality(scores), f"metadata.{key} in data.jsonl{later}"
     for path in [run / "quality.json", *sorted(run.glob("*/quality.json"))]:
         if path.is_file():
             data = _read_json(path)
             if isinstance(data, dict) and data.get("kind") == "datatailor-quality":
+                rated = data["n"] + data.get("unrated", 0) + sum((data.get("failures") or {}).values())
+                if rated != len(records):  # `datatailor rate` ran on an earlier data.jsonl (before a resume or top-up)
+                    return None, (f"{path.relative_to(run)} rated {rated} pairs but data.jsonl holds {len(records)}: it is "
+                                  "of an earlier data.jsonl, so it is not shown; rate the run again")
                 fields = {k: data[k] for k in QualitySummary.model_fields}
                 return QualitySummary.model_validate(fields), str(path.relative_to(run))
     return None, None
@@ -159,7 +185,7 @@ def collect_run(path: Path, label: str, embedder: Embedder | None, test_items: l
             budget=budget,
             evals=_find_evals(path),
         )
-        summary.quality, summary.quality_source = _find_quality(path, records)
+        summary.quality, summary.quality_source = _find_quality(path, records, recipe.get("stages") or [])
     if records:
         summary.diversity = diversity_report(records, embedder)
         summary.contamination = contamination_summary(len(records), find_contamination(records, test_items))
@@ -342,6 +368,7 @@ def render_html(runs: list[RunSummary], title: str = "datatailor: runs compared"
                 testsets: list[str] | None = None) -> str:
     testsets = testsets if testsets is not None else shipped_testsets()
     notes = list(notes or [])
+    notes += [f"Quality of {r.label}: {r.quality_source}" for r in runs if r.quality is None and r.quality_source]
     empty = [r.label for r in runs if not r.size]
     if empty:
         notes.append(f"No kept pairs in: {', '.join(empty)} — nothing to rate, measure or check there; "
