@@ -19,6 +19,9 @@ mapped input/response columns override it. A mapped `category` / `id` lands in `
 `metadata["id"]`. A mapped column missing from a row is an error naming the file, the line and the
 column. Extra columns stay in `metadata` under their original names.
 
+Inputs may also be objects in a store (`s3://bucket/seeds.jsonl`, `gs://…`, `abfs://…`: any fsspec URL, with
+`pip install 'datatailor[cloud]'`), read as a stream (`read_url_rows`); credentials come from the environment.
+
 Writes are atomic: a temp file in the same folder, then a rename.
 """
 
@@ -154,6 +157,10 @@ def read_hf_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    from datatailor.storage import is_url
+
+    if is_url(path):
+        return read_url_rows(str(path))
     p = Path(path)
     if not p.exists():
         raise UserError(f"input not found: {p}")
@@ -175,6 +182,62 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if head == "{":
         return read_jsonl_rows(p)
     raise UserError(f"{p}: unknown file type (use .jsonl, .json, .parquet or an HF datasets folder)")
+
+
+def read_url_rows(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of an object (`s3://…` or any fsspec URL), streamed: JSONL line by line, Parquet a row group at a
+    time (bounded memory); JSON is read whole, as from a disk."""
+    from datatailor.storage import open_input
+
+    suffix = Path(url.split("?", 1)[0]).suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".parquet"):
+        raise UserError(f"{url}: unknown object type (use .jsonl, .json or .parquet)")
+    fh = open_input(url, "rb")  # fails here, before the first row is asked for, when it is missing
+    return _url_rows(url, suffix, fh)
+
+
+def _url_rows(url: str, suffix: str, fh: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    with fh:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.ParquetFile(fh)
+                n = 0
+                for batch in table.iter_batches(batch_size=4096):
+                    for row in batch.to_pylist():
+                        n += 1
+                        yield n, row
+            except UserError:
+                raise
+            except Exception as exc:  # pyarrow raises several types for a damaged file
+                raise UserError(f"{url}: cannot read Parquet: {exc}") from None
+            return
+        if suffix == ".json":
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                tmp.write(fh.read())
+                tmp.flush()
+                yield from _renamed(read_json_rows(Path(tmp.name)), tmp.name, url)
+            return
+        for lineno, raw in enumerate(fh, 1):
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{url}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{url}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _renamed(rows: Iterator[tuple[int, dict[str, Any]]], local: str, url: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Errors about a downloaded copy name the URL it came from."""
+    try:
+        yield from rows
+    except UserError as exc:
+        raise UserError(str(exc).replace(local, url)) from None
 
 
 # ----------------------------------------------------------------------------- row formats
@@ -489,9 +552,10 @@ def iter_records(
     """`read_records` as a stream: the file is read as it is consumed (JSONL; JSON and Parquet are read whole).
 
     Repeated ids are found with a compact digest set, so millions of rows cost about 16 bytes each."""
+    from datatailor.storage import is_url
     from datatailor.store import IdSet
 
-    p = Path(path)
+    p: Any = str(path) if is_url(path) else Path(path)
     try:
         fields = check_fields(fields)
     except ValueError as exc:
@@ -505,7 +569,7 @@ def iter_records(
         try:
             record = row_to_record(row, fmt, fields)
         except (ValueError, KeyError, TypeError) as exc:
-            where = "line" if p.suffix.lower() in (".jsonl", ".ndjson") else "item"
+            where = "line" if str(p).lower().endswith((".jsonl", ".ndjson")) else "item"
             raise UserError(f"{p}:{lineno}: {where} {lineno}: {exc}") from None
         except Exception as exc:  # pydantic ValidationError on a datatailor-format row
             raise UserError(f"{p}:{lineno}: invalid record: {str(exc).splitlines()[0]}") from None

@@ -136,6 +136,10 @@ class Recipe(BaseModel):
         return s.name or s.type
 
     def resolve(self, path: str | Path) -> Path:
+        from datatailor.storage import is_url
+
+        if is_url(path):
+            return path  # type: ignore[return-value]  # an object-store URL (s3://…) stays as it is
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
@@ -159,6 +163,10 @@ class Recipe(BaseModel):
 
 
 def file_digest(path: Path) -> str:
+    from datatailor.storage import is_url, object_identity
+
+    if is_url(path):  # an object's ETag and size stand for its content: no download just to hash it
+        return hashlib.sha256(object_identity(str(path)).encode()).hexdigest()[:16]
     h = hashlib.sha256()
     if path.is_dir():
         for f in sorted(p for p in path.rglob("*") if p.is_file()):

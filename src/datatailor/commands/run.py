@@ -132,7 +132,7 @@ def spend_summary(usage: dict) -> str:
         text += f" | run total: {line(total)}"
     lost = int(total.get("unaccounted_requests", 0) or 0)
     if lost:
-        text += (f" | {lost} request(s) in flight when a process was killed are not in these figures "
+        text += (f" | up to {lost} more request(s) were in flight when a process was killed: not in these figures "
                  "(the server may have answered them)")
     return text
 

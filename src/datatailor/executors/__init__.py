@@ -19,6 +19,8 @@ class RaySettings:
     stall_timeout_s: float = 600.0  # no progress for this long: stop as `interrupted` (resumable)
     worker_cpus: float = 0.5  # CPUs reserved per actor (model calls wait on the network)
     per_writer_cache: bool | None = None  # one cache file per worker (several machines); None: when the cluster has >1 node
+    flush_records: int = 256  # --out in an object store: a worker uploads its new results every this many records…
+    flush_s: float = 5.0  # …or this many seconds (a worker killed with its node loses at most that much)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -27,6 +29,8 @@ class RaySettings:
             raise ValueError("--shard-size must be at least 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("--stall-timeout must be positive")
+        if self.flush_records < 1 or self.flush_s <= 0:
+            raise ValueError("--flush-records must be at least 1 and --flush-seconds positive")
 
 
 def ray_executor(settings: RaySettings):  # -> RayExecutor, imported lazily

@@ -7,28 +7,37 @@ For a map stage that can be spread (`Stage.distributed`):
    first output wins, an output beats a failure), with its workers' usage.
 2. The first `systematic_failures` pending records run on the driver, as in a local run, so a stage that
    fails every record (a template typo, a wrong model name) stops before the cluster spends anything.
-3. The other pending records are written to shard files (`shards/NNNNNN.jsonl`, --shard-size each) and
-   `map_batches` sends each shard to a `StageWorker` actor (--workers of them, built once). Ray retries the
+3. The other pending records are written to shard objects in the run's store (`stages/NN-name/shards/NNNNNN.jsonl`,
+   --shard-size each: the run directory on a shared disk, or the object store of `--out s3://…`), and
+   `map_batches` sends each shard's name to a `StageWorker` actor (--workers of them, built once). Ray retries the
    shards of an actor that dies (at-least-once); nothing drops failed blocks (`max_errored_blocks` unset).
-4. When every shard is back, the part files are merged; the stage is complete only when every input id is
-   accounted for exactly once (else `interrupted`, and the same command resumes with the missing ones).
+4. When every shard is back, the part files (or part objects) are merged; the stage is complete only when every
+   input id is accounted for exactly once (else `interrupted`, and the same command resumes with the missing ones).
 
-A watchdog stops the run as `interrupted` (resumable) when no part file grew and no shard came back for
---stall-timeout seconds: Ray has open bugs where a job hangs for good. A budget holds across workers: each
-reports its spending to a tally actor every 0.5 s and sees the others'. The request cache is shared: one
-SQLite file in WAL mode on one machine, one file per worker on several (a shared filesystem is needed for
---out and the cache either way).
+What the user is told (printed, and in the manifest under "executor"): a worker node that died (its id and
+address), how many records ran twice because a worker died before its result was known, and how many rows were
+recovered from a killed worker's spool. A watchdog stops the run as `interrupted` (resumable) when no part grew
+and no shard came back for --stall-timeout seconds: Ray has open bugs where a job hangs for good. A budget
+holds across workers: each reports its spending to a tally actor every 0.5 s and sees the others'. Spend is
+counted from every process's spend log (`llm.spend_log`), never from what a worker reports at the end. The
+request cache is shared: one SQLite file in WAL mode on one machine, one file per worker on several.
+
+A local Ray that the run starts is shut down when the run ends, and a watcher process (`executors.reaper`)
+stops it if the run is killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
-import shutil
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +45,8 @@ import numpy as np
 
 from datatailor.errors import RunAbort, UserError
 from datatailor.executors import RaySettings
-from datatailor.executors.worker import PARTS, SHARDS, USAGE, SpendTally, StageWorker, sign_shard
-from datatailor.journal import iter_journal
+from datatailor.executors.worker import PARTS, SHARDS, SpendTally, StageWorker, sign_shard
+from datatailor.storage import LOG, RunStore, iter_journal_rows
 from datatailor.store import ListSource, RecordSource, record_line
 
 if TYPE_CHECKING:
@@ -59,6 +68,12 @@ class RayExecutor:
         self._started = False
         self._owned = False
         self.nodes = 1
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self._session_dir: str | None = None
+        self._alive: dict[str, str] = {}  # node id -> address, of the nodes seen alive
+        self._last_node_check = 0.0
+        # What the user is told, and the manifest keeps under "executor".
+        self.events: dict[str, Any] = {"nodes_lost": [], "records_retried": 0, "rows_recovered": 0}
 
     # -- cluster ------------------------------------------------------------------------------------
 
@@ -81,21 +96,73 @@ class RayExecutor:
                 # A local Ray on the loopback only (without this variable Ray binds the machine's own address).
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 ray.init(num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1", **options)
+                self._start_reaper()
             self._owned = True
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         for name in ("ray", "ray.data"):  # the run's own progress line says what happens; Ray's INFO lines repeat it
             logging.getLogger(name).setLevel(logging.WARNING)
         ctx.max_errored_blocks = 0  # never drop a failed block
-        self.nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        self._alive = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+        self.nodes = len(self._alive)
         self._started = True
+
+    def _start_reaper(self) -> None:
+        """A watcher in its own session that stops this local Ray if this process is killed (`executors.reaper`)."""
+        import ray
+
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is None:
+            return
+        self._session_dir = node.get_session_dir_path()
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "datatailor.executors.reaper", "--pid", str(os.getpid()), "--session-dir", self._session_dir],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
 
     def close(self) -> None:
         if self._owned:
             import ray
 
             ray.shutdown()
+        if self._reaper is not None:
+            from datatailor.executors.reaper import session_processes, stop
+
+            import signal
+
+            # ray.shutdown() stops what it started; anything left of the session (an agent slow to exit) goes now
+            deadline = time.monotonic() + 5
+            while (left := session_processes(self._session_dir or "")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            stop(left, signal.SIGKILL)
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
         self._started = self._owned = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"kind": "ray", "nodes": self.nodes, "workers": self.settings.workers, "shard_size": self.settings.shard_size,
+                **self.events}
+
+    def _check_nodes(self, runner: Runner) -> None:
+        """Tell the user about a node that died (at most every 2 s: ray.nodes() asks the GCS)."""
+        if time.monotonic() - self._last_node_check < 2.0:
+            return
+        self._last_node_check = time.monotonic()
+        import ray
+
+        try:
+            now = {n["NodeID"]: n for n in ray.nodes()}
+        except Exception:  # the GCS busy or gone: the stall watchdog covers a cluster that stopped answering
+            return
+        for node_id, address in list(self._alive.items()):
+            if not (now.get(node_id) or {}).get("Alive"):
+                del self._alive[node_id]
+                at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                self.events["nodes_lost"].append({"node_id": node_id, "address": address, "at": at})
+                runner.note(f"worker node {node_id[:12]} ({address}) died at {at}; Ray runs its shards again on the "
+                            f"other nodes ({len(self._alive)} left)")
+                runner.run_dir.notes["executor"] = self.summary()
 
     @property
     def per_writer_cache(self) -> bool:
@@ -108,7 +175,7 @@ class RayExecutor:
         """Process the stage's pending inputs on the cluster; True when every input is finished."""
         self.start()
         name = stage.name
-        merge_parts(cp, runner)
+        self.merge(cp, runner)
         head: list[Any] = []
         for record in inputs:
             if record.id not in cp.finished:
@@ -120,10 +187,11 @@ class RayExecutor:
         total, done = runner.count_finished(name, cp, inputs)
         if done == total:
             return True
-        shards = write_shards(cp.folder / SHARDS, (r for r in inputs if r.id not in cp.finished), self.settings.shard_size)
+        folder = f"{stage_rel(runner, cp)}/{SHARDS}"
+        shards = write_shards(runner.store, folder, (r for r in inputs if r.id not in cp.finished), self.settings.shard_size)
         ok = await self._map(runner, index, cp, shards)
-        merge_parts(cp, runner)
-        shutil.rmtree(cp.folder / SHARDS, ignore_errors=True)
+        self.merge(cp, runner)
+        runner.store.delete(folder)
         if not ok:
             return False
         missing = sum(1 for rid in inputs.ids() if rid not in cp.finished)
@@ -132,7 +200,15 @@ class RayExecutor:
             return False
         return True
 
-    async def _map(self, runner: Runner, index: int, cp: StageCheckpoint, shards: list[Path]) -> bool:
+    def merge(self, cp: StageCheckpoint, runner: Runner) -> None:
+        merged, repeated = merge_parts(cp, runner)
+        if repeated:
+            self.events["records_retried"] += repeated
+            runner.note(f"{repeated} record(s) of {cp.folder.name} ran twice (a worker died before its result was "
+                        "known, and Ray ran its shard again); the first result of each was kept")
+        runner.run_dir.notes["executor"] = self.summary()
+
+    async def _map(self, runner: Runner, index: int, cp: StageCheckpoint, shards: list[str]) -> bool:
         import ray
 
         from datatailor.llm.cache import default_cache_path
@@ -143,21 +219,23 @@ class RayExecutor:
             cache_path = str(default_cache_path() if recipe.cache is True else recipe.resolve(str(recipe.cache)))
         tally = ray.remote(num_cpus=0)(SpendTally).remote()
         workers = min(self.settings.workers, len(shards))
-        ds = ray.data.from_items([{"shard": str(p)} for p in shards], override_num_blocks=len(shards))
+        ds = ray.data.from_items([{"shard": p} for p in shards], override_num_blocks=len(shards))
         results = ds.map_batches(
             StageWorker,
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=self.settings.worker_cpus,
             fn_constructor_kwargs={
-                "recipe": recipe, "out": str(runner.out), "index": index, "workers": workers,
+                "recipe": recipe, "location": runner.location, "index": index, "workers": workers,
                 "previous": {"total": runner.ledger.as_json()["total"]}, "cache_path": cache_path,
-                "per_writer_cache": self.per_writer_cache, "tally": tally,
+                "per_writer_cache": self.per_writer_cache, "invocation": runner.invocation, "tally": tally,
+                "flush_records": self.settings.flush_records, "flush_s": self.settings.flush_s,
             },
         )
         name = recipe.stage_name(index)
 
         def on_row(row: dict[str, Any]) -> RunAbort | None:
+            self.events["rows_recovered"] += int(row.get("skipped", 0))
             for _ in range(int(row["done"]) - int(row["failed"])):
                 runner.progress.advance(name)
             for _ in range(int(row["failed"])):
@@ -166,9 +244,9 @@ class RayExecutor:
                 return _stall(str(row["abort"]), str(row["status"]) or "interrupted")
             return None
 
-        return await self._drain(runner, results.iter_rows(), on_row, cp.folder / PARTS)
+        return await self._drain(runner, results.iter_rows(), on_row, growth(runner.store, f"{stage_rel(runner, cp)}/{PARTS}"))
 
-    async def _drain(self, runner: Runner, rows: Iterator[dict[str, Any]], on_row: Any, watched: Path) -> bool:
+    async def _drain(self, runner: Runner, rows: Iterator[dict[str, Any]], on_row: Any, moved: Callable[[], int]) -> bool:
         """Consume a Ray Data iterator in a thread; stop on the first abort, or when nothing moves for the
         stall timeout. True when every row came back without an abort."""
         queue: list[Any] = []
@@ -196,7 +274,8 @@ class RayExecutor:
                 return False
             if finished.is_set() and not queue:
                 break
-            size = _folder_size(watched)
+            self._check_nodes(runner)
+            size = moved()
             if size != last_size:
                 last_size, last_move = size, time.monotonic()
             elif time.monotonic() - last_move > self.settings.stall_timeout_s:
@@ -226,74 +305,110 @@ class RayExecutor:
 
         self.start()
         cfg = stage.config
-        folder = cp.folder / SHARDS
-        shards = write_shards(folder, iter(inputs), self.settings.shard_size)
+        folder = f"{stage_rel(runner, cp)}/{SHARDS}"
+        store = runner.store
+        shards = write_shards(store, folder, iter(inputs), self.settings.shard_size)
         runner.progress.stage_started(stage.name, total=len(inputs))
         try:
             if shards:
-                ds = ray.data.from_items([{"shard": str(p)} for p in shards], override_num_blocks=len(shards))
+                ds = ray.data.from_items([{"shard": p} for p in shards], override_num_blocks=len(shards))
                 signed = ds.map_batches(
                     sign_shard, batch_size=1, num_cpus=self.settings.worker_cpus,
-                    fn_kwargs={"compare": cfg.compare, "near": cfg.near, "num_perm": cfg.num_perm, "shingle_words": cfg.shingle_words},
+                    fn_kwargs={"location": runner.location, "compare": cfg.compare, "near": cfg.near,
+                               "num_perm": cfg.num_perm, "shingle_words": cfg.shingle_words},
                 )
-                if not await self._drain(runner, signed.iter_rows(), lambda row: None, folder):
+                if not await self._drain(runner, signed.iter_rows(), lambda row: None, growth(store, folder)):
                     raise runner._stop or _stall("dedup: the signature job stopped")
-            return runner._run_filter(stage, cp, inputs, signed=read_signatures(shards, cfg.near))
+            return runner._run_filter(stage, cp, inputs, signed=read_signatures(store, shards, cfg.near))
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            store.delete(folder)
 
 
 # ----------------------------------------------------------------------------- files
 
 
-def write_shards(folder: Path, records: Iterator[Any], shard_size: int) -> list[Path]:
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    paths: list[Path] = []
-    fh = None
-    n = 0
+def stage_rel(runner: Runner, cp: StageCheckpoint) -> str:
+    """A stage's folder relative to the run directory: where its shards and parts are in the run's store."""
+    return cp.folder.relative_to(runner.out).as_posix()
+
+
+def write_shards(store: RunStore, folder: str, records: Iterator[Any], shard_size: int) -> list[str]:
+    """The records as shard objects of `shard_size` lines (one in memory at a time); returns their names."""
+    store.delete(folder)
+    names: list[str] = []
+    lines: list[str] = []
+
+    def flush() -> None:
+        names.append(f"{folder}/{len(names):06d}.jsonl")
+        store.write_bytes(names[-1], "".join(lines).encode("utf-8"))
+        lines.clear()
+
     for record in records:
-        if n % shard_size == 0:
-            if fh is not None:
-                fh.close()
-            paths.append(folder / f"{len(paths):06d}.jsonl")
-            fh = paths[-1].open("w", encoding="utf-8")
-        fh.write(record_line(record))
-        n += 1
-    if fh is not None:
-        fh.close()
-    return paths
+        lines.append(record_line(record))
+        if len(lines) >= shard_size:
+            flush()
+    if lines:
+        flush()
+    return names
 
 
-def read_signatures(shards: list[Path], near: bool) -> Iterator[tuple[bytes, np.ndarray | None]]:
+def read_signatures(store: RunStore, shards: list[str], near: bool) -> Iterator[tuple[bytes, np.ndarray | None]]:
     for shard in shards:
-        with np.load(shard.with_suffix(".npz")) as data:
+        with np.load(io.BytesIO(store.read_bytes(shard.removesuffix(".jsonl") + ".npz") or b"")) as data:
             keys = data["keys"]
             sigs = data["signatures"] if near else None
             for i, key in enumerate(keys):
                 yield bytes(key), (sigs[i] if sigs is not None else None)
 
 
-def merge_parts(cp: StageCheckpoint, runner: Runner) -> None:
-    """Fold the workers' part files into the stage's journals, one row per input id (outputs first, so an
-    output beats a failure of the same id), and their usage into the run's; then delete them."""
-    parts = cp.folder / PARTS
-    files = sorted(parts.glob("*.outputs.jsonl")) + sorted(parts.glob("*.failures.jsonl"))
-    for path in files:
-        for row in iter_journal(path):
-            if path.name.endswith(".outputs.jsonl"):
-                if row["src"] not in cp.finished:
-                    cp.add_output_row(row)
-            elif row["id"] not in cp.finished:
-                cp.add_failure(row)
-    cp.sync()
-    for path in sorted((cp.folder / USAGE).glob("*.json")):
-        import json
+def part_journals(store: RunStore, folder: str) -> list[str]:
+    """The part journals under a stage's parts folder: outputs first (an output beats a failure of the same id)."""
+    names = {n.split(LOG + "/", 1)[0] if LOG + "/" in n else n for n in store.list(folder)}
+    outs = sorted(n for n in names if n.endswith(".outputs.jsonl"))
+    return outs + sorted(n for n in names if n.endswith(".failures.jsonl"))
 
-        runner.ledger.absorb(json.loads(path.read_text(encoding="utf-8")))
+
+def merge_parts(cp: StageCheckpoint, runner: Runner) -> tuple[int, int]:
+    """Fold the workers' part files into the stage's journals, one row per input id (outputs first, so an
+    output beats a failure of the same id); make that durable (pushed to the store when --out is a URL); then
+    delete the parts. Returns (rows merged, rows of ids already finished: records that ran twice)."""
+    store = runner.store
+    journals = part_journals(store, f"{stage_rel(runner, cp)}/{PARTS}")
+    merged = repeated = 0
+    for rel in journals:
+        outputs = rel.endswith(".outputs.jsonl")
+        for row in iter_journal_rows(store, rel):
+            rid = row["src"] if outputs else row["id"]
+            if rid in cp.finished:
+                repeated += 1
+            elif outputs:
+                cp.add_output_row(row)
+                merged += 1
+            else:
+                cp.add_failure(row)
+                merged += 1
+    cp.sync()
+    if journals:
+        runner.push_remote()  # the merged journals reach the store before the parts are deleted
+        for rel in journals:
+            store.delete(rel + LOG if store.remote else rel)
     runner.save_usage()
-    for path in [*files, *(cp.folder / USAGE).glob("*.json")]:
-        path.unlink(missing_ok=True)
+    return merged, repeated
+
+
+def growth(store: RunStore, folder: str) -> Callable[[], int]:
+    """A number that changes while workers make progress under `folder`: the bytes of its files on a disk,
+    the count of its objects in a store (listed at most every 5 s)."""
+    if not store.remote:
+        return lambda: _folder_size(Path(store.path(folder)))
+    last = [0.0, 0]
+
+    def count() -> int:
+        if time.monotonic() - last[0] >= 5.0:
+            last[0], last[1] = time.monotonic(), len(store.list(folder))
+        return int(last[1])
+
+    return count
 
 
 def _folder_size(folder: Path) -> int:

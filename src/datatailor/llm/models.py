@@ -264,6 +264,9 @@ class RoleModel:
         return completion, False
 
     async def _call_backend(self, request: CompletionRequest, stage: str | None) -> Completion:
+        if not getattr(self.backend, "batched", False):
+            # (a batched request cut off by a crash is not lost: the resumed run collects it from its batch)
+            self.ledger.request_started(self.role, stage)
         try:
             return await self.backend.complete(request)
         except LLMCallFailure:

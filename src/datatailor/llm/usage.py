@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from datatailor.errors import BudgetExhausted
@@ -55,6 +57,13 @@ class UsageLedger:
         # What other processes of the same run spent in this invocation ($, tokens), kept current by a
         # distributed executor, so that the budget holds across workers.
         self.elsewhere: tuple[float, int] = (0.0, 0)
+        # Where each event is written as it happens (`llm.spend_log`), so a killed process's spend is not lost.
+        self.log: Any = None
+
+    def request_started(self, role: str, stage: str | None = None) -> None:
+        """A request is about to be sent (its outcome is recorded by record_request or record_failure)."""
+        if self.log is not None:
+            self.log.write(["s", role, stage])
 
     def _entries(self, role: str, stage: str | None) -> list[RoleUsage]:
         entries = [self.run.setdefault(role, RoleUsage())]
@@ -70,14 +79,20 @@ class UsageLedger:
             u.prompt_tokens += prompt_tokens
             u.completion_tokens += completion_tokens
             u.cost_usd = round(u.cost_usd + cost, 10)
+        if self.log is not None:
+            self.log.write(["a", role, stage, prompt_tokens, completion_tokens, cost, int(truncated)])
 
     def record_failure(self, role: str, stage: str | None = None) -> None:
         for u in self._entries(role, stage):
             u.failed_requests += 1
+        if self.log is not None:
+            self.log.write(["f", role, stage])
 
     def record_cache_hit(self, role: str, stage: str | None = None) -> None:
         for u in self._entries(role, stage):
             u.cache_hits += 1
+        if self.log is not None:
+            self.log.write(["h", role, stage])
 
     def total(self) -> dict[str, RoleUsage]:
         roles = sorted(set(self.previous) | set(self.run))

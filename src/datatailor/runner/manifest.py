@@ -24,7 +24,6 @@ from datatailor import __version__
 from datatailor.errors import UserError
 from datatailor.io import export_records, write_json, write_jsonl
 from datatailor.journal import iter_journal
-from datatailor.llm.usage import UsageLedger
 from datatailor.recipe import Recipe
 from datatailor.runner.result import RunResult
 from datatailor.runner.stage_exec import stage_dir
@@ -37,6 +36,9 @@ class RunDirectory:
     def __init__(self, recipe: Recipe, out: Path):
         self.recipe = recipe
         self.out = out
+        # What the run tells the user beyond the counts (a resume's skipped records, lost nodes and retried
+        # records, where --out is when it is a URL): written into the manifest as they are.
+        self.notes: dict[str, Any] = {}
 
     def prepare(self, force: bool) -> dict[str, Any]:
         """Make `out` ready for this run; returns the previous invocation's manifest (empty for a new run).
@@ -74,7 +76,7 @@ class RunDirectory:
     def killed_at_start(self) -> bool:
         """The folder holds only what a run writes before its first manifest (recipe.json, or a half-written temp
         file of either): a run killed as it started, so it is ours to resume."""
-        return all(p.is_file() and (p.name == "recipe.json" or (p.name.startswith((".recipe.json.", ".manifest.json."))
+        return all(p.is_file() and (p.name in ("recipe.json", ".mirror.json") or (p.name.startswith((".recipe.json.", ".manifest.json."))
                                                                and p.name.endswith(".tmp")))
                    for p in self.out.iterdir())
 
@@ -96,15 +98,16 @@ class RunDirectory:
             "started_at": started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": versions(),
+            **self.notes,
         }
         write_json(self.out / "manifest.json", manifest)
 
     def finish(self, status: str, message: str, summaries: list[dict[str, Any]], previous: dict[str, Any], started: str,
-               ledger: UsageLedger, final: RecordSource | None, shortfall: dict[str, Any] | None = None,
+               usage: dict[str, Any], final: RecordSource | None, shortfall: dict[str, Any] | None = None,
                rounds: int = 1) -> RunResult:
-        """Write usage, and for a finished run (`final` given) data.jsonl, failures.jsonl, the exports and the
-        method reports; then the manifest with `status`."""
-        write_json(self.out / "usage.json", ledger.as_json())
+        """Write usage (usage.json's content, from the spend logs), and for a finished run (`final` given)
+        data.jsonl, failures.jsonl, the exports and the method reports; then the manifest with `status`."""
+        write_json(self.out / "usage.json", usage)
         n_failures = 0
         if final is not None:
             if isinstance(final, JsonlSource):
@@ -120,7 +123,7 @@ class RunDirectory:
         self.write_manifest(status, message, summaries, previous, started, shortfall=shortfall, rounds=rounds)
         if final is not None:
             self.method_reports(summaries)
-        return RunResult(status, self.out, len(final) if final is not None else 0, n_failures, message, ledger.as_json(), shortfall)
+        return RunResult(status, self.out, len(final) if final is not None else 0, n_failures, message, usage, shortfall)
 
     def method_reports(self, summaries: list[dict[str, Any]]) -> None:
         """Run-level reports of the methods the recipe used (e.g. REFED's), from the finished run directory.

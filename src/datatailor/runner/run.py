@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from datatailor.errors import RunAbort
 from datatailor.io import write_json
 from datatailor.llm.cache import RequestCache
 from datatailor.llm.models import ModelPool
+from datatailor.llm.spend_log import SpendLog, account, base_of, log_name, spend_logs, usage_json, writer_name
 from datatailor.llm.usage import UsageLedger
 from datatailor.progress import RunProgress
 from datatailor.recipe import Recipe
@@ -32,13 +34,14 @@ from datatailor.runner.rounds import run_rounds, shortfall
 from datatailor.runner.stage_exec import StageExecution, build_stage, stage_dir
 from datatailor.stages import Stage
 from datatailor.errors import UserError
+from datatailor.storage import RunStore, is_url
 
 
 class Runner(StageExecution):
     def __init__(
         self,
         recipe: Recipe,
-        out_dir: Path,
+        out_dir: Path | str,
         *,
         force: bool = False,
         progress: RunProgress | None = None,
@@ -47,7 +50,19 @@ class Runner(StageExecution):
     ):
         self.recipe = recipe
         self.executor = executor  # None: every stage in this process; else e.g. executors.ray_executor.RayExecutor
-        self.out = Path(out_dir)
+        # --out may be a URL (s3://…): then the runner works in a local staging folder mirrored to it (`runner.remote`)
+        self.remote: Any = None
+        if is_url(out_dir):
+            from datatailor.runner.remote import StagedRun
+
+            self.remote = StagedRun(str(out_dir))
+            self.out = self.remote.local
+        else:
+            self.out = Path(out_dir)
+        self.location = str(out_dir).rstrip("/") if self.remote else str(self.out)  # what the user named
+        self.store = self.remote.store if self.remote else RunStore(self.out)  # where workers read and write
+        self.invocation = uuid.uuid4().hex[:10]  # names this process's spend log, and its workers'
+        self.resumed: dict[str, int] = {}  # stage -> inputs finished by earlier invocations (skipped)
         self.force = force
         self.progress = progress or RunProgress(enabled=False)
         self.run_dir = RunDirectory(recipe, self.out)
@@ -68,6 +83,8 @@ class Runner(StageExecution):
             raise UserError("the recipe cannot work; nothing was run:\n  " + "\n  ".join(problems))
         # 2. A stage's configuration error (e.g. no budget_pairs for codec.decode) fails before the folder is touched.
         stages = [build_stage(self.recipe, self.out, i) for i in range(len(self.recipe.stages))]
+        if self.remote is not None:
+            self.run_dir.notes["storage"] = {"out": self.location, "staging": self.remote.pull()}
         previous = self.run_dir.prepare(self.force)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(self.out / "recipe.json", self.recipe.to_json())
@@ -83,6 +100,7 @@ class Runner(StageExecution):
         # 4. The stages, in rounds.
         summaries: list[dict[str, Any]] = []
         status, message, rounds = STATUS_COMPLETE, "", 1
+        syncing = asyncio.create_task(self._sync_remote()) if self.remote is not None else None
         try:
             with self.progress:
                 records, summaries, rounds = await run_rounds(self, records, stages)
@@ -93,10 +111,14 @@ class Runner(StageExecution):
             # keep the checkpoints, and leave the folder resumable by the same command.
             interrupted = isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError))
             message = "interrupted by the user" if interrupted else f"stopped by an error: {exc}"
-            self.run_dir.finish(STATUS_INTERRUPTED, message, summaries, previous, started, ledger, None)
+            self._close_log()
+            self.run_dir.finish(STATUS_INTERRUPTED, message, summaries, previous, started, self.usage(), None)
             await pool.aclose()
+            self.push_remote()
             raise
         finally:
+            if syncing is not None:
+                syncing.cancel()
             if cache is not None and self._cache is None:
                 cache.close()
             if self.executor is not None:
@@ -110,13 +132,66 @@ class Runner(StageExecution):
             if missing is not None:
                 status, message = STATUS_SHORTFALL, missing["message"]
         final = records if status in (STATUS_COMPLETE, STATUS_SHORTFALL) else None
-        return self.run_dir.finish(status, message, summaries, previous, started, ledger, final, missing, rounds)
+        self._close_log()
+        result = self.run_dir.finish(status, message, summaries, previous, started, self.usage(), final, missing, rounds)
+        self.push_remote()
+        if self.remote is not None:
+            result.out_dir = self.location  # type: ignore[assignment]  # the URL the user gave, not the staging folder
+        return result
 
     def _ledger(self) -> UsageLedger:
-        """This invocation's usage ledger, carrying the totals of the earlier invocations of the same run."""
+        """This invocation's usage ledger, carrying the totals of the earlier invocations of the same run (from
+        their spend logs), and writing its own spend log as calls are made."""
+        from datatailor.executors.spool import adopt_orphans
+
+        if self.remote is not None:
+            adopt_orphans(self.store, self.location)  # spend and parts left on this machine by killed workers
         usage_path = self.out / "usage.json"
         prev = json.loads(usage_path.read_text()) if usage_path.exists() else {}
-        return UsageLedger(UsageLedger.previous_from_json(prev), self.recipe.budget, UsageLedger.previous_stages_from_json(prev))
+        self._usage_base = base_of(prev)
+        _, total = account(spend_logs(self.out, self.store if self.remote else None), self.invocation, self._usage_base)
+        ledger = UsageLedger(total.roles, self.recipe.budget, total.stages)
+        if total.unaccounted:
+            self.note(f"earlier invocations left up to {total.unaccounted} request(s) in flight when they were killed: "
+                      "the server may have answered them; usage.json counts them as unaccounted_requests")
+        ledger.log = SpendLog(self.out / log_name(self.invocation, writer_name()))
+        return ledger
+
+    def usage(self) -> dict[str, Any]:
+        """usage.json from the spend logs: this invocation's (the driver's and its workers'), and every invocation's."""
+        logs = spend_logs(self.out, self.store if self.remote else None)
+        run, total = account(logs, self.invocation, self._usage_base)
+        return usage_json(run, total, self._usage_base)
+
+    def _close_log(self) -> None:
+        if getattr(self, "ledger", None) is not None and self.ledger.log is not None:
+            self.ledger.log.close()
+
+    def note(self, message: str) -> None:
+        """Something the user should know (a resume's skipped records, a lost node): printed, and kept in the manifest."""
+        self.run_dir.notes.setdefault("log", []).append(message)
+        if self.progress.enabled:
+            print(f"datatailor: {message}", file=self.progress.stream, flush=True)
+
+    def count_finished(self, name: str, cp: Any, inputs: Any) -> tuple[int, int]:
+        total, done = super().count_finished(name, cp, inputs)
+        if done and name not in self.resumed:
+            self.resumed[name] = done
+            self.run_dir.notes["resumed"] = dict(self.resumed)
+            self.note(f"resuming {name}: {done:,} of {total:,} records were finished by earlier invocations; skipped")
+        elif name not in self.resumed:
+            self.resumed[name] = 0
+        return total, done
+
+    async def _sync_remote(self) -> None:
+        """Mirror the staging folder to --out every `sync_s` seconds while the run goes on."""
+        while True:
+            await asyncio.sleep(self.remote.sync_s)
+            await asyncio.to_thread(self.remote.push)
+
+    def push_remote(self) -> None:
+        if self.remote is not None:
+            self.remote.push()
 
     def _bind_models(self, stages: list[Stage], ledger: UsageLedger, cache: RequestCache | None) -> ModelPool:
         pool = ModelPool(dict(self.recipe.models), ledger, cache, self.recipe.base_dir, seed=self.recipe.seed,
@@ -127,13 +202,14 @@ class Runner(StageExecution):
         return pool
 
     def save_usage(self) -> None:
-        write_json(self.out / "usage.json", self.ledger.as_json())
+        write_json(self.out / "usage.json", self.usage())
 
 
 async def run_recipe(recipe: Recipe, out_dir: str | Path, *, force: bool = False, show_progress: bool | None = None,
                      cache: RequestCache | None = None, executor: Any = None) -> RunResult:
     progress = RunProgress(enabled=show_progress)
-    return await Runner(recipe, Path(out_dir), force=force, progress=progress, cache=cache, executor=executor).run()
+    out = str(out_dir) if is_url(out_dir) else Path(out_dir)
+    return await Runner(recipe, out, force=force, progress=progress, cache=cache, executor=executor).run()
 
 
 def run_recipe_sync(recipe: Recipe, out_dir: str | Path, **kwargs: Any) -> RunResult:

@@ -2,7 +2,9 @@
 
 It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) on 127.0.0.1 to serve
 `POST …/chat/completions`, `GET …/models` and `GET /stats`, from one asyncio event loop, so it
-sustains thousands of requests per second. It can be made slow and unreliable on purpose:
+sustains thousands of requests per second. `/stats` counts requests by outcome, and the
+complete answers sent (`answered`) with their `prompt_tokens` and `completion_tokens`: what a client's spend
+figures can be checked against. It can be made slow and unreliable on purpose:
 
 * latency: a fixed delay plus uniform jitter before each reply;
 * a concurrency ceiling: beyond `max_inflight` requests in flight it answers 429 with Retry-After;
@@ -414,9 +416,16 @@ class MockOpenAIServer:
             self._reply(conn, body, messages, truncated)
 
     def _reply(self, conn: _Connection, body: dict[str, Any], messages: list[dict[str, Any]], truncated: bool) -> None:
-        data = json.dumps(self.completion_payload(body)).encode()
+        payload = self.completion_payload(body)
+        data = json.dumps(payload).encode()
         if truncated:
             data = data[: len(data) // 2]
+        elif conn.transport is not None and not conn.transport.is_closing():
+            # What a client could account for: complete answers sent, and their tokens (spend tests compare these).
+            usage = payload.get("usage") or {}
+            self.stats["answered"] += 1
+            self.stats["prompt_tokens"] += int(usage.get("prompt_tokens", 0))
+            self.stats["completion_tokens"] += int(usage.get("completion_tokens", 0))
         conn.send(200, data)
 
     def completion_payload(self, body: dict[str, Any]) -> dict[str, Any]:
