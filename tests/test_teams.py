@@ -213,6 +213,80 @@ def test_trpo_learns_both_observation_modes_and_the_informative_one_uses_the_tex
     assert results["informative"] > results["faithful"], results  # the best operation depends on the text
 
 
+def running_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **train: Any) -> Any:
+    """Run teams.train (one update) through a recipe and return the TRPO model that actually trained."""
+    from datatailor.train import rl
+
+    built: list[Any] = []
+    original = rl.prepare_training
+
+    def capture(*args: Any, **kwargs: Any) -> tuple[Any, int]:
+        model, done = original(*args, **kwargs)
+        built.append(model)
+        return model, done
+
+    monkeypatch.setattr(rl, "prepare_training", capture)
+    stage = {"type": "teams.train", "updates": 1, **train}
+    result = run_recipe_sync(parse_recipe(recipe(tmp_path, [stage]), "t", tmp_path), tmp_path / "out", show_progress=False)
+    assert result.status == "complete", result.message
+    assert len(built) == 1
+    venv = built[0].get_env()
+    (getattr(venv, "venv", None) or venv).call = asyncio.new_event_loop().run_until_complete  # the run's loop is closed
+    return built[0]
+
+
+def test_the_papers_training_settings_reach_the_running_trpo_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values the paper gives, read from the objects that trained (not from the config): TRPO's constants, the
+    64-64 ReLU networks, a state-independent log-std starting at 0, 6-step episodes, the normaliser's clip at 5, and
+    the +0.3 breadth bias in the environment's decoding."""
+    import torch
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    model = running_training(tmp_path, monkeypatch, n_envs=3)
+    assert (model.gamma, model.gae_lambda, model.target_kl, model.cg_damping) == (0.995, 0.97, 0.01, 0.1)
+    assert (model.cg_max_steps, model.line_search_max_iter, model.line_search_shrinking_factor) == (10, 10, 0.5)
+    assert model.normalize_advantage and model.n_steps == 6 and model.batch_size == 6 * 3 and model.n_envs == 3
+    pi = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
+    vf = [m for m in model.policy.mlp_extractor.value_net if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in pi] == [64, 64] and [m.out_features for m in vf] == [64, 64]
+    assert all(isinstance(m, torch.nn.ReLU) for m in model.policy.mlp_extractor.policy_net if not isinstance(m, torch.nn.Linear))
+    assert model.policy.log_std.shape == (6,) and model.policy.action_net.out_features == 6
+    env = model.get_env()
+    assert isinstance(env, VecNormalize) and env.norm_obs and not env.norm_reward and env.clip_obs == 5.0
+    assert list(env.venv.bias) == [0.3, 0, 0, 0, 0, 0] and env.venv.episode_length == 6
+    # the configured bias reaches the environment too
+    again = running_training(tmp_path / "b", monkeypatch, n_envs=2, breadth_bias=0.5)
+    assert list(again.get_env().venv.bias) == [0.5, 0, 0, 0, 0, 0] and again.n_envs == 2
+
+
+def test_the_observation_after_a_step_is_the_executed_operation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faithful mode, on the running environment: zeros after a reset, then the one-hot of the operation executed
+    (after the breadth bias), normalised by the running mean/std and clipped at 5 before the policy sees it."""
+    model = running_training(tmp_path, monkeypatch, n_envs=2)
+    env = model.get_env()
+    env.reset()
+    assert not env.get_original_obs().any()
+    # deepening leads by 0.2, less than the +0.3 on breadth: breadth is executed in env 0; concretizing in env 1
+    actions = np.array([[0.0, 0, 0.2, 0, 0, 0], [0.0, 0, 0, 0.9, 0, 0]], dtype=np.float32)
+    obs, _, _, infos = env.step(actions)
+    assert [i["op"] for i in infos] == ["breadth", "concretizing"]
+    assert np.array_equal(env.get_original_obs(), np.eye(6, dtype=np.float32)[[0, 3]])
+    expected = np.clip((np.eye(6)[[0, 3]] - env.obs_rms.mean) / np.sqrt(env.obs_rms.var + env.epsilon), -5, 5)
+    assert np.allclose(obs, expected, atol=1e-6)
+    # informative mode: the embedding of the instruction as rewritten, and the step
+    model = running_training(tmp_path / "i", monkeypatch, n_envs=2, observation="informative", embedder="hashing")
+    env = model.get_env()
+    env.reset()
+    obs, _, _, _ = env.step(actions)
+    from datatailor.train.rl import make_embedder
+
+    texts = [e.instruction for e in env.episodes]
+    assert all(t.endswith(")") for t in texts)  # rewritten once
+    width = obs.shape[1] - 6
+    assert np.allclose(obs[:, :width], np.asarray(make_embedder("hashing")(texts)), atol=1e-6)
+    assert np.array_equal(obs[:, width:], np.eye(6, dtype=np.float32)[[1, 1]])  # step 1 done: the second step is next
+
+
 # ----------------------------------------------------------------------------- the stages
 
 

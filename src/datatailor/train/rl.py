@@ -223,16 +223,15 @@ def restore_training_state(model: Any, out: Path, update: int) -> bool:
     return True
 
 
-def train_policy(core: EvolCore, seeds: list[str], out: Path, settings: RLSettings, call: Call,
-                 progress: TextIO | None = None) -> dict[str, Any]:
-    """Train (or resume) a TeaMs-RL policy into `out`; returns the summary also written to train_summary.json."""
+def prepare_training(core: EvolCore, seeds: list[str], out: Path, settings: RLSettings, call: Call,
+                     progress: TextIO | None = None) -> tuple[Any, int]:
+    """The TRPO model on its environment: new, or restored from the last checkpoint in `out` (with its training state);
+    and that checkpoint's number (0: none)."""
     torch, TRPO = _imports()
     from stable_baselines3.common.vec_env import VecNormalize
 
-    out.mkdir(parents=True, exist_ok=True)
     done = last_checkpoint(out)
     env = build_env(core, seeds, settings, call)
-    steps = EPISODE_LENGTH
     if done:
         if isinstance(env, VecNormalize):
             env = VecNormalize.load(str(out / CHECKPOINTS / f"vecnormalize_{done:04d}.pkl"), env.venv)
@@ -241,15 +240,25 @@ def train_policy(core: EvolCore, seeds: list[str], out: Path, settings: RLSettin
         if not restore_training_state(model, out, done) and progress is not None:
             print(f"checkpoint {done} has no training state (an older version wrote it): training continues from its "
                   "weights, but the rest will not equal an uninterrupted run", file=progress, flush=True)
-    else:
-        model = TRPO(
-            "MlpPolicy", env, n_steps=steps, batch_size=steps * settings.n_envs, gamma=settings.gamma,
-            gae_lambda=settings.gae_lambda, target_kl=settings.max_kl, cg_damping=settings.damping,
-            cg_max_steps=settings.cg_steps, line_search_max_iter=settings.line_search_steps,
-            line_search_shrinking_factor=0.5, n_critic_updates=settings.critic_updates, learning_rate=settings.value_lr,
-            normalize_advantage=True, seed=settings.seed, device="cpu", verbose=0,
-            policy_kwargs={"net_arch": {"pi": [64, 64], "vf": [64, 64]}, "activation_fn": torch.nn.ReLU, "log_std_init": 0.0},
-        )
+        return model, done
+    steps = EPISODE_LENGTH
+    model = TRPO(
+        "MlpPolicy", env, n_steps=steps, batch_size=steps * settings.n_envs, gamma=settings.gamma,
+        gae_lambda=settings.gae_lambda, target_kl=settings.max_kl, cg_damping=settings.damping,
+        cg_max_steps=settings.cg_steps, line_search_max_iter=settings.line_search_steps,
+        line_search_shrinking_factor=0.5, n_critic_updates=settings.critic_updates, learning_rate=settings.value_lr,
+        normalize_advantage=True, seed=settings.seed, device="cpu", verbose=0,
+        policy_kwargs={"net_arch": {"pi": [64, 64], "vf": [64, 64]}, "activation_fn": torch.nn.ReLU, "log_std_init": 0.0},
+    )
+    return model, 0
+
+
+def train_policy(core: EvolCore, seeds: list[str], out: Path, settings: RLSettings, call: Call,
+                 progress: TextIO | None = None) -> dict[str, Any]:
+    """Train (or resume) a TeaMs-RL policy into `out`; returns the summary also written to train_summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    model, done = prepare_training(core, seeds, out, settings, call, progress)
+    steps = EPISODE_LENGTH
     remaining = settings.updates - done
     start = time.perf_counter()
     if remaining > 0:
