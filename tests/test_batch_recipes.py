@@ -280,3 +280,17 @@ def test_kill_9_while_a_batch_is_pending_resumes_without_submitting_it_again(tmp
     # the resumed invocation counts the pending batch's answers once, when it collects them, and its own batch
     assert usage(out)["requests"] == len(planned[2]["requests"]) + len(planned[3]["requests"])
     assert usage(clean, "total")["requests"] == clean_lines
+
+
+def test_a_map_stage_with_a_batched_role_keeps_enough_records_in_flight_for_one_batch(tmp_path: Path, mock: MockOpenAIServer) -> None:
+    """`concurrency: 1` would send ten one-request batches one after the other; the stage takes
+    `batch_records_in_flight` records at a time instead."""
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Question {i}?"}) + "\n" for i in range(10)), encoding="utf-8")
+    teacher = model(mock.url, "mock-teacher", batch=True, batch_records_in_flight=6)
+    recipe = parse_recipe({"models": {"teacher": teacher}, "input": str(path), "cache": False,
+                           "stages": [{"type": "respond", "role": "teacher", "concurrency": 1}]}, "respond", tmp_path)
+    assert run(recipe, tmp_path / "out").records == 10
+    sizes = [len(json.loads(line)["requests"]) for line in (tmp_path / "out" / "batches" / "journal.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "planned"]
+    assert sizes == [6, 4]

@@ -8,8 +8,8 @@
 A batch is `in_progress` for `batch_delay_s` after it is created, then ends at once: every line is answered as the
 chat endpoint would answer it (same replies, same usage), except
 
-* `batch_error_rate`: a request gets a 500 line in the error file, drawn per (seed, custom_id, times that custom_id
-  was seen), so a retried request gets a fresh draw;
+* `batch_error_rate`: a request gets an error line (status `batch_error_status`, 500 by default) in the error file,
+  drawn per (seed, custom_id, times that custom_id was seen), so a retried request gets a fresh draw;
 * `batch_expire`: the first N batches created expire: the first half of their lines are answered, the rest get a
   `batch_expired` error line;
 * `batch_fail`: the first N batches created fail validation (status `failed`, no output at all).
@@ -184,7 +184,8 @@ class BatchEndpoints:
                 row.update(response=None, error={"code": "batch_expired", "message": "not executed before the window expired"})
                 errors.append(json.dumps(row).encode())
             elif self._draw_error(cid):
-                row["response"] = {"status_code": 500, "body": {"error": {"message": "internal error (injected)", "type": "server_error"}}}
+                status = self.server.config.batch_error_status
+                row["response"] = {"status_code": status, "body": {"error": {"message": f"error {status} (injected)", "type": "mock"}}}
                 stats["batch_errors"] += 1
                 errors.append(json.dumps(row).encode())
             else:

@@ -87,6 +87,7 @@ class MockConfig:
     # The files and batches endpoints (mock_batches.py): how long a batch takes, and its faults.
     batch_delay_s: float = 0.0
     batch_error_rate: float = 0.0
+    batch_error_status: int = 500  # the status of those per-request errors (500: retried; 400: the record fails)
     batch_expire: int = 0
     batch_fail: int = 0
 
