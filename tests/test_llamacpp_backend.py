@@ -117,3 +117,17 @@ async def test_prompt_longer_than_the_context_is_a_record_failure(backend: Llama
     assert "n_ctx=512" in str(info.value)
     # The model is still usable afterwards.
     assert (await backend.complete(_request("Say yes.", max_tokens=3))).text.strip()
+
+
+@pytest.mark.integration
+async def test_a_real_call_past_timeout_s_fails_and_the_model_still_answers() -> None:
+    b = LlamaCppBackend(LlamaCppModel(model=QWEN, n_ctx=512, timeout_s=0.05))
+    try:
+        with pytest.raises(LLMCallFailure, match="timeout_s=0.05") as caught:
+            await b.complete(_request("Count from one to two hundred in words.", max_tokens=400, temperature=0.0))
+        assert caught.value.kind == "timeout"
+        b.config = b.config.model_copy(update={"timeout_s": 60.0})
+        after = await b.complete(_request("Name one primary colour. Answer with one word.", max_tokens=8, temperature=0.0))
+        assert after.text.strip() and after.completion_tokens <= 8
+    finally:
+        await b.aclose()

@@ -184,7 +184,12 @@ class LlamaCppModel(_ModelBase):
     backend: Literal["llamacpp"] = "llamacpp"
     max_concurrency: int = Field(1, ge=1)
     n_ctx: int = Field(4096, ge=256)
-    n_threads: int | None = None
+    n_threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads; default: half the CPUs this process may use (at least 1). More threads than free cores "
+        "make llama.cpp's threads wait on each other: on a busy 2-core machine 2 threads ran 4-8x slower than 1.",
+    )
+    timeout_s: float = Field(600.0, gt=0, description="Longest one call may generate; past it the call fails as `timeout`.")
     chat_format: str | None = Field(
         None, description="llama.cpp chat format; default: the GGUF's own template (for `local:gemma-3-270m`: gemma)."
     )
@@ -206,6 +211,9 @@ class HFModel(_ModelBase):
     batch_size: int = Field(8, ge=1)
     device: str = "auto"
     adapter: str | None = Field(None, description="A PEFT adapter directory to load on top of `model`.")
+    timeout_s: float = Field(
+        600.0, gt=0, description="Longest one generate() batch may run; rows still generating then fail as `timeout`."
+    )
 
 
 

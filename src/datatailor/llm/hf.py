@@ -9,7 +9,8 @@ Concurrent requests are gathered by a micro-batcher (up to `batch_size`, a short
 run as one left-padded `generate`. Sampling is done per row by `_RowSampler` with the row's own
 seeded `torch.Generator`, temperature and top_p, so requests with different sampling parameters
 share a batch and a request's tokens do not depend on which other requests it was batched with.
-Per-row `max_tokens` and `stop` strings end each row on its own. A row whose request sets
+Per-row `max_tokens` and `stop` strings end each row on its own, and the model's `timeout_s` ends the whole
+batch: a row still generating then fails as `timeout` (rows already finished are kept). A row whose request sets
 `sampling.top_logprobs` also gets, at each step, the top-k log-softmax of the scores `_RowSampler` sees
 (the model's distribution at temperature 1, after any processors the model's generation config adds)
 and the log-probability of the token it picked.
@@ -195,17 +196,24 @@ class _RowSampler:
 
 
 class _RowLimits:
-    """A stopping criterion with per-row `max_tokens` and stop strings."""
+    """A stopping criterion with per-row `max_tokens` and stop strings, and a time limit for the whole batch."""
 
-    def __init__(self, torch: Any, tokenizer: Any, prompt_len: int, rows: list[Sampling]):
+    def __init__(self, torch: Any, tokenizer: Any, prompt_len: int, rows: list[Sampling], timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.torch = torch
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
         self.rows = rows
         self.tail = max((len(s) for r in rows for s in r.stop), default=0) + 8
+        self.clock = clock
+        self.deadline = clock() + timeout_s if timeout_s is not None else None
+        self.timed_out = False
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         n = input_ids.shape[1] - self.prompt_len
+        if self.deadline is not None and self.clock() > self.deadline:
+            self.timed_out = True
+            return self.torch.ones(input_ids.shape[0], dtype=self.torch.bool, device=input_ids.device)
         done = []
         for i, s in enumerate(self.rows):
             stop = n >= s.max_tokens
@@ -407,18 +415,26 @@ class HFBackend:
                 max_new_tokens=max(s.max_tokens for s in rows), pad_token_id=tokenizer.pad_token_id,
             )
             sampler = _RowSampler(torch, rows)
+            limits = _RowLimits(torch, tokenizer, prompt_len, rows, self.config.timeout_s)
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention,
                     generation_config=gen_config,
                     logits_processor=transformers.LogitsProcessorList([sampler]),
-                    stopping_criteria=transformers.StoppingCriteriaList([_RowLimits(torch, tokenizer, prompt_len, rows)]),
+                    stopping_criteria=transformers.StoppingCriteriaList([limits]),
                 )
             eos = gen_config.eos_token_id
             eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
             for row, (i, ids) in enumerate(encoded):
-                results[i] = self._finish(out[row, prompt_len:].tolist(), len(ids), rows[row], eos_ids, sampler.logprobs[row])
+                done = self._finish(out[row, prompt_len:].tolist(), len(ids), rows[row], eos_ids, sampler.logprobs[row])
+                # A row the clock stopped short of its own limit is not a reply: it fails, it is not "cut off by max_tokens".
+                cut_by_clock = limits.timed_out and done.finish_reason == "length" and done.completion_tokens < rows[row].max_tokens
+                results[i] = LLMCallFailure(
+                    f"{self.config.model}: generation ran past timeout_s={self.config.timeout_s:g} s after "
+                    f"{done.completion_tokens} tokens (max_tokens {rows[row].max_tokens}); raise timeout_s or lower max_tokens",
+                    kind="timeout",
+                ) if cut_by_clock else done
         return [r for r in results if r is not None]
 
     def _finish(

@@ -12,6 +12,12 @@ Instead, a logits processor (`TopLogprobRecorder`) sees the last position's logi
 step, keeps its top-k log-softmax, and learns which token was chosen at the next step (or, for the
 last one, from the text): one vocabulary-sized vector of extra memory, well under 1 ms per token.
 The probabilities are the model's own (temperature 1, before penalties and grammar), as OpenAI reports them.
+
+Every call is bounded twice: by its token limit (`max_tokens`, at least 1: llama.cpp reads 0 or less as "until the
+context is full"), and by the model's `timeout_s`, checked after every generated token (`Deadline`, a stopping
+criterion), which ends the call as a `timeout` failure. The default thread count is half the CPUs this process
+may use: llama.cpp's threads wait for each other at every step, so more threads than free cores slow every token
+down (on a busy 2-core machine, 2 threads decoded 2-4 tokens/s where 1 thread decoded 10-20).
 """
 
 from __future__ import annotations
@@ -40,6 +46,57 @@ def resolve_gguf(model: str) -> Path:
     if not path.is_file():
         raise UserError(f"GGUF model file not found: {model} (give a path or a local: name; see `datatailor models list`)")
     return path
+
+
+class Deadline:
+    """A llama-cpp-python stopping criterion: stop (and say so in `fired`) once `seconds` have passed since it was made.
+
+    llama.cpp checks it after every generated token, so a call ends within one token of its limit (the prompt's own
+    evaluation, bounded by the context size, comes before the first token)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self.clock = clock
+        self.start = clock()
+        self.tokens = 0
+        self.fired = False
+
+    def __call__(self, input_ids: Any, logits: Any) -> bool:
+        if self.clock() - self.start > self.seconds:
+            self.fired = True
+        else:
+            self.tokens += 1
+        return self.fired
+
+
+def chat_with_deadline(llm: Any, deadline: Deadline, **kwargs: Any) -> Any:
+    """`llm.create_chat_completion(**kwargs)`, stopped by `deadline`.
+
+    The chat API takes no stopping criteria, and a logits processor cannot stop it (llama-cpp-python swallows its
+    exceptions, and a grammar overrides forced end tokens); its chat handlers generate through
+    `llm.create_completion`, which does take them, so the deadline joins them there for this one call (the caller
+    holds the model's lock). tests/test_llamacpp_backend.py checks it on the real model."""
+    plain = llm.create_completion
+
+    def create_completion(*args: Any, **kw: Any) -> Any:
+        theirs = kw.get("stopping_criteria")
+        kw["stopping_criteria"] = lambda ids, logits: deadline(ids, logits) or bool(theirs and theirs(ids, logits))
+        return plain(*args, **kw)
+
+    llm.create_completion = create_completion
+    try:
+        return llm.create_chat_completion(**kwargs)
+    finally:
+        del llm.create_completion
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may use, at least 1 (llama-cpp-python's own default, on the usable CPUs)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, usable // 2)
 
 
 class TopLogprobRecorder:
@@ -145,11 +202,13 @@ class LlamaCppBackend:
             raise UserError(f"the llamacpp backend needs llama-cpp-python: {INSTALL_HINT}") from None
         path = resolve_gguf(self.config.model)
         start = time.perf_counter()
+        threads = self.config.n_threads or default_threads()
         try:
             self._llm = Llama(
                 model_path=str(path),
                 n_ctx=self.config.n_ctx,
-                n_threads=self.config.n_threads or os.cpu_count() or 1,
+                n_threads=threads,
+                n_threads_batch=threads,
                 chat_format=self.config.effective_chat_format(),
                 verbose=False,
             )
@@ -165,7 +224,8 @@ class LlamaCppBackend:
             "messages": [m.model_dump() for m in request.messages],
             "temperature": s.temperature,
             "top_p": s.top_p,
-            "max_tokens": s.max_tokens,
+            # llama.cpp reads 0 or less as "until the context is full", and cuts a larger limit to the context itself
+            "max_tokens": max(1, s.max_tokens),
             "stop": s.stop or None,
         }
         if s.seed is not None:
@@ -173,12 +233,14 @@ class LlamaCppBackend:
         if request.json_schema is not None:
             kwargs["response_format"] = {"type": "json_object", "schema": request.json_schema}
         recorder = TopLogprobRecorder(s.top_logprobs) if s.top_logprobs is not None else None
-        if recorder is not None:
-            kwargs["logits_processor"] = [recorder]
         with self._lock:
             llm = self._load()
+            # The clock starts once the model holds the lock for this call: waiting for other calls is not generating.
+            deadline = Deadline(self.config.timeout_s)
+            if recorder is not None:
+                kwargs["logits_processor"] = [recorder]
             try:
-                response = llm.create_chat_completion(**kwargs)
+                response = chat_with_deadline(llm, deadline, **kwargs)
             except ValueError as exc:
                 message = str(exc)
                 if "context window" in message:
@@ -190,6 +252,13 @@ class LlamaCppBackend:
                 raise LLMCallFailure(f"{self.config.model}: {message}") from None
             except RuntimeError as exc:  # llama_decode failures surface as RuntimeError
                 raise LLMCallFailure(f"{self.config.model}: generation failed: {exc}") from None
+            if deadline.fired:
+                where = f"after {deadline.tokens} tokens" if deadline.tokens else "while it read the prompt"
+                raise LLMCallFailure(
+                    f"{self.config.model}: the call ran past timeout_s={self.config.timeout_s:g} s {where} (max_tokens "
+                    f"{kwargs['max_tokens']}); raise timeout_s, lower max_tokens, or free CPU cores",
+                    kind="timeout",
+                )
             choice = response["choices"][0]
             text = choice["message"].get("content") or ""
             logprobs = None
