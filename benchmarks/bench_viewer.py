@@ -51,7 +51,7 @@ def _rng(text: str) -> random.Random:
     return random.Random(int(hashlib.blake2b(text.encode(), digest_size=8).hexdigest(), 16))
 
 
-def answer_text(instruction: str) -> str:
+def answer_text(instruction: str, words: tuple[int, int] = (20, 220)) -> str:
     """A deterministic answer of 20-220 words; every 37th is empty (a failure), every 9th nearly repeats another."""
     rng = _rng(instruction)
     n = int(re.search(r"Task (\d+)", instruction)[1]) if re.search(r"Task (\d+)", instruction) else 0
@@ -59,8 +59,8 @@ def answer_text(instruction: str) -> str:
         return ""
     if n % 9 == 4:  # a near copy of a stock answer: dedup drops most of these
         return "The short answer is that it depends on the context, the budget and the people involved in the work."
-    words = [rng.choice(WORDS) for _ in range(rng.randint(20, 220))]
-    return " ".join(words).capitalize() + "."
+    chosen = [rng.choice(WORDS) for _ in range(rng.randint(*words))]
+    return " ".join(chosen).capitalize() + "."
 
 
 def writer(request: Any) -> str:
@@ -109,54 +109,61 @@ def make_with_runner(folder: Path, n: int) -> Path:
 # ----------------------------------------------------------------------------- the synthetic source
 
 
-def make_synthetic(folder: Path, n: int) -> Path:
-    """The run directory the recipe above would write, written directly (same files, same record shape)."""
+RECORD = ('{{"id": "{id}", "instruction": {instruction}, "input": "", "response": {response}, "metadata": {metadata}, '
+          '"parents": [], "lineage": [{lineage}]}}')
+RESPONDED = ('{{"stage": "respond", "role": "strong", "model": "writer", "template_hash": "c97be4eaa78895fa", "prompt_tokens": {p}, '
+             '"completion_tokens": {c}, "cost_usd": 0.0, "decision": null, "reason": null, "details": {{}}}}')
+RATED = ('{{"stage": "quality.rate", "role": "judge", "model": "rater", "template_hash": "23839235922c9df0", "prompt_tokens": {p}, '
+         '"completion_tokens": 3, "cost_usd": 0.0, "decision": "rated", "reason": "score {s}", "details": {{"score": {s}.0, '
+         '"reply": "Score: {s}"}}}}')
+KEPT = ('{"stage": "dedup", "role": null, "model": null, "template_hash": null, "prompt_tokens": 0, "completion_tokens": 0, '
+        '"cost_usd": 0.0, "decision": "kept", "reason": "no earlier duplicate", "details": {}}')
+
+
+def make_synthetic(folder: Path, n: int, words: tuple[int, int] = (20, 220), stage_records: bool = True) -> Path:
+    """The run directory the recipe above would write, written directly (same files, same record shape: the lines
+    are formatted from templates, which is several times quicker than json.dumps of each record). `words`: the
+    range of an answer's length; `stage_records=False` leaves the stages' records.jsonl empty (the final files are
+    what the viewer reads; tests/test_viewer_scale.py writes short answers and no stage copies, to be quick)."""
     from datatailor.io import write_json
     from datatailor.records import stable_hash
 
     out = folder / "run"
-    stages = [("respond", "respond"), ("quality.rate", "quality.rate"), ("dedup", "dedup")]
-    dirs = [out / "stages" / f"{i:02d}-{name}" for i, (name, _) in enumerate(stages)]
+    dirs = [out / "stages" / f"{i:02d}-{name}" for i, name in enumerate(("respond", "quality.rate", "dedup"))]
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     files = {"data": (out / "data.jsonl").open("w", encoding="utf-8"), "fail": (out / "failures.jsonl").open("w", encoding="utf-8")}
-    stage_files = [(d / "records.jsonl").open("w", encoding="utf-8") for d in dirs]
+    stage_files = [(d / "records.jsonl").open("w", encoding="utf-8") if stage_records else open(os.devnull, "w") for d in dirs]
     counts = {"kept": 0, "empty": 0, "dup": 0}
     stock_seen = False
     for i in range(n):
         instruction = (f"Task {i}: explain how the {rng.choice(WORDS)} relates to the {rng.choice(WORDS)} in "
                        f"{rng.choice(WORDS)} terms, for reader {rng.randrange(10**6)}.")
         rid = stable_hash(instruction, "")
-        response = answer_text(instruction)
-        record: dict[str, Any] = {"id": rid, "instruction": instruction, "input": "", "response": None, "metadata": {},
-                                  "parents": [], "lineage": []}
+        response = answer_text(instruction, words)
+        quoted = json.dumps(instruction)
         if not response:
-            record["lineage"] = []
-            files["fail"].write(json.dumps({"id": rid, "stage": "respond", "kind": "empty_response",
-                                            "message": "strong (writer) returned an empty answer", "record": record}) + "\n")
+            record = RECORD.format(id=rid, instruction=quoted, response="null", metadata="{}", lineage="")
+            files["fail"].write(f'{{"id": "{rid}", "stage": "respond", "kind": "empty_response", '
+                                f'"message": "strong (writer) returned an empty answer", "record": {record}}}\n')
             counts["empty"] += 1
             continue
-        event = {"stage": "respond", "role": "strong", "model": "writer", "template_hash": "c97be4eaa78895fa",
-                 "prompt_tokens": 20 + len(instruction) // 4, "completion_tokens": len(response) // 4, "cost_usd": 0.0,
-                 "decision": None, "reason": None, "details": {}}
-        record.update(response=response, lineage=[event])
-        stage_files[0].write(json.dumps(record) + "\n")
-        score = float(_rng(response).randint(1, 5))
-        record["metadata"] = {"quality": score}
-        record["lineage"].append({"stage": "quality.rate", "role": "judge", "model": "rater", "template_hash": "23839235922c9df0",
-                                  "prompt_tokens": 80 + len(response) // 4, "completion_tokens": 3, "cost_usd": 0.0,
-                                  "decision": "rated", "reason": f"score {score:g}", "details": {"score": score, "reply": f"Score: {score:g}"}})
-        stage_files[1].write(json.dumps(record) + "\n")
+        answer = json.dumps(response)
+        responded = RESPONDED.format(p=20 + len(instruction) // 4, c=len(response) // 4)
+        stage_files[0].write(RECORD.format(id=rid, instruction=quoted, response=answer, metadata="{}", lineage=responded) + "\n")
+        score = int(hashlib.blake2b(response.encode(), digest_size=2).hexdigest(), 16) % 5 + 1
+        lineage = f"{responded}, {RATED.format(p=80 + len(response) // 4, s=score)}"
+        rated = RECORD.format(id=rid, instruction=quoted, response=answer, metadata=f'{{"quality": {score}.0}}', lineage=lineage)
+        stage_files[1].write(rated + "\n")
         if response.startswith("The short answer") and stock_seen:
-            files["fail"].write(json.dumps({"id": rid, "stage": "dedup", "kind": "duplicate", "message": "exact duplicate of an earlier record",
-                                            "record": record}) + "\n")
+            files["fail"].write(f'{{"id": "{rid}", "stage": "dedup", "kind": "duplicate", '
+                                f'"message": "exact duplicate of an earlier record", "record": {rated}}}\n')
             counts["dup"] += 1
             continue
         stock_seen = stock_seen or response.startswith("The short answer")
-        record["lineage"].append({"stage": "dedup", "role": None, "model": None, "template_hash": None, "prompt_tokens": 0,
-                                  "completion_tokens": 0, "cost_usd": 0.0, "decision": "kept", "reason": "no earlier duplicate", "details": {}})
-        line = json.dumps(record) + "\n"
+        line = RECORD.format(id=rid, instruction=quoted, response=answer, metadata=f'{{"quality": {score}.0}}',
+                             lineage=f"{lineage}, {KEPT}") + "\n"
         stage_files[2].write(line)
         files["data"].write(line)
         counts["kept"] += 1
@@ -273,8 +280,9 @@ def median_time(url: str, repeat: int = 5) -> tuple[float, int]:
 def measure(run: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
     index_dir = work / "index"
     shutil.rmtree(index_dir, ignore_errors=True)
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "-", run.parent.name if run.name == "run" else run.name)
     server = Server(run, index_dir, env)
+    with urllib.request.urlopen(server.url, timeout=60) as reply:  # one run: the start page redirects to it
+        key = reply.url.rstrip("/").rsplit("/", 1)[1]
     out: dict[str, Any] = {"listening_s": server.listening_s}
     try:
         out["first_page_s"] = first_page(server, key)

@@ -166,6 +166,13 @@ class RunIndex:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def wait_rows(self, rows: int, timeout: float) -> None:
+        """Block until `rows` rows are indexed, the index is complete, or `timeout` seconds passed: a page asked for
+        right after the index started shows a first page's worth instead of an empty table."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.state.phase not in ("ready", "error") and self.state.rows < rows:
+            time.sleep(0.02)
+
     def wait_ready(self, timeout: float) -> bool:
         """Block until a full pass has finished (True) or `timeout` seconds passed (False)."""
         deadline = time.time() + timeout

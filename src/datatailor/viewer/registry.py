@@ -15,6 +15,9 @@ from datatailor.viewer.bakeoff import BakeoffFolder
 from datatailor.viewer.folders import RunFolder, folder_kind
 from datatailor.viewer.index import RunIndex
 
+FIRST_PAGE_ROWS = 50  # a page's worth: what a request waits for when it finds an index just started
+FIRST_PAGE_WAIT_S = 3.0
+
 
 class FlagBook:
     """A run's review flags: `flags.jsonl` read again whenever it changed on disk, appended to on each click."""
@@ -69,6 +72,14 @@ class BakeoffEntry:
     runs: dict[tuple[str, str], str] = field(default_factory=dict)  # (method, testset or "") -> run key
 
 
+GENERIC_NAMES = ("out", "run", "runs", "output", "data")
+
+
+def short_label(path: Path) -> str:
+    """A folder's name as the pages show it; `parent/name` when the name alone says little (`out`, `run`)."""
+    return f"{path.parent.name}/{path.name}" if path.name in GENERIC_NAMES and path.parent.name else path.name
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
 
@@ -84,14 +95,15 @@ class Registry:
         for folder in folders:
             path = folder.resolve()
             kind = folder_kind(path)
+            label = short_label(path)
             if kind == "bakeoff":
                 key = self._key(path.name)
-                entry = BakeoffEntry(key, path, str(folder), BakeoffFolder(path))
+                entry = BakeoffEntry(key, path, label, BakeoffFolder(path))
                 self.bakeoffs[key] = entry
                 self.order.append(("bakeoff", key))
                 self._add_bakeoff_runs(entry)
             else:
-                key = self._add_run(path, str(folder))
+                key = self._add_run(path, label)
                 self.order.append(("run", key))
 
     def _key(self, name: str) -> str:
@@ -102,38 +114,30 @@ class Registry:
         return key
 
     def _add_run(self, path: Path, label: str, bakeoff: str | None = None, key: str | None = None) -> str:
-        key = key or self._key(path.name if path.name != "run" else path.parent.name)
+        key = key or self._key(short_label(path))
         self.runs[key] = RunEntry(key, path, label, RunIndex(path, self.index_root, self.poll_s), FlagBook(path), bakeoff)
         return key
 
     def _add_bakeoff_runs(self, entry: BakeoffEntry) -> None:
         """Each method's data run and each evaluation run, as runs of their own (indexed when first opened)."""
         for row in entry.folder.rows():
-            if row.run is not None:
-                entry.runs[(row.name, "")] = self._add_run(row.run, f"{entry.label}: {row.name} (data)", entry.key,
-                                                           self._key(f"{entry.key}~{row.name}"))
-            for ts, cell in row.cells.items():
-                if cell.available:
-                    entry.runs[(row.name, ts)] = self._add_run(cell.run, f"{entry.label}: {row.name} on {ts}", entry.key,
-                                                               self._key(f"{entry.key}~{row.name}~{ts}"))
+            found = [("", row.run, f"{row.name} (data)")] if row.run is not None else []
+            found += [(ts, cell.run, f"{row.name} on {ts}") for ts, cell in row.cells.items() if cell.available]
+            for ts, path, what in found:
+                if (row.name, ts) not in entry.runs:
+                    key = self._key("~".join(filter(None, (entry.key, row.name, ts))))
+                    entry.runs[(row.name, ts)] = self._add_run(path, f"{entry.label}: {what}", entry.key, key)
 
     def refresh_bakeoff(self, entry: BakeoffEntry) -> None:
         """A bake-off still running gains runs: add the ones that appeared since."""
         with self._lock:
-            known = set(entry.runs)
-            for row in entry.folder.rows():
-                if row.run is not None and (row.name, "") not in known:
-                    entry.runs[(row.name, "")] = self._add_run(row.run, f"{entry.label}: {row.name} (data)", entry.key,
-                                                               self._key(f"{entry.key}~{row.name}"))
-                for ts, cell in row.cells.items():
-                    if cell.available and (row.name, ts) not in known:
-                        entry.runs[(row.name, ts)] = self._add_run(cell.run, f"{entry.label}: {row.name} on {ts}", entry.key,
-                                                                   self._key(f"{entry.key}~{row.name}~{ts}"))
+            self._add_bakeoff_runs(entry)
 
     def run(self, key: str) -> RunEntry | None:
         entry = self.runs.get(key)
         if entry is not None:
             entry.index.start()  # indexed from the first time it is asked for
+            entry.index.wait_rows(FIRST_PAGE_ROWS, FIRST_PAGE_WAIT_S)
         return entry
 
     def top_runs(self) -> list[RunEntry]:
