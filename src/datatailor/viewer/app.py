@@ -31,7 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from datatailor import __version__
 from datatailor.errors import UserError
-from datatailor.report.svg import bar_chart, empty_chart
+from datatailor.report.svg import bar_chart, empty_chart, nice_top
 from datatailor.stages.contract import METHODS
 from datatailor.stages.flags import CLEAR, VERDICTS
 from datatailor.viewer import compare as cmp
@@ -186,15 +186,16 @@ class ViewerApp:
         a, b = self._pair_of(request)
         if a is None or b is None:
             return self.page("compare.html", runs=runs, a=a, b=b, title="compare — datatailor view")
-        indexes = {a.key: a.index, b.key: b.index}
+        indexes = {"A": a.index, "B": b.index}
         charts = []
         for hist_id, hist, caption in (
             ("fig-length", cmp.length_histogram(indexes), "Response length in words: share of each run's kept records."),
             ("fig-quality", cmp.quality_histogram(indexes), "Quality score (rated records only): share per half point."),
             ("fig-distinct2", cmp.distinct2_histogram(indexes), "Distinct-2 of each response (unique / all word bigrams)."),
         ):
-            label = caption.split(":")[0]
-            svg = (bar_chart(label, hist.labels, hist.series, y_max=None, fmt=lambda v: f"{100 * v:.0f} %", legend=True)
+            label = caption.split(":")[0].split(" (")[0]
+            peak = max((v for _, vs in hist.series for v in vs if v is not None), default=0.0)
+            svg = (bar_chart(label, hist.labels, hist.series, y_max=min(1.0, nice_top(peak)), fmt=lambda v: f"{100 * v:.0f} %", legend=True)
                    if hist.labels and any(hist.counts.values()) else empty_chart(label, "no values in either run"))
             charts.append({"id": hist_id, "svg": svg, "caption": caption, "counts": hist.counts})
         try:

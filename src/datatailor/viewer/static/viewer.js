@@ -64,7 +64,15 @@ function live() {
       if (fail && stage.live_failures !== null) fail.textContent = stage.live_failures.toLocaleString();
     }
     const note = document.getElementById("live-note");
-    if (body.index.rows > startRows) {
+    if (head.dataset.status === "running" && body.status !== "running") {
+      note.classList.remove("hidden");
+      note.innerHTML = "";
+      note.append(`The run stopped (${body.status}). `);
+      const link = document.createElement("a");
+      link.href = window.location.href;
+      link.textContent = "Reload to see its final files";
+      note.append(link);
+    } else if (body.index.rows > startRows) {
       note.classList.remove("hidden");
       note.innerHTML = "";
       note.append(`${(body.index.rows - startRows).toLocaleString()} more rows indexed since this page was loaded. `);
