@@ -1,32 +1,20 @@
-"""What a bake-off will cost, before anything is spent: model calls counted from its shape, tokens and $
-estimated from typical sizes. Shown by `datatailor bakeoff --plan` and at the start of every bake-off."""
+"""What a bake-off will do and cost, before anything is spent. Each method's recipe is walked stage by stage from the
+records it will read (bakeoff/flow.py): the pairs it makes before the trim to budget_pairs, the model calls of every
+stage (TeaMs-RL's policy training included) and the runner's top-up rounds. A figure counted from the recipe is
+marked exact or "at most"; one that depends on what the models answer is marked as an estimate. Tokens and $ are
+estimates from a typical call's size. Shown by `datatailor bakeoff --plan` and at the start of every bake-off."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from datatailor.bakeoff.flow import AT_MOST, ESTIMATE, EXACT, Count, recipe_flow
+
 if TYPE_CHECKING:
-    from datatailor.bakeoff.run import Plan
+    from datatailor.bakeoff.run import MethodPlan, Plan
 
-# Model calls per kept pair, measured with scripted models at the papers' settings (benchmarks/RESULTS.md):
-# CodecLM 7.42, Self-Instruct 1.17, Evol-Instruct 3.93, REFED 2.20; TeaMs-RL's generation 14.1 (plus its policy
-# training: 4 calls per step); CoachLM one revision per pair.
-CALLS_PER_PAIR = {"codec": 7.42, "self_instruct": 1.17, "evol": 3.93, "refed": 2.20, "teams_rl": 14.1, "coachlm": 1.0}
 PROMPT_TOKENS, COMPLETION_TOKENS = 400, 300  # a typical call (an assumption, shown with the figures)
-
-
-RATING_STAGES = {"quality.rate": 1.0}  # a rating inside a recipe: one judge call per pair
-
-
-def _calls_per_pair(recipe: Any) -> float | None:
-    """Calls per kept pair of a recipe: the sum over the methods it chains (Self-Instruct then CoachLM is both) and
-    its rating stages; None when one of its methods has no measured rate."""
-    from datatailor.stages import STAGES
-
-    keys = list(dict.fromkeys(STAGES[cfg.type].method for cfg in recipe.stages if STAGES[cfg.type].method is not None))
-    if not keys or any(k not in CALLS_PER_PAIR for k in keys):
-        return None
-    return sum(CALLS_PER_PAIR[k] for k in keys) + sum(RATING_STAGES.get(cfg.type, 0.0) for cfg in recipe.stages)
+SELECTIONS = ("select", "codec.select")
 
 
 def _price(model: Any) -> float:
@@ -34,6 +22,49 @@ def _price(model: Any) -> float:
     if model is None:
         return 0.0
     return (PROMPT_TOKENS * model.price_per_mtok_in + COMPLETION_TOKENS * model.price_per_mtok_out) / 1e6
+
+
+def _count(c: Count | None) -> dict[str, Any] | None:
+    return None if c is None else {"value": round(c.value), "most": None if c.most is None else round(c.most), "kind": c.kind}
+
+
+def _inputs(plan: Plan, m: MethodPlan) -> int:
+    from datatailor.runner import recipe_input
+
+    if m.spec.input == "seeds":
+        return sum(len(s.seeds) for s in plan.splits)
+    assert m.recipe is not None
+    return len(recipe_input(m.recipe))
+
+
+def method_projection(plan: Plan, m: MethodPlan) -> dict[str, Any]:
+    """A method's data: its input, each stage's pairs and calls, the total and whether it can reach the budget."""
+    assert m.recipe is not None
+    recipe, budget = m.recipe, plan.config.budget_pairs
+    inputs = _inputs(plan, m)
+    flow = recipe_flow(recipe, inputs)
+    stages, usd = [], 0.0
+    for f in [*flow.stages, *([flow.top_up] if flow.top_up else [])]:
+        cfg = next((c for c in recipe.stages if (c.name or c.type) == f.name), None)
+        roles = list(cfg.role_fields().values()) if cfg is not None else []
+        prices = [_price(recipe.models.get(r)) for r in roles] or [_price(recipe.models.get("strong"))]
+        if f.type == "runner":  # the top-up repeats the later stages: their mean price per call
+            prices = [usd / max(1.0, sum(s["calls"]["value"] for s in stages if s["calls"]))]
+        stage_usd = 0.0 if f.calls is None else f.calls.value * sum(prices) / len(prices)
+        usd += stage_usd
+        stages.append({"stage": f.name, "type": f.type, "pairs": _count(f.records), "calls": _count(f.calls), "how": f.how,
+                       "usd": stage_usd})
+    # what the recipe makes before a selection (its own, or the bake-off's trim at the end) keeps budget_pairs of it
+    first = next(i for i, f in enumerate(flow.stages) if f.type in SELECTIONS or i == len(flow.stages) - 1)
+    made = _count(flow.stages[first - 1].records) if first else None
+    warning = None
+    if flow.output.most is not None and flow.output.most < budget:
+        warning = (f"{m.name} can make at most {flow.output.most:,.0f} pairs from its {inputs} input records, below "
+                   f"budget_pairs={budget}: give it more input or ask for more per record (see its stages)")
+    return {
+        "inputs": inputs, "input": m.spec.input, "stages": stages, "made": made, "pairs": _count(flow.output),
+        "calls": _count(flow.calls), "usd": usd, "warning": warning,
+    }
 
 
 def project(plan: Plan) -> dict[str, Any]:
@@ -46,32 +77,53 @@ def project(plan: Plan) -> dict[str, Any]:
     for m in plan.methods:
         row: dict[str, Any] = {"method": m.name}
         if m.recipe is not None:
-            per_pair = _calls_per_pair(m.recipe)
-            strong = m.recipe.models.get("strong") or next(iter(m.recipe.models.values()), None)
-            row["generation_calls"] = None if per_pair is None else round(per_pair * config.budget_pairs)
-            row["generation_usd"] = None if per_pair is None else row["generation_calls"] * _price(strong)
-            row["rating_calls"] = config.budget_pairs if config.eval.rate else 0
+            row["data"] = method_projection(plan, m)
+            row["rating_calls"] = config.budget_pairs if config.eval.rate else 0  # at most: one per kept pair
         row["eval_calls"] = items * 3  # the tuned target's answer, and the judge in both orders
         row["eval_usd"] = items * 2 * _price(judge)
         rows.append(row)
     shared = {"reference_calls": items, "reference_usd": items * _price(reference)}  # answered once, then cached
-    known = [r for r in rows if r.get("generation_calls") is not None or "generation_calls" not in r]
-    total_calls = shared["reference_calls"] + sum((r.get("generation_calls") or 0) + r.get("rating_calls", 0) + r["eval_calls"] for r in rows)
-    total_usd = shared["reference_usd"] + sum((r.get("generation_usd") or 0) + r.get("rating_calls", 0) * _price(judge) + r["eval_usd"] for r in rows)
-    return {"rows": rows, "shared": shared, "items": items, "calls": total_calls, "usd": total_usd,
-            "complete": len(known) == len(rows),
-            "assumptions": f"{PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion tokens per call; calls per pair "
-                           "measured with scripted models; training runs locally and is not priced"}
+    data = [r["data"] for r in rows if "data" in r]
+    counted = [d["calls"] for d in data if d["calls"] is not None]
+    fixed = shared["reference_calls"] + sum(r["eval_calls"] + r.get("rating_calls", 0) for r in rows)
+    exact = fixed + sum(s["calls"]["value"] for d in data for s in d["stages"] if s["calls"] and s["calls"]["kind"] != ESTIMATE)
+    total_calls = fixed + sum(c["value"] for c in counted)
+    total_usd = shared["reference_usd"] + sum(d["usd"] for d in data) + sum(
+        r["eval_usd"] + r.get("rating_calls", 0) * _price(judge) for r in rows)
+    return {"rows": rows, "shared": shared, "items": items, "calls": total_calls, "counted_calls": exact, "usd": total_usd,
+            "complete": len(counted) == len(data), "warnings": [d["warning"] for d in data if d["warning"]],
+            "assumptions": f"$ and tokens: {PROMPT_TOKENS} prompt + {COMPLETION_TOKENS} completion tokens per call; "
+                           "estimated calls use outcome rates measured with scripted models (bakeoff/flow.py), real models "
+                           "can differ several-fold; training runs locally and is not priced"}
+
+
+def _figure(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "? (a stage the plan does not know)"
+    label = {EXACT: "", AT_MOST: " (at most)", ESTIMATE: " (estimate)"}[c["kind"]]
+    return f"{'~' if c['kind'] == ESTIMATE else ''}{c['value']:,}{label}"
 
 
 def render(p: dict[str, Any]) -> str:
-    lines = [f"projected cost (before anything is spent): about {p['calls']:,} model calls, ${p['usd']:.2f}"
-             + ("" if p["complete"] else " plus the methods marked ?"),
-             f"  reference answers: {p['shared']['reference_calls']} calls (${p['shared']['reference_usd']:.2f}), once for all methods"]
+    lines = [f"projected cost (before anything is spent): about {p['calls']:,} model calls, of which {p['counted_calls']:,} "
+             f"counted from the recipes and the test sets, the rest estimated; about ${p['usd']:.2f}"
+             + ("" if p["complete"] else " plus the stages marked ?"),
+             f"  reference answers: {p['shared']['reference_calls']:,} calls (${p['shared']['reference_usd']:.2f}), once for all methods"]
     for r in p["rows"]:
-        gen = "" if "generation_calls" not in r else (
-            f"data ~{r['generation_calls']} calls (${r['generation_usd']:.2f}), rating {r['rating_calls']}, "
-            if r["generation_calls"] is not None else "data ? calls (no measured rate for this method), ")
-        lines.append(f"  {r['method']}: {gen}evaluation {r['eval_calls']} calls (${r['eval_usd']:.2f})")
+        lines.append(f"  {r['method']}: evaluation {r['eval_calls']:,} calls (${r['eval_usd']:.2f})"
+                     + (f", rating at most {r['rating_calls']:,}" if r.get("rating_calls") else ""))
+        d = r.get("data")
+        if d is None:
+            continue
+        made = d["made"]
+        reach = "" if made is None else f"; {_figure(made)} pairs before the trim" + (
+            f", at most {made['most']:,}" if made["most"] is not None and made["kind"] != AT_MOST else "")
+        lines.append(f"    data: {d['inputs']:,} input records ({'the seeds' if d['input'] == 'seeds' else 'its own input'}){reach}; "
+                     f"{_figure(d['calls'])} calls (${d['usd']:.2f})")
+        for s in d["stages"]:
+            if s["calls"] is None or s["calls"]["value"] or s["type"] == "runner":
+                lines.append(f"      {s['stage']}: {_figure(s['calls'])} calls, {_figure(s['pairs'])} records out — {s['how']}")
+    for w in p["warnings"]:
+        lines.append(f"warning: {w}")
     lines.append(f"  ({p['assumptions']})")
     return "\n".join(lines)
