@@ -54,6 +54,8 @@ def judge(request: CompletionRequest) -> str:
             return 9 if int(re.search(r"Question (\d+)", answer)[1]) % 2 else 5
         if answer.startswith("untuned answer"):
             return 3
+        if answer.startswith("half answer"):  # wins on odd questions, loses on the others
+            return 9 if int(re.search(r"Question (\d+)", answer)[1]) % 2 else 1
         return 5
 
     if "answer_1" not in (request.variables or {}):  # the 0-5 quality rating of a method's pair: 4.5 for odd questions
@@ -172,6 +174,36 @@ def test_the_bakeoff_table_equals_its_evaluation_runs(tmp_path: Path) -> None:
         assert f"| {' / '.join(map(str, quality['histogram'].values()))} | {100 * odd_share:.1f} % |" in md.split(f"| {name} | 4 of 4", 1)[1].split("\n")[0]
     # the judge's consistency is given per test set
     assert "alpha 100.0 %, beta 100.0 %" in md
+
+
+def test_the_report_draws_each_interval_as_an_error_bar_on_its_estimate(tmp_path: Path) -> None:
+    """One bar per method (the CRR over both test sets), and on it a whisker from the interval's low to its high end,
+    placed on the bar's scale: never the interval's ends as bars of their own."""
+    import xml.etree.ElementTree as ET
+
+    methods = [{"name": "good", "recipe": "respond.yaml"}, {"name": "half", "recipe": "respond.yaml"}, {"name": "base", "untuned": True}]
+    report = run_bakeoff(load_bakeoff(world(tmp_path, methods=methods)), tmp_path / "out", log_stream=None)
+    html = (tmp_path / "out" / "bakeoff_report.html").read_text()
+    svg = ET.fromstring(re.search(r'<figure id="fig-crr".*?(<svg.*?</svg>)', html, re.S)[1])
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    bars = [r for r in svg.iterfind(".//s:rect", ns) if r.find("s:title", ns) is not None]
+    whiskers = svg.findall(".//s:g[@class='interval']", ns)
+    names = report["ranking"]["ranking"]
+    assert [b.find("s:title", ns).text.split(" / ")[0] for b in bars] == names  # one bar per method, nothing else
+    assert len(whiskers) == len(names) and "interval low" not in html
+    bottom = max(float(b.get("y")) + float(b.get("height")) for b in bars)  # the axis: a CRR of 0
+    scale = bottom - min(float(b.get("y")) for b, n in zip(bars, names) if report["ranking"]["methods"][n]["crr"] == 1.0)
+    for bar, whisker, name in zip(bars, whiskers, names):
+        c = report["ranking"]["methods"][name]
+        stem = whisker.findall("s:line", ns)[0]
+        assert float(stem.get("x1")) == float(stem.get("x2"))
+        assert float(bar.get("x")) < float(stem.get("x1")) < float(bar.get("x")) + float(bar.get("width"))  # on its bar
+        ends = sorted((float(stem.get("y1")), float(stem.get("y2"))))
+        assert ends == pytest.approx(sorted([bottom - scale * c["high"], bottom - scale * c["low"]]), abs=0.11)
+        assert ends[0] - 0.11 <= float(bar.get("y")) <= ends[1] + 0.11  # the estimate lies within its interval
+        assert f"{100 * c['low']:.0f}% to {100 * c['high']:.0f}%" in whisker.find("s:title", ns).text
+    half = report["ranking"]["methods"]["half"]
+    assert half["low"] < half["crr"] - 0.05 and half["high"] > half["crr"] + 0.05  # a whisker that shows
 
 
 def test_decontamination_comes_before_the_recipes_own_selection(tmp_path: Path) -> None:

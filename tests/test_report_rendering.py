@@ -130,7 +130,7 @@ def build_teams_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
 
 
 def build_bakeoff_report(tmp_path: Path) -> tuple[Path, Sequence[str]]:
-    """The scripted bake-off of tests/test_bakeoff.py (three methods and the untuned row)."""
+    """The scripted bake-off of tests/test_bakeoff.py (three methods and the untuned row, two test sets)."""
     from datatailor.bakeoff.config import load_bakeoff
     from datatailor.bakeoff.run import run_bakeoff
     from tests.test_bakeoff import world
@@ -249,3 +249,31 @@ def _save_screenshot(page: Any, shot: Path) -> None:
         target = Path(os.environ["DATATAILOR_SCREENSHOT_DIR"])
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target / shot.name)
+
+
+@pytest.mark.timeout(180)
+def test_the_bakeoff_chart_draws_each_interval_as_an_error_bar_on_its_bar(chromium: str, tmp_path: Path) -> None:
+    """As laid out by the browser: one bar per method, and on each a whisker centred on the bar whose span holds the
+    bar's top (the estimate lies within its interval); the wide interval of a coin-flip method is visibly long."""
+    from datatailor.bakeoff.config import load_bakeoff
+    from datatailor.bakeoff.run import run_bakeoff
+    from tests.test_bakeoff import world
+
+    methods = [{"name": "good", "recipe": "respond.yaml"}, {"name": "half", "recipe": "respond.yaml"}, {"name": "base", "untuned": True}]
+    report = run_bakeoff(load_bakeoff(world(tmp_path, methods=methods)), tmp_path / "out", log_stream=None)
+    names = report["ranking"]["ranking"]
+    with open_page(chromium, tmp_path / "chromium-profile") as (page, errors):
+        page.goto((tmp_path / "out" / "bakeoff_report.html").as_uri(), wait_until="load")
+        _save_screenshot(page, tmp_path / "bakeoff-error-bars.png")
+        bars = page.locator("#fig-crr svg rect:has(title)")
+        whiskers = page.locator("#fig-crr svg g.interval")
+        assert bars.count() == whiskers.count() == len(names)
+        for i, name in enumerate(names):
+            bar, whisker = bars.nth(i).bounding_box(), whiskers.nth(i).bounding_box()
+            assert bar is not None and whisker is not None, name
+            centre = whisker["x"] + whisker["width"] / 2
+            assert bar["x"] < centre < bar["x"] + bar["width"], name
+            assert whisker["y"] - 1.5 <= bar["y"] <= whisker["y"] + whisker["height"] + 1.5, name
+        half = whiskers.nth(names.index("half")).bounding_box()
+        assert half is not None and half["height"] > 20
+    assert errors == [], "\n".join(errors)

@@ -190,10 +190,8 @@ def render_markdown(r: dict[str, Any]) -> str:
 def render_html(r: dict[str, Any], markdown: str) -> str:
     conf = r["ranking"]["methods"]
     names = r["ranking"]["ranking"]
-    chart = (bar_chart("CRR over every test item, per method", names,
-                       [("CRR", [conf[n]["crr"] for n in names]), ("95 % interval low", [conf[n]["low"] for n in names]),
-                        ("95 % interval high", [conf[n]["high"] for n in names])],
-                       y_max=1.0, fmt=lambda v: f"{100 * v:.0f}%", legend=True)
+    chart = (bar_chart("CRR over every test item, per method, with its 95 % interval", names, [("CRR", [conf[n]["crr"] for n in names])],
+                       y_max=1.0, fmt=lambda v: f"{100 * v:.0f}%", intervals=[[(conf[n]["low"], conf[n]["high"]) for n in names]])
              if names else empty_chart("CRR per method", "nothing was judged"))
     warnings = "".join(warning_banner(w) for w in r["warnings"])
     rated = [n for n, m in r["methods"].items() if (m.get("quality") or {}).get("histogram")]
@@ -204,8 +202,8 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
                if rated else empty_chart("Quality ratings", "no method's data was rated"))
     summary = "\n".join(line for line in markdown.split("\n", 1)[1].splitlines() if not line.startswith("**Warning:**"))
     body = (warnings + markdown_html(summary) + "\n"
-            + figure("fig-crr", chart, "Capacity recovery ratio (W + T) / N of each tuned target against the reference, "
-                     "with its 95 % bootstrap interval over the test items.")
+            + figure("fig-crr", chart, "Capacity recovery ratio (W + T) / N of each tuned target against the reference over "
+                     "every judged item of every test set; the error bar is its 95 % paired-bootstrap interval.")
             + figure("fig-quality", quality, "How many of each method's pairs the judge rated in each band; the last band "
                      "(4.5 and above) is the high-quality share."))
     return page(f"Bake-off: {r['name']}", body)

@@ -49,10 +49,12 @@ def bar_chart(
     width: int = 720,
     height: int = 300,
     legend: bool | None = None,
+    intervals: Sequence[Sequence[tuple[float, float] | None] | None] | None = None,
 ) -> str:
     """Grouped vertical bars: one group per x label, one bar per series. None draws no bar ("n/a").
 
-    The legend is drawn when there is more than one series, or when `legend` is True.
+    The legend is drawn when there is more than one series, or when `legend` is True. `intervals`, parallel to
+    `series`, gives bars an error bar: (low, high) per group, drawn as a whisker with caps over the bar.
     """
     legend = len(series) > 1 if legend is None else legend
     values = [v for _, vs in series for v in vs if v is not None]
@@ -84,6 +86,10 @@ def bar_chart(
                 f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w * 0.92:.1f}" height="{h:.1f}" fill="{color}">'
                 f"<title>{escape(f'{group} / {name}: {fmt(v)}')}</title></rect>"
             )
+            interval = _at(intervals, s, g)
+            if interval is not None:
+                ys = [top_pad + plot_h - plot_h * min(max(b, 0.0), top) / top for b in interval]
+                parts.append(_whisker(x + bar_w * 0.46, bar_w * 0.3, ys, f"{group} / {name}: {fmt(interval[0])} to {fmt(interval[1])}"))
         parts.append(
             f'<text x="{gx + group_w * 0.4:.1f}" y="{top_pad + plot_h + 16}" text-anchor="middle">{escape(_short(group, group_w))}</text>'
         )
@@ -92,6 +98,19 @@ def bar_chart(
         parts += _legend([n for n, _ in series], [PALETTE[i % len(PALETTE)] for i in range(len(series))], width - legend_w + 6, top_pad)
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _at(intervals: Sequence[Sequence[tuple[float, float] | None] | None] | None, s: int, g: int) -> tuple[float, float] | None:
+    per_group = intervals[s] if intervals and s < len(intervals) else None
+    return per_group[g] if per_group and g < len(per_group) else None
+
+
+def _whisker(x: float, half: float, ys: list[float], title: str) -> str:
+    """An error bar at `x` from ys[0] to ys[1] (pixels), with caps `half` wide each side."""
+    low, high = ys
+    lines = "".join(f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}"/>'
+                    for x1, y1, x2, y2 in ((x, low, x, high), (x - half, low, x + half, low), (x - half, high, x + half, high)))
+    return f'<g class="interval" stroke="#222" stroke-width="1.5"><title>{escape(title)}</title>{lines}</g>'
 
 
 def stacked_shares(
