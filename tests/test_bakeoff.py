@@ -204,6 +204,10 @@ def test_the_report_draws_each_interval_as_an_error_bar_on_its_estimate(tmp_path
         assert f"{100 * c['low']:.0f}% to {100 * c['high']:.0f}%" in whisker.find("s:title", ns).text
     half = report["ranking"]["methods"]["half"]
     assert half["low"] < half["crr"] - 0.05 and half["high"] > half["crr"] + 0.05  # a whisker that shows
+    # the quality chart's axis: one label per tick, none repeated (counts of 2 gave ticks "0 0 1 1 2 2")
+    quality = ET.fromstring(re.search(r'<figure id="fig-quality".*?(<svg.*?</svg>)', html, re.S)[1])
+    ticks = [t.text for t in quality.iterfind(".//s:text[@text-anchor='end']", ns)]
+    assert len(ticks) == 6 and len(set(ticks)) == 6, ticks
 
 
 def test_decontamination_comes_before_the_recipes_own_selection(tmp_path: Path) -> None:

@@ -198,7 +198,7 @@ def render_html(r: dict[str, Any], markdown: str) -> str:
     quality = (bar_chart("Quality ratings of each method's pairs (0-5, the judge)", rated,
                          [(bucket, [r["methods"][n]["quality"]["histogram"][bucket] for n in rated])
                           for bucket in r["methods"][rated[0]]["quality"]["histogram"]],
-                         fmt=lambda v: f"{v:.0f}", legend=True)
+                         fmt=lambda v: f"{v:g}", legend=True)
                if rated else empty_chart("Quality ratings", "no method's data was rated"))
     summary = "\n".join(line for line in markdown.split("\n", 1)[1].splitlines() if not line.startswith("**Warning:**"))
     body = (warnings + markdown_html(summary) + "\n"
