@@ -483,18 +483,24 @@ def test_two_runs_side_by_side(client: Any) -> None:
 def test_the_bakeoff_table_and_a_cells_judged_items(client: Any) -> None:
     report = json.loads((client.runs["bakeoff"] / "bakeoff_report.json").read_text())
     text = _text(client.get("/bakeoff/bakeoff").text)
+    testsets = [t["name"] for t in report["testsets"]]
     for name, m in report["methods"].items():
-        cell = m["testsets"]["testset"]
-        assert f"{cell['wins']} / {cell['ties']} / {cell['losses']}" in text
-    odd = report["methods"]["odd"]["testsets"]["testset"]
-    wins = client.get("/bakeoff/bakeoff/cell/odd/testset?verdict=a").text
+        cells = " ".join(f"{c['wins']} / {c['ties']} / {c['losses']} {100 * c['crr']:.1f} %"
+                         for c in (m["testsets"][ts] for ts in testsets))
+        assert re.search(rf"\b{name}\b.*?{re.escape(cells.split(' ')[0])}", text)
+        for ts in testsets:
+            c = m["testsets"][ts]
+            assert f"{c['wins']} / {c['ties']} / {c['losses']} {100 * c['crr']:.1f} %" in text
+    ts = testsets[0]
+    odd = report["methods"]["odd"]["testsets"][ts]
+    wins = client.get(f"/bakeoff/bakeoff/cell/odd/{ts}?verdict=a").text
     assert f"{odd['wins']} items" in _text(wins)
     item = _text(wins.split('<section class="judged"')[1])
     number = int(re.search(r"Question (\d+)", item)[1])
     assert number % 2 == 1  # odd wins on odd-numbered questions only
     assert f"odd answer to: Question {number}" in item and "reference answer" in item
     assert "tuned target first 9.0 5.0 tuned target" in item and "reference first 9.0 5.0 tuned target" in item
-    ties = _text(client.get("/bakeoff/bakeoff/cell/odd/testset?verdict=tie").text)
+    ties = _text(client.get(f"/bakeoff/bakeoff/cell/odd/{ts}?verdict=tie").text)
     assert f"{odd['ties']} items" in ties and "tuned target first 5.0 5.0 tie" in ties
     assert client.get("/bakeoff/bakeoff/cell/odd/nowhere").status_code == 404
 
@@ -535,7 +541,9 @@ def test_view_binds_127_0_0_1_prints_the_address_and_refuses_other_hosts(runs: d
         assert url, line
         import urllib.request
 
-        with urllib.request.urlopen(url.group(0) + "run/out/records", timeout=30) as reply:
+        with urllib.request.urlopen(url.group(0), timeout=30) as reply:  # one run: the start page is the run's
+            assert reply.url.endswith("/run/coach-out")
+        with urllib.request.urlopen(url.group(0) + "run/coach-out/records", timeout=30) as reply:
             assert reply.status == 200 and "PROSE task" in reply.read().decode()
     finally:
         proc.terminate()

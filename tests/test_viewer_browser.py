@@ -8,6 +8,7 @@ Chromium binary or Playwright the tests skip, unless CI is set: then they fail (
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,7 @@ def test_every_page_loads_without_errors(served: dict[str, Any], page: tuple[Any
     p, errors = page
     url, runs = served["url"], served["runs"]
     codec_kept = first_id(runs["codec"], lambda r: r["metadata"]["codec"]["contrastive"]["iteration"] == 2)
+    testset = json.loads((runs["bakeoff"] / "bakeoff_report.json").read_text())["testsets"][0]["name"]
     pages = [
         ("home", "", "h1"),
         ("run", "run/refed", "#stages"),
@@ -104,7 +106,7 @@ def test_every_page_loads_without_errors(served: dict[str, Any], page: tuple[Any
         ("failures", "run/codec/failures", "#failure-groups"),
         ("compare", "compare?a=coach_before&b=coach", "#fig-length svg"),
         ("bakeoff", "bakeoff/bakeoff", "#bakeoff-table"),
-        ("cell", "bakeoff/bakeoff/cell/odd/testset", "section.judged"),
+        ("cell", f"bakeoff/bakeoff/cell/odd/{testset}", "section.judged"),
     ]
     for name, path, selector in pages:
         reply = p.goto(url + path, wait_until="load")

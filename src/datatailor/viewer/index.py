@@ -39,7 +39,13 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows
+    fcntl = None  # type: ignore[assignment]
+
 from datatailor.store import DIGEST, JsonlSource, id_digest
+from datatailor.errors import UserError
 from datatailor.viewer.folders import RunFolder
 
 SCHEMA_VERSION = "1"
@@ -151,6 +157,7 @@ class RunIndex:
         self.db_path: Path | None = None
         self._write_lock = threading.Lock()  # one refresh at a time
         self._choose_lock = threading.Lock()  # held only while the index file is picked (or created)
+        self._lock_fh: Any = None  # the lock file that makes this process the index's builder
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -165,12 +172,15 @@ class RunIndex:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._lock_fh is not None:
+            self._lock_fh.close()  # releases the lock: another viewer may build from here
+            self._lock_fh = None
 
     def wait_rows(self, rows: int, timeout: float) -> None:
         """Block until `rows` rows are indexed, the index is complete, or `timeout` seconds passed: a page asked for
         right after the index started shows a first page's worth instead of an empty table."""
         deadline = time.time() + timeout
-        while time.time() < deadline and self.state.phase not in ("ready", "error") and self.state.rows < rows:
+        while time.time() < deadline and self.state.phase not in ("ready", "error", "shared") and self.state.rows < rows:
             time.sleep(0.02)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -228,7 +238,24 @@ class RunIndex:
     def refresh_open(self) -> None:
         """Pick the index file to use (an existing one that still fits the run, else a new one)."""
         with self._choose_lock:
-            self._choose_db(*self._wanted())
+            self._choose_db(*self._wanted(), create=self._own())
+
+    def _own(self) -> bool:
+        """Whether this process builds the index: the first `datatailor view` of a run does (it holds a lock file in
+        the index folder); another one at the same time only reads what the first commits."""
+        if self._lock_fh is not None:
+            return True
+        if fcntl is None:  # no advisory locks here: every viewer builds (the first one to commit wins each batch)
+            return True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fh = (self.folder / "writer.lock").open("a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return False
+        self._lock_fh = fh
+        return True
 
     def refresh(self) -> None:
         """One pass: open or replace the index file, read what is new in each file, work out origins. Readers are
@@ -237,8 +264,12 @@ class RunIndex:
             run = RunFolder.open(self.run_path)
             mode, sources = plan(run)
             identity = self._identity(run, mode, sources)
+            owner = self._own()
             with self._choose_lock:
-                self._choose_db(mode, identity)
+                self._choose_db(mode, identity, create=owner)
+            if not owner:
+                self.state.phase = "indexing" if self.db_path is None or self._db_identity(self.db_path) != identity else "shared"
+                return
             assert self.db_path is not None
             conn = sqlite3.connect(self.db_path, timeout=30)
             try:
@@ -280,9 +311,19 @@ class RunIndex:
                 parts.append([st.st_ino, st.st_size, st.st_mtime_ns] if st else None)
         return json.dumps(parts)
 
-    def _choose_db(self, mode: str, identity: str) -> None:
+    def _choose_db(self, mode: str, identity: str, create: bool = True) -> None:
         if self.db_path is not None and self.db_path.exists() and self._db_identity(self.db_path) == identity:
             return
+        if not create:  # another viewer builds it: wait (bounded) for the file it makes
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                found = [p for p in self.folder.glob("index-*.sqlite") if self._db_identity(p) == identity]
+                if found:
+                    self.db_path = max(found, key=lambda p: int(p.stem.split("-")[1]))
+                    return
+                time.sleep(0.1)
+            raise UserError(f"another `datatailor view` of {self.run_path} is building its index in {self.folder}; "
+                            "try again in a moment")
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "run.txt").write_text(f"{self.run_path}\n", encoding="utf-8")
         existing = sorted(self.folder.glob("index-*.sqlite"), key=lambda p: int(p.stem.split("-")[1]))
