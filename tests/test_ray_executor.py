@@ -194,30 +194,9 @@ def test_killing_the_driver_then_resuming_repeats_no_finished_record(tmp_path: P
 def _kill_processes_mentioning(text: str) -> None:
     """SIGKILL every process whose command line contains `text` (here: one Ray's temp folder), and their
     descendants (Ray's workers rename themselves, so their command lines do not mention it)."""
-    parent: dict[int, int] = {}
-    matched: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if text in cmdline:
-            matched.add(int(entry.name))
-    doomed = set(matched)
-    while True:
-        more = {pid for pid, ppid in parent.items() if ppid in doomed and pid not in doomed}
-        if not more:
-            break
-        doomed |= more
-    doomed.discard(os.getpid())
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    from datatailor.executors.reaper import session_processes, stop
+
+    stop(session_processes(text), signal.SIGKILL)
     time.sleep(0.5)
 
 

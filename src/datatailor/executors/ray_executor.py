@@ -45,7 +45,7 @@ import numpy as np
 
 from datatailor.errors import RunAbort, UserError
 from datatailor.executors import RaySettings
-from datatailor.executors.worker import PARTS, SHARDS, SpendTally, StageWorker, sign_shard
+from datatailor.executors.worker import CLAIMS, PARTS, SHARDS, SpendTally, StageWorker, adopt_here, sign_shard
 from datatailor.storage import LOG, RunStore, iter_journal_rows
 from datatailor.store import ListSource, RecordSource, record_line
 
@@ -175,7 +175,11 @@ class RayExecutor:
         """Process the stage's pending inputs on the cluster; True when every input is finished."""
         self.start()
         name = stage.name
+        self.adopt_everywhere(runner)
         self.merge(cp, runner)
+        total, done = runner.count_finished(name, cp, inputs)  # also tells what a resume skips
+        if done == total:
+            return True
         head: list[Any] = []
         for record in inputs:
             if record.id not in cp.finished:
@@ -192,6 +196,7 @@ class RayExecutor:
         ok = await self._map(runner, index, cp, shards)
         self.merge(cp, runner)
         runner.store.delete(folder)
+        runner.store.delete(f"{stage_rel(runner, cp)}/{CLAIMS}")
         if not ok:
             return False
         missing = sum(1 for rid in inputs.ids() if rid not in cp.finished)
@@ -199,6 +204,24 @@ class RayExecutor:
             runner._stop = _stall(f"stage {name}: {missing} records came back from no worker; re-run the same command to process them")
             return False
         return True
+
+    def adopt_everywhere(self, runner: Runner) -> None:
+        """With --out in an object store: on every node, upload what killed workers of this run left in its spool
+        (a resume after the driver was killed), so those records count as finished before anything is shipped."""
+        if not runner.store.remote:
+            return
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        task = ray.remote(num_cpus=0, max_retries=0)(adopt_here)
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(runner.location)
+                for node_id in self._alive]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=120)  # a node that does not answer keeps its spool
+        adopted = [ray.get(ref) for ref in done]
+        files = sum(a["files"] for a in adopted)
+        if files:
+            runner.note(f"recovered {files} file(s) that killed workers left unsent on the nodes "
+                        f"({sum(a['bytes'] for a in adopted):,} bytes)")
 
     def merge(self, cp: StageCheckpoint, runner: Runner) -> None:
         merged, repeated = merge_parts(cp, runner)

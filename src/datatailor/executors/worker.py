@@ -7,7 +7,9 @@ and each model call to its own spend log (`usage/<invocation>.<writer>.jsonl`): 
 per row. With --out on a shared disk those files are in the run directory itself. With --out in an object store
 they are in the worker's local spool and reach the store as write-once segments every `flush_records` records
 or `flush_s` seconds and at the end of each shard (`executors.spool`): no worker reads or writes the driver's
-folder. Ray may run a shard twice (it retries the tasks of a dead actor); the driver keeps one row per input id.
+folder. Ray may run a shard twice (it retries the tasks of a dead actor): a worker claims each shard it starts
+(`stages/NN-name/claims/<shard>/<writer>`) and skips the records an earlier claimant finished and uploaded; the
+driver keeps one row per input id whatever happens.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from datatailor.llm.spend_log import SpendLog, log_name, writer_name
 from datatailor.llm.usage import UsageLedger
 from datatailor.recipe import Recipe
 from datatailor.records import Record
-from datatailor.storage import JournalPusher, RunStore
+from datatailor.storage import JournalPusher, RunStore, iter_journal_rows
 
 PARTS = "parts"
 SHARDS = "shards"
+CLAIMS = "claims"
 
-__all__ = ["PARTS", "SHARDS", "SpendTally", "StageWorker", "sign_shard", "writer_name"]
+__all__ = ["CLAIMS", "PARTS", "SHARDS", "SpendTally", "StageWorker", "sign_shard", "writer_name"]
 
 
 class SpendTally:
@@ -81,7 +84,8 @@ class StageWorker:
         self.pool = ModelPool(configs, self.ledger, self.cache, recipe.base_dir, seed=recipe.seed)
         self.stage.ctx.models = self.pool
         self.concurrency = max(1, self.stage.config.concurrency // workers)
-        parts = stage_dir(recipe, Path(""), index).as_posix() + f"/{PARTS}/{self.writer}"
+        self.stage_rel = stage_dir(recipe, Path(""), index).as_posix()
+        parts = f"{self.stage_rel}/{PARTS}/{self.writer}"
         (root / parts).parent.mkdir(parents=True, exist_ok=True)
         self.out_fh = (root / f"{parts}.outputs.jsonl").open("a", encoding="utf-8")
         self.fail_fh = (root / f"{parts}.failures.jsonl").open("a", encoding="utf-8")
@@ -107,6 +111,17 @@ class StageWorker:
         self.ledger.elsewhere = ray.get(self.tally.report.remote(self.writer, usd, tokens))
         self._synced = time.monotonic()
 
+    def _claim(self, shard: str) -> None:
+        """Mark the shard as this worker's; when another worker had it (Ray runs a dead worker's shard again),
+        skip the records that worker finished and uploaded, so they are not asked for again."""
+        folder = f"{self.stage_rel}/{CLAIMS}/{shard.rsplit('/', 1)[-1].removesuffix('.jsonl')}"
+        earlier = {n.rsplit("/", 1)[-1] for n in self.store.list(folder)} - {self.writer}
+        self.store.write_bytes(f"{folder}/{self.writer}", b"")
+        for writer in sorted(earlier):
+            for kind, key in (("outputs", "src"), ("failures", "id")):
+                for row in iter_journal_rows(self.store, f"{self.stage_rel}/{PARTS}/{writer}.{kind}.jsonl"):
+                    self.finished_elsewhere.add(row[key])
+
     def push(self) -> None:
         """Upload what the part files and the spend log gained since the last push (object store only)."""
         with self._push_lock:
@@ -126,6 +141,7 @@ class StageWorker:
         if data is None:
             raise RuntimeError(f"shard {name} is missing from {self.store.root}")
         records = [Record.model_validate_json(line) for line in data.splitlines() if line.strip()]
+        self._claim(name)
         semaphore = asyncio.Semaphore(self.concurrency)
         counts = {"done": 0, "failed": 0, "skipped": 0}
         stop: list[BaseException] = []
@@ -189,3 +205,10 @@ def sign_shard(batch: dict[str, np.ndarray], location: str, compare: str, near: 
         store.write_bytes(target, buf.getvalue())
         done.append(target)
     return {"signed": done}
+
+
+def adopt_here(location: str) -> dict[str, int]:
+    """A task pinned to one node: upload what killed workers of the run left in that node's spool."""
+    from datatailor.executors.spool import adopt_orphans
+
+    return adopt_orphans(RunStore(location), location)

@@ -170,8 +170,7 @@ class Runner(StageExecution):
     def note(self, message: str) -> None:
         """Something the user should know (a resume's skipped records, a lost node): printed, and kept in the manifest."""
         self.run_dir.notes.setdefault("log", []).append(message)
-        if self.progress.enabled:
-            print(f"datatailor: {message}", file=self.progress.stream, flush=True)
+        print(f"datatailor: {message}", file=self.progress.stream, flush=True)  # rare and wanted, even with --no-progress
 
     def count_finished(self, name: str, cp: Any, inputs: Any) -> tuple[int, int]:
         total, done = super().count_finished(name, cp, inputs)

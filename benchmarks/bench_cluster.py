@@ -1,0 +1,229 @@
+"""Scale-out on a 3-node Ray cluster on one machine, with the run directory in S3 (a local moto server).
+
+A Ray head (no CPU for work) and two worker nodes (1 CPU each, their own temp and spool folders) on 127.0.0.1,
+moto's S3 server and the mock OpenAI server as separate processes. The input is uploaded to S3 and the run writes
+to `--out s3://bench/...`; the driver is a separate `datatailor run --executor ray --address …` process.
+
+Two jobs over N records of `respond` (one request each):
+
+* full: one run from start to end. Prints wall time, records/s, requests at the server, the driver's peak RSS
+  (wait4), the largest peak RSS of a worker process (VmHWM of the `MapWorker` processes, sampled every second),
+  the bytes the run left in the store and in the driver's staging folder.
+* kill: the same command, SIGKILLed when half the records were answered, then run again to the end. Prints the
+  requests the server received beyond N (repeated), and what the resumed run's usage.json says.
+
+    python benchmarks/bench_cluster.py --records 20000                  # a quick check, a few minutes
+    python benchmarks/bench_cluster.py --records 1000000 --jobs full    # the issue's figure (long on 2 cores)
+
+Records the machine's load (`uptime`) before and after: other work on the machine slows every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datatailor.testing import MockConfig, MockServerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("moto server did not start")
+
+
+class WorkerRss:
+    """Samples the peak RSS (VmHWM) of Ray's MapWorker processes every second."""
+
+    def __init__(self) -> None:
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WorkerRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    if b"MapWorker" not in (entry / "cmdline").read_bytes():
+                        continue
+                    for line in (entry / "status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                except OSError:
+                    continue
+
+
+def run_driver(cmd: list[str], env: dict[str, str], kill_when: Any = None) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS MB, exit code, stderr tail) of one driver process; SIGKILLed once `kill_when()` is true."""
+    started = time.perf_counter()
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    if kill_when is not None:
+        while proc.poll() is None and not kill_when():
+            time.sleep(0.2)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    err.seek(0)
+    return elapsed, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")[-2000:]
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--jobs", default="full,kill", help="full, kill or both")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=512)
+    parser.add_argument("--flush-records", type=int, default=1024)
+    parser.add_argument("--flush-seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--latency", type=float, default=0.002)
+    parser.add_argument("--keep", type=Path, default=None, help="keep the work folder here")
+    args = parser.parse_args()
+    import ray
+    import s3fs
+    from ray.cluster_utils import Cluster
+
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    root.mkdir(parents=True, exist_ok=True)
+    n = args.records
+    print(f"records={n} workers={args.workers} shard_size={args.shard_size} flush_records={args.flush_records} "
+          f"concurrency={args.concurrency} latency={args.latency}s cpu_count={os.cpu_count()} ray={ray.__version__}")
+    print(f"load before: {uptime()}", flush=True)
+    port = free_port()
+    moto = start_moto(port)
+    s3env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    fs = s3fs.S3FileSystem(key="bench", secret="bench", client_kwargs={"endpoint_url": s3env["AWS_ENDPOINT_URL"]})
+    fs.mkdir("bench")
+    server = MockServerProcess(MockConfig(latency_s=args.latency, reply_chars=200)).start()
+    os.environ.update(s3env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    cluster = Cluster(initialize_head=False)
+    try:
+        for name, cpus in (("head", 0), ("w1", 1), ("w2", 1)):
+            os.environ["DATATAILOR_SPOOL_DIR"] = str(root / f"spool-{name}")
+            extra = {"include_dashboard": False} if name == "head" else {}
+            cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1", temp_dir=tempfile.mkdtemp(prefix=f"rb{name}", dir="/tmp"),
+                             object_store_memory=200 * 1024 * 1024, **extra)
+        cluster.wait_for_nodes()
+        started = time.perf_counter()
+        with (root / "input.jsonl").open("w") as fh:
+            for i in range(n):
+                fh.write(json.dumps({"instruction": f"Task {i}: write two sentences about river number {i} for reader {i * 7919 % 100003}."}) + "\n")
+        fs.put(str(root / "input.jsonl"), "bench/input.jsonl")
+        print(f"input: {n} records, {(root / 'input.jsonl').stat().st_size / 1e6:.1f} MB, uploaded in {time.perf_counter() - started:.1f} s")
+        model = {"backend": "openai", "model": "mock-model", "base_url": server.url, "api_key_env": None,
+                 "max_concurrency": args.concurrency, "max_tokens": 64, "timeout_s": 60}
+        (root / "r.yaml").write_text(yaml.safe_dump({"name": "bench-cluster", "input": "s3://bench/input.jsonl", "cache": False,
+                                                     "models": {"strong": model},
+                                                     "stages": [{"type": "respond", "role": "strong", "concurrency": args.concurrency}]}))
+
+        def cmd(out: str) -> list[str]:
+            return [sys.executable, "-m", "datatailor", "run", str(root / "r.yaml"), "--out", out, "--no-progress",
+                    "--executor", "ray", "--address", cluster.address, "--workers", str(args.workers), "--shard-size",
+                    str(args.shard_size), "--flush-records", str(args.flush_records), "--flush-seconds", str(args.flush_seconds)]
+
+        def env(staging: str) -> dict[str, str]:
+            return {**os.environ, **s3env, "DATATAILOR_STAGING_DIR": str(root / staging),
+                    "DATATAILOR_CACHE_DIR": str(root / "cache"), "PYTHONPATH": str(REPO / "src")}
+
+        def requests() -> int:
+            return int(server.stats().get("requests", 0))
+
+        def answered() -> int:
+            return int(server.stats().get("answered", 0))
+
+        jobs = args.jobs.split(",")
+        if "full" in jobs:
+            before = requests()
+            with WorkerRss() as rss:
+                wall, driver_mb, code, err = run_driver(cmd("s3://bench/full"), env("staging-full"))
+            if code != 0:
+                print(f"full run failed ({code}):\n{err}")
+                return 1
+            fs.invalidate_cache()
+            stored = fs.du("bench/full")
+            objects = len(fs.find("bench/full"))
+            data_rows = len(fs.cat_file("bench/full/data.jsonl").splitlines())
+            staging_mb = sum(p.stat().st_size for p in (root / "staging-full").rglob("*") if p.is_file()) / 1e6
+            usage = json.loads(fs.cat_file("bench/full/usage.json"))["run"]["all"]
+            print(f"full: {n} records in {wall:.1f} s ({n / wall:.0f}/s); server requests {requests() - before}; "
+                  f"usage.json requests {usage['requests']}; data rows {data_rows}; driver peak RSS {driver_mb:.0f} MB; "
+                  f"worker peak RSS {rss.peak_kb / 1024:.0f} MB; in S3 at the end {stored / 1e6:.1f} MB in {objects} objects; "
+                  f"staging folder {staging_mb:.1f} MB", flush=True)
+        if "kill" in jobs:
+            before, answered_before = requests(), answered()
+            wall1, _, code1, _ = run_driver(cmd("s3://bench/kill"), env("staging-kill"),
+                                            kill_when=lambda: answered() - answered_before >= n // 2)
+            time.sleep(2)
+            at_kill = requests() - before
+            wall2, driver_mb, code2, err = run_driver(cmd("s3://bench/kill"), env("staging-kill"))
+            if code2 != 0:
+                print(f"resumed run failed ({code2}):\n{err}")
+                return 1
+            fs.invalidate_cache()
+            total = requests() - before
+            usage = json.loads(fs.cat_file("bench/kill/usage.json"))
+            data_rows = len(fs.cat_file("bench/kill/data.jsonl").splitlines())
+            print(f"kill: SIGKILL after {wall1:.1f} s with {at_kill} requests at the server; resumed run {wall2:.1f} s "
+                  f"(driver peak RSS {driver_mb:.0f} MB); server requests in all {total} for {n} records: "
+                  f"{total - n} repeated; resumed usage.json: this run {usage['run']['all']['requests']}, total "
+                  f"{usage['total']['all']['requests']} + up to {usage['total']['unaccounted_requests']} unaccounted; "
+                  f"data rows {data_rows}", flush=True)
+    finally:
+        cluster.shutdown()
+        server.stop()
+        moto.terminate()
+        moto.wait()
+        print(f"load after: {uptime()}")
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
