@@ -337,13 +337,15 @@ def test_export_drop_flagged(fresh_runs: dict[str, Path], tmp_path: Path, capsys
 # ----------------------------------------------------------------------------- the pages
 
 
-@pytest.fixture
-def client(runs: dict[str, Path], tmp_path: Path) -> Any:
+@pytest.fixture(scope="module")
+def client(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The app over copies of the runs (the flags test writes into its copy of the coach run)."""
     from starlette.testclient import TestClient
 
     from datatailor.viewer.app import create_app
     from datatailor.viewer.registry import Registry
 
+    tmp_path = tmp_path_factory.mktemp("viewer-app")
     order = ["codec", "refed", "coach", "teams", "coach_before", "bakeoff"]
     copies = [Path(shutil.copytree(runs[k], tmp_path / "open" / k)) / "" for k in order]
     registry = Registry([p.parent / k for p, k in zip(copies, order)], tmp_path / "idx")
@@ -520,19 +522,19 @@ def test_every_page_of_every_run_renders(client: Any) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-def test_view_binds_127_0_0_1_prints_the_address_and_refuses_other_hosts(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_view_binds_127_0_0_1_prints_the_address_and_refuses_other_hosts(runs: dict[str, Path], tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from datatailor.viewer.server import check_host
 
     with pytest.raises(UserError, match="--allow-remote"):
         check_host("0.0.0.0", allow_remote=False)
     assert "WARNING" in (check_host("0.0.0.0", allow_remote=True) or "")
     assert check_host("127.0.0.1", allow_remote=False) is None
+    assert main(["view", str(runs["coach"]), "--host", "0.0.0.0"]) == 2
+    assert "binds 127.0.0.1 only" in capsys.readouterr().err
+    assert main(["view", str(tmp_path)]) == 2
+    assert "neither a run directory" in capsys.readouterr().err
     env = cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "cache"))
-    refused = subprocess.run([sys.executable, "-m", "datatailor", "view", str(runs["coach"]), "--host", "0.0.0.0"],
-                             env=env, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "binds 127.0.0.1 only" in refused.stderr
-    not_a_run = subprocess.run([sys.executable, "-m", "datatailor", "view", str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
-    assert not_a_run.returncode == 2 and "neither a run directory" in not_a_run.stderr
     proc = subprocess.Popen([sys.executable, "-m", "datatailor", "view", str(runs["coach"]), "--port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -18,8 +18,8 @@ COUNT_CAP = 100_000
 SNIPPET = 240
 STATUSES = ("kept", "failed", "all")
 FLAG_CHOICES = ("", *VERDICTS, "any", "none")
-SORTS = {"": "rowid", "quality": "quality IS NULL, quality, rowid", "-quality": "quality IS NULL, quality DESC, rowid",
-         "length": "rlen, rowid", "-length": "rlen DESC, rowid"}
+SORTS = {"": "rows.rowid", "quality": "quality IS NULL, quality, rows.rowid", "-quality": "quality IS NULL, quality DESC, rows.rowid",
+         "length": "rlen, rows.rowid", "-length": "rlen DESC, rows.rowid"}
 _ID = re.compile(r"^[0-9a-f]{16}$")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -112,7 +112,10 @@ class Page:
     facets: dict[str, Any] = field(default_factory=dict)
 
 
-def _where(conn: sqlite3.Connection, f: Filters, flags: dict[str, Flag]) -> tuple[str, list[Any]]:
+def _where(conn: sqlite3.Connection, f: Filters, flags: dict[str, Flag]) -> tuple[str, str, list[Any]]:
+    """(FROM, WHERE, arguments) of the rows the filters keep. A word search joins the FTS table and walks its matches
+    in rowid order, so a page of a common word stops after 50 matches instead of gathering every match first."""
+    source = "rows"
     clauses: list[str] = []
     args: list[Any] = []
     statuses = {"kept": (FINAL, CHECKPOINT), "failed": (FAILED,), "all": (FINAL, CHECKPOINT, FAILED)}[f.status]
@@ -121,7 +124,7 @@ def _where(conn: sqlite3.Connection, f: Filters, flags: dict[str, Flag]) -> tupl
         args += statuses
         low, high = conn.execute(f"SELECT min(first_row), max(last_row) FROM files WHERE status IN ({','.join('?' * len(statuses))})",
                                  statuses).fetchone()
-        clauses.append("rowid BETWEEN ? AND ?")  # rows of one status sit in their files' rowid ranges
+        clauses.append("rows.rowid BETWEEN ? AND ?")  # rows of one status sit in their files' rowid ranges
         args += [low or 0, high or 0]
     if f.stage:
         clauses.append("stage = ?")
@@ -144,18 +147,19 @@ def _where(conn: sqlite3.Connection, f: Filters, flags: dict[str, Flag]) -> tupl
     if f.q:
         match = fts_query(f.q)
         if _ID.match(f.q.lower()):
-            clauses.append("(id = ?" + (" OR rowid IN (SELECT rowid FROM fts WHERE fts MATCH ?))" if match else ")"))
+            clauses.append("(id = ?" + (" OR rows.rowid IN (SELECT rowid FROM fts WHERE fts MATCH ?))" if match else ")"))
             args += [f.q.lower(), *([match] if match else [])]
         elif match:
-            clauses.append("rowid IN (SELECT rowid FROM fts WHERE fts MATCH ?)")
-            args.append(match)
+            source = "fts JOIN rows ON rows.rowid = fts.rowid"
+            clauses.insert(0, "fts MATCH ?")
+            args.insert(0, match)
     if f.flag:
         wanted = [i for i, flag in flags.items() if f.flag in ("any", "none") or flag.flag == f.flag]
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS flagged(id TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM temp.flagged")
         conn.executemany("INSERT OR IGNORE INTO temp.flagged VALUES (?)", ((i,) for i in wanted))
-        clauses.append(("id NOT IN" if f.flag == "none" else "id IN") + " (SELECT id FROM temp.flagged)")
-    return (" AND ".join(clauses) or "1"), args
+        clauses.append(("rows.id NOT IN" if f.flag == "none" else "rows.id IN") + " (SELECT id FROM temp.flagged)")
+    return source, (" AND ".join(clauses) or "1"), args
 
 
 def records_page(index: RunIndex, f: Filters, flags: dict[str, Flag], per_page: int = PER_PAGE) -> Page:
@@ -163,11 +167,12 @@ def records_page(index: RunIndex, f: Filters, flags: dict[str, Flag], per_page: 
     try:
         conn.execute("PRAGMA query_only=OFF")  # the temp table of flagged ids only; the index itself is not written
         facets = index.facets(conn)
-        where, args = _where(conn, f, flags)
+        source, where, args = _where(conn, f, flags)
+        order = SORTS[f.sort].replace("rows.rowid", "fts.rowid") if source != "rows" else SORTS[f.sort]
         found = conn.execute(
-            f"SELECT rowid, id, status, stage, methods, kind, quality, verdict, file, offset, item FROM rows WHERE {where} "
-            f"ORDER BY {SORTS[f.sort]} LIMIT ? OFFSET ?", [*args, per_page, (f.page - 1) * per_page]).fetchall()
-        total, capped = _count(conn, f, where, args, facets["keys"])
+            f"SELECT rows.rowid, id, status, stage, methods, kind, quality, verdict, file, offset, item FROM {source} "
+            f"WHERE {where} ORDER BY {order} LIMIT ? OFFSET ?", [*args, per_page, (f.page - 1) * per_page]).fetchall()
+        total, capped = _count(conn, f, source, where, args, facets["keys"])
         texts = read_rows(index.file_paths(conn), [(r[8], r[9], r[10]) for r in found])
     finally:
         conn.close()
@@ -176,11 +181,11 @@ def records_page(index: RunIndex, f: Filters, flags: dict[str, Flag], per_page: 
     return Page(rows, total, capped, f.page, pages, facets)
 
 
-def _count(conn: sqlite3.Connection, f: Filters, where: str, args: list[Any], keys: Mapping[str, int]) -> tuple[int, bool]:
+def _count(conn: sqlite3.Connection, f: Filters, source: str, where: str, args: list[Any], keys: Mapping[str, int]) -> tuple[int, bool]:
     if not f.narrowed:  # known without a scan: the facets count every row by status
         wanted = {"kept": (FINAL, CHECKPOINT), "failed": (FAILED,), "all": (FINAL, CHECKPOINT, FAILED)}[f.status]
         return sum(n for k, n in keys.items() if k.split("|", 1)[0] in wanted), False
-    n = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM rows WHERE {where} LIMIT ?)", [*args, COUNT_CAP + 1]).fetchone()[0]
+    n = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {source} WHERE {where} LIMIT ?)", [*args, COUNT_CAP + 1]).fetchone()[0]
     return min(n, COUNT_CAP), n > COUNT_CAP
 
 
