@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from datatailor.errors import BudgetExhausted, LLMCallFailure
 from datatailor.llm.base import CALL_OWNER, CompletionRequest, Message, Sampling
 from datatailor.llm.batch import BatchJournal, custom_id, worst_case
-from datatailor.llm.batch import hub as hub_module
+from datatailor.llm.batch import driver as driver_module
 from datatailor.llm.batch.client import BatchClient
 from datatailor.llm.config import OpenAIModel, force_batch
 from datatailor.llm.models import ModelPool
@@ -150,7 +151,7 @@ def test_an_expired_batch_keeps_its_answers_and_retries_the_rest(tmp_path: Path)
 
 def test_a_failed_batch_is_retried_whole(tmp_path: Path) -> None:
     with serve(batch_fail=1) as mock:
-        gens, ledger = run_pool(tmp_path, config(mock.url), ask(4))
+        gens, _ = run_pool(tmp_path, config(mock.url), ask(4))
     assert {g.batch_id for g in gens} == {"batch_mock_2"}
     finished = [r for r in journal_rows(tmp_path) if r["event"] == "finished"]
     assert finished[0]["status"] == "failed" and "injected validation failure" in finished[0]["error"]
@@ -274,7 +275,7 @@ def test_a_batch_that_outlives_its_window_is_cancelled_and_its_requests_retried(
             return real() + (36 * 3600 if mock.stats["batches_created"] == 1 else 0)
 
     with serve(batch_delay_s=30.0) as mock:
-        monkeypatch.setattr(hub_module, "time", Clock)
+        monkeypatch.setattr(driver_module, "time", Clock)
         mock.config.batch_delay_s = 30.0
         gens: Any = None
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -126,6 +127,7 @@ def test_batches_lists_them_and_cancel_asks_first_then_cancels_the_pending_ones(
         assert cli("batches", tmp_path) == 0
         out = capsys.readouterr().out
         assert "batch_mock_1" in out and "in_progress" in out and "1 submitted: 1 in progress" in out
+        assert "for ? (4)" in out  # the stage each request was made for ("?": made outside a stage)
 
         monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
         assert cli("batches", tmp_path, "--cancel") == 1

@@ -12,8 +12,9 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -83,7 +84,7 @@ def codec_world(body: dict[str, Any]) -> str:
         instruction = user.split("Request:\n", 1)[1].split("\n\nNew request:", 1)[0]
         return f"New request: {instruction} (harder: {action.lower()})"
     if "exacting reviewer" in system:  # judge/pairwise_scores.j2
-        answers = re.findall(r"Answer of Assistant \d >>>\n(.*?)\n<<< End", user, re.S)
+        answers = re.findall(r"Answer of Assistant \d >>>\n(.*?)\n<<< End", user, re.DOTALL)
         return " ".join(str(int(q[1]) if (q := re.search(r"QUALITY=(\d+)", a)) else 5) for a in answers)
     if body["model"] == "mock-target":  # respond.j2, answered by the target
         if "late" in user:
@@ -294,3 +295,14 @@ def test_a_map_stage_with_a_batched_role_keeps_enough_records_in_flight_for_one_
     sizes = [len(json.loads(line)["requests"]) for line in (tmp_path / "out" / "batches" / "journal.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "planned"]
     assert sizes == [6, 4]
+
+
+def test_the_python_api_runs_a_recipe_with_a_batched_role(tmp_path: Path, mock: MockOpenAIServer) -> None:
+    import datatailor as dt
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Question {i}?"}) + "\n" for i in range(3)), encoding="utf-8")
+    run_output = dt.run({"models": {"teacher": model(mock.url, "mock-teacher", batch=True)}, "input": str(path),
+                         "stages": [{"type": "respond", "role": "teacher"}]}, out=tmp_path / "out", cache=False)
+    assert run_output.status == "complete" and len(run_output.records) == 3
+    assert {r.lineage[-1].details["batch_id"] for r in run_output.records} == {"batch_mock_1"}

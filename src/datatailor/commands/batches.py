@@ -42,6 +42,7 @@ def batches(
         age = f"{(now - (b.created_at or b.planned_at)) / 60:.0f} min" if b.pending else ""
         typer.echo(f"{b.tag:<18} {b.batch_id or '-':<34} {b.status:<11} {b.requests:>8} {b.counts.get('completed', 0):>6} "
                    f"{b.counts.get('failed', 0):>6}  {_when(b.created_at):<17} {age}")
+        typer.echo(f"{'':<18} for " + ", ".join(f"{stage} ({n})" for stage, n in b.stages.items()))
         if b.error or b.dropped:
             typer.echo(f"{'':<18} {b.error or b.dropped}")
     s = journal.summary(now)

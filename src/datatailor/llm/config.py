@@ -137,7 +137,7 @@ class OpenAIModel(_ModelBase):
         10_000, ge=1,
         description=(
             "Records a stage that uses this role keeps in flight (instead of its `concurrency`), so that one "
-            "batch gathers many requests; memory grows with it (a few KB per record)."
+            "batch gathers many requests; memory grows with it (about 20 KB per REFED record)."
         ),
     )
 

@@ -4,7 +4,9 @@ It speaks just enough HTTP/1.1 (keep-alive, Content-Length bodies) on 127.0.0.1 
 `POST …/chat/completions`, `GET …/models` and `GET /stats`, from one asyncio event loop, so it
 sustains thousands of requests per second. `/stats` counts requests by outcome, and the
 complete answers sent (`answered`) with their `prompt_tokens` and `completion_tokens`: what a client's spend
-figures can be checked against. It can be made slow and unreliable on purpose:
+figures can be checked against. It also serves OpenAI's files and batches endpoints (mock_batches.py: upload,
+create, poll, list, cancel, with a completion delay, per-request errors, expired and failed batches). It can be
+made slow and unreliable on purpose:
 
 * latency: a fixed delay plus uniform jitter before each reply;
 * a concurrency ceiling: beyond `max_inflight` requests in flight it answers 429 with Retry-After;
@@ -16,7 +18,8 @@ Faults and jitter are drawn from a generator seeded by (seed, request body, how 
 body was seen), so a run's fault pattern does not depend on request scheduling, and a retried
 request gets a fresh draw. Replies echo the last user message (so tests can check content), or are
 `reply_text` when that is set; when the request asks for JSON (`response_format` with a schema, or
-vLLM's `guided_json`), the reply is a JSON object valid for simple schemas.
+vLLM's `guided_json`), the reply is a JSON object valid for simple schemas. `handler` ("module:function",
+taking the request body) replaces both, for chat and batch requests alike: a test's scripted world.
 
 A request with `logprobs: true` gets `choices[0].logprobs.content` in OpenAI's chat format. The reply is
 cut into tokens (one per digit, words and punctuation with their leading space) with made-up but fixed

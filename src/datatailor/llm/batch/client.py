@@ -94,7 +94,7 @@ class BatchClient:
         after: str | None = None
         for _ in range(MAX_LIST_PAGES):
             params = {"limit": "100", **({"after": after} if after else {})}
-            page = await self._call("list batches", lambda: self._client.get(f"{self.base_url}/batches", params=params))
+            page = await self._call("list batches", lambda p=params: self._client.get(f"{self.base_url}/batches", params=p))
             rows = page.get("data") or []
             for row in rows:
                 if (row.get("metadata") or {}).get(tag_key) == tag:

@@ -25,23 +25,28 @@ and a batch planned but never uploaded is dropped (its requests are batched agai
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datatailor.errors import BudgetExhausted, LLMCallFailure, RunAbort
+from datatailor.errors import LLMCallFailure, RunAbort
 from datatailor.llm.base import CALL_OWNER, Completion, CompletionRequest
+from datatailor.llm.batch.budget import fits_budget, refusal_message
 from datatailor.llm.batch.client import BatchClient, BatchRejected
-from datatailor.llm.batch.journal import ENDED, METADATA_KEY, BatchJournal, LocalBatch
+from datatailor.llm.batch.driver import (
+    Endpoint,
+    create,
+    download,
+    endpoint_key,
+    find_created,
+    wait,
+)
+from datatailor.llm.batch.journal import BatchJournal, LocalBatch
 from datatailor.llm.batch.results import Outcome, ResultFiles, outcome_of, unanswered
 from datatailor.llm.config import OpenAIModel
 from datatailor.llm.usage import UsageLedger
-
-# After cancelling a batch that outlived its window + margin: how long to wait for the server to end it.
-CANCEL_GRACE_S = 600.0
 
 
 @dataclass
@@ -57,24 +62,6 @@ class _Waiting:
     online: Callable[[CompletionRequest], Awaitable[Completion]]
 
 
-@dataclass
-class _Endpoint:
-    """One server + key variable + model: its client and its queue for the next batch."""
-
-    config: OpenAIModel
-    client: BatchClient
-    queue: list[str] = field(default_factory=list)
-    queue_bytes: int = 0
-    first_at: float = 0.0
-    last_at: float = 0.0
-    collector: asyncio.Task[None] | None = None
-    resumed: bool = False
-
-
-def endpoint_key(model: str, base_url: str, api_key_env: str | None) -> tuple[str, str, str | None]:
-    return base_url.rstrip("/"), model, api_key_env
-
-
 class BatchHub:
     def __init__(self, folder: Path, ledger: UsageLedger | None = None, on_change: Callable[[], None] | None = None):
         self.journal = BatchJournal(folder)
@@ -82,20 +69,20 @@ class BatchHub:
         self.on_change = on_change or (lambda: None)
         self.results = ResultFiles(self.journal)
         self.counters: Counter[str] = Counter()  # created, answered, retried, online, failed, refused (this invocation)
-        self._endpoints: dict[tuple[str, str, str | None], _Endpoint] = {}
+        self._endpoints: dict[tuple[str, str, str | None], Endpoint] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- what backends call -------------------------------------------------------------------------------
 
-    def endpoint(self, config: OpenAIModel, transport: Any = None) -> _Endpoint:
+    def endpoint(self, config: OpenAIModel, transport: Any = None) -> Endpoint:
         key = endpoint_key(config.model, config.base_urls[0], config.api_key_env)
         if key not in self._endpoints:
-            self._endpoints[key] = _Endpoint(config, BatchClient(config, transport=transport))
+            self._endpoints[key] = Endpoint(config, BatchClient(config, transport=transport))
         return self._endpoints[key]
 
-    async def call(self, endpoint: _Endpoint, cid: str, line: str, request: CompletionRequest, worst: tuple[float, int],
+    async def call(self, endpoint: Endpoint, cid: str, line: str, request: CompletionRequest, worst: tuple[float, int],
                    config: OpenAIModel, online: Callable[[CompletionRequest], Awaitable[Completion]]) -> Completion:
         """The reply to one request, through a batch (see the module docstring)."""
         if not endpoint.resumed:
@@ -128,7 +115,7 @@ class BatchHub:
 
     # -- routing and settling -------------------------------------------------------------------------------
 
-    def _route(self, endpoint: _Endpoint, cid: str, waiting: _Waiting) -> None:
+    def _route(self, endpoint: Endpoint, cid: str, waiting: _Waiting) -> None:
         where = self.journal.where.get(cid)
         if where is None:
             self._enqueue(endpoint, cid, waiting)
@@ -141,7 +128,7 @@ class BatchHub:
         else:
             self._settle(endpoint, cid, batch, self.results.lookup(batch, cid, waiting.request))
 
-    def _settle(self, endpoint: _Endpoint, cid: str, batch: LocalBatch, outcome: Outcome) -> None:
+    def _settle(self, endpoint: Endpoint, cid: str, batch: LocalBatch, outcome: Outcome) -> None:
         waiting = self._waiting.get(cid)
         if waiting is None:
             return  # nobody asked for it (yet): the answer stays in the batch's files
@@ -179,14 +166,16 @@ class BatchHub:
         waiting = self._waiting.pop(cid, None)
         if waiting is None or waiting.future.done():
             return
-        if isinstance(result, BaseException):
+        if isinstance(result, asyncio.CancelledError):
+            waiting.future.cancel()
+        elif isinstance(result, BaseException):
             waiting.future.set_exception(result)
         else:
             waiting.future.set_result(result)
 
     # -- collecting -----------------------------------------------------------------------------------
 
-    def _enqueue(self, endpoint: _Endpoint, cid: str, waiting: _Waiting) -> None:
+    def _enqueue(self, endpoint: Endpoint, cid: str, waiting: _Waiting) -> None:
         cfg = endpoint.config
         size = len(waiting.line.encode("utf-8"))
         if size > cfg.batch_max_bytes:
@@ -205,7 +194,7 @@ class BatchHub:
         elif endpoint.collector is None:
             endpoint.collector = asyncio.ensure_future(self._collect(endpoint))
 
-    async def _collect(self, endpoint: _Endpoint) -> None:
+    async def _collect(self, endpoint: Endpoint) -> None:
         """Wait until the queue has been quiet for `batch_collect_s` (at most `batch_collect_max_s`), then send it."""
         cfg = endpoint.config
         loop = asyncio.get_running_loop()
@@ -219,19 +208,20 @@ class BatchHub:
         finally:
             endpoint.collector = None
 
-    def _flush(self, endpoint: _Endpoint) -> None:
+    def _flush(self, endpoint: Endpoint) -> None:
         cids, endpoint.queue, endpoint.queue_bytes = endpoint.queue, [], 0
         if cids:
             self._submit(endpoint, cids)
 
     # -- submitting --------------------------------------------------------------------------------------
 
-    def _submit(self, endpoint: _Endpoint, cids: list[str]) -> None:
+    def _submit(self, endpoint: Endpoint, cids: list[str]) -> None:
         items = [(cid, self._waiting[cid]) for cid in cids if cid in self._waiting]
-        fit = self._fit_budget(items)
+        worst = [w.worst for _, w in items]
+        fit = fits_budget(self.ledger, self.journal.reserved(), worst)
         if fit < len(items):
             self.counters["refused"] += len(items) - fit
-            refusal = self._refusal(items[fit:])
+            refusal = refusal_message(self.ledger, self.journal.reserved(), worst[fit:])
             for cid, _ in items[fit:]:
                 self._resolve(cid, refusal)
         items = items[:fit]
@@ -243,7 +233,7 @@ class BatchHub:
             for cid, _ in items:
                 self._resolve(cid, exc)
 
-    def _plan(self, endpoint: _Endpoint, items: list[tuple[str, _Waiting]]) -> None:
+    def _plan(self, endpoint: Endpoint, items: list[tuple[str, _Waiting]]) -> None:
         cfg = endpoint.config
         batch = self.journal.plan(
             [w.line for _, w in items], [c for c, _ in items], [w.owner for _, w in items],
@@ -253,68 +243,33 @@ class BatchHub:
         self.on_change()
         self._drive_if_idle(endpoint, batch, fresh=True)
 
-    def _fit_budget(self, items: list[tuple[str, _Waiting]]) -> int:
-        """How many of `items`, in order, can go into the next batch without risking the budget: their worst case,
-        with what the pending batches may still bill, must fit in what is left."""
-        if self.ledger is None or (self.ledger.budget.max_usd is None and self.ledger.budget.max_tokens is None):
-            return len(items)
-        pending_usd, pending_tokens = self.journal.reserved()
-        usd = [pending_usd]
-        tokens = [pending_tokens]
-        for _, w in items:
-            usd.append(usd[-1] + w.worst[0])
-            tokens.append(tokens[-1] + w.worst[1])
-
-        def fits(n: int) -> bool:
-            try:
-                self.ledger.check_worst_case(usd[n], tokens[n])  # type: ignore[union-attr]
-            except BudgetExhausted:
-                return False
-            return True
-
-        if fits(len(items)):
-            return len(items)
-        lo, hi = 0, len(items)  # fits(lo) may be False too: then nothing is sent
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-
-    def _refusal(self, refused: list[tuple[str, _Waiting]]) -> BudgetExhausted:
-        usd = sum(w.worst[0] for _, w in refused)
-        pending_usd, _ = self.journal.reserved()
-        spent_usd, spent_tokens = self.ledger.spent() if self.ledger else (0.0, 0)
-        budget = self.ledger.budget if self.ledger else None
-        limit = f"${budget.max_usd:.4f}" if budget and budget.max_usd is not None else f"{budget.max_tokens if budget else '?'} tokens"
-        return BudgetExhausted(
-            f"budget: stopped submitting batches: {len(refused)} more request(s) could cost up to ${usd:.4f} (worst case: "
-            f"every reply at max_tokens), on top of ${spent_usd:.4f} / {spent_tokens} tokens spent and ${pending_usd:.4f} "
-            f"that pending batches may still bill, over the budget of {limit}. Raise the budget and re-run to continue"
-        )
-
     # -- driving one batch --------------------------------------------------------------------------------
 
-    def _resume(self, endpoint: _Endpoint) -> None:
+    def _resume(self, endpoint: Endpoint) -> None:
         """Drive the batches an earlier invocation left pending on this endpoint."""
         key = endpoint_key(endpoint.config.model, endpoint.client.base_url, endpoint.config.api_key_env)
         for batch in self.journal.pending():
             if endpoint_key(batch.model, batch.base_url, batch.api_key_env) == key:
                 self._drive_if_idle(endpoint, batch)
 
-    def _drive_if_idle(self, endpoint: _Endpoint, batch: LocalBatch, fresh: bool = False) -> None:
+    def _drive_if_idle(self, endpoint: Endpoint, batch: LocalBatch, fresh: bool = False) -> None:
         task = self._drivers.get(batch.tag)
         if task is None or task.done():
             self._drivers[batch.tag] = asyncio.ensure_future(self._drive(endpoint, batch, fresh))
 
-    async def _drive(self, endpoint: _Endpoint, batch: LocalBatch, fresh: bool) -> None:
+    async def _drive(self, endpoint: Endpoint, batch: LocalBatch, fresh: bool) -> None:
+        """Create the batch (or find it after a crash), wait for it, store its files, settle its requests."""
         try:
-            if batch.batch_id is None and not await self._create(endpoint, batch, fresh):
-                return
-            info = await self._wait(endpoint, batch)
-            await self._download(endpoint, batch, info)
+            if batch.batch_id is None:
+                if not fresh and not await find_created(self.journal, endpoint, batch):
+                    self._requeue(endpoint, batch)
+                    return
+                if batch.batch_id is None:
+                    await create(self.journal, endpoint, batch)
+                    self.counters["created"] += 1
+                    self.on_change()
+            info = await wait(self.journal, endpoint, batch, self.on_change)
+            await download(self.journal, endpoint, batch, info)
         except asyncio.CancelledError:
             raise
         except BatchRejected as exc:
@@ -328,73 +283,7 @@ class BatchHub:
         self._settle_batch(endpoint, batch)
         self.on_change()
 
-    async def _create(self, endpoint: _Endpoint, batch: LocalBatch, fresh: bool) -> bool:
-        """Upload and create a planned batch; after a crash, first find out whether it was created. False when the
-        batch is dropped instead (its waiting requests are queued again)."""
-        client, cfg = endpoint.client, endpoint.config
-        if not fresh:
-            found = await client.find(METADATA_KEY, batch.tag, batch.planned_at) if batch.file_id is not None else None
-            if found is None:
-                why = "never uploaded" if batch.file_id is None else "its creation was not recorded and the server has no such batch"
-                self.journal.append({"event": "dropped", "tag": batch.tag, "why": why})
-                for cid in batch.cids or []:
-                    if cid in self._waiting and self.journal.where[cid][0] == batch.tag:
-                        self._enqueue(endpoint, cid, self._waiting[cid])
-                return False
-            self._created(batch, found)
-            return True
-        if batch.file_id is None:
-            file_id = await client.upload(self.journal.input_path(batch.tag))
-            self.journal.append({"event": "uploaded", "tag": batch.tag, "file_id": file_id})
-        info = await client.create(batch.file_id, cfg.batch_completion_window, METADATA_KEY, batch.tag)  # type: ignore[arg-type]
-        self._created(batch, info)
-        self.counters["created"] += 1
-        self.on_change()
-        return True
-
-    def _created(self, batch: LocalBatch, info: dict[str, Any]) -> None:
-        self.journal.append({"event": "created", "tag": batch.tag, "batch_id": info["id"],
-                             "created_at": info.get("created_at") or time.time(), "status": info.get("status")})
-
-    async def _wait(self, endpoint: _Endpoint, batch: LocalBatch) -> dict[str, Any]:
-        """Poll until the batch ends; past its window + margin, cancel it and wait `CANCEL_GRACE_S` more at most."""
-        cfg, client = endpoint.config, endpoint.client
-        deadline = (batch.created_at or time.time()) + cfg.batch_window_s + cfg.batch_wait_margin_s
-        interval, gave_up = cfg.batch_poll_s, False
-        while True:
-            info = await client.retrieve(batch.batch_id)  # type: ignore[arg-type]
-            status, counts = info.get("status"), info.get("request_counts") or {}
-            if status in ENDED:
-                return info
-            if status != batch.status or counts != batch.counts:
-                self.journal.append({"event": "status", "tag": batch.tag, "status": status, "counts": counts})
-                self.on_change()
-            now = time.time()
-            if now > deadline and not gave_up:
-                gave_up = True
-                self.journal.append({"event": "status", "tag": batch.tag, "status": status, "counts": counts,
-                                     "note": f"still {status} {cfg.batch_completion_window} + {cfg.batch_wait_margin_s:g} s after "
-                                             "its creation: cancelled, its unanswered requests are retried"})
-                await client.cancel(batch.batch_id)  # type: ignore[arg-type]
-                deadline = now + CANCEL_GRACE_S
-            elif now > deadline:
-                return {**info, "status": "expired", "error_note": "did not end after being cancelled"}
-            await asyncio.sleep(max(0.0, min(interval, deadline - now)) or cfg.batch_poll_s)
-            interval = min(cfg.batch_poll_max_s, interval * 1.5)
-
-    async def _download(self, endpoint: _Endpoint, batch: LocalBatch, info: dict[str, Any]) -> None:
-        client = endpoint.client
-        if info.get("output_file_id"):
-            await client.download(info["output_file_id"], self.journal.output_path(batch.tag))
-        if info.get("error_file_id"):
-            await client.download(info["error_file_id"], self.journal.errors_path(batch.tag))
-        errors = (info.get("errors") or {}).get("data") or []
-        error = "; ".join(str(e.get("message") or e.get("code")) for e in errors if isinstance(e, dict))[:500] or info.get("error_note")
-        self.journal.append({"event": "finished", "tag": batch.tag, "status": info.get("status"),
-                             "counts": info.get("request_counts") or {}, "output_file_id": info.get("output_file_id"),
-                             "error_file_id": info.get("error_file_id"), "error": error or None})
-
-    def _settle_batch(self, endpoint: _Endpoint, batch: LocalBatch) -> None:
+    def _settle_batch(self, endpoint: Endpoint, batch: LocalBatch) -> None:
         """Settle every request waiting for this (finished) batch, reading its files once, line by line."""
         mine = {cid for cid in batch.cids or [] if cid in self._waiting and self.journal.where[cid][0] == batch.tag}
         for row in self.results.rows(batch):
@@ -405,6 +294,12 @@ class BatchHub:
         for cid in mine:
             self._settle(endpoint, cid, batch, unanswered(batch))
         batch.cids = None
+
+    def _requeue(self, endpoint: Endpoint, batch: LocalBatch) -> None:
+        """A dropped batch's waiting requests go into the next batch."""
+        for cid in batch.cids or []:
+            if cid in self._waiting and self.journal.where[cid][0] == batch.tag:
+                self._enqueue(endpoint, cid, self._waiting[cid])
 
     def _fail_batch(self, batch: LocalBatch, exc: BaseException) -> None:
         for cid in batch.cids or []:

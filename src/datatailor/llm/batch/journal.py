@@ -29,6 +29,7 @@ import os
 import secrets
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class LocalBatch:
     base_url: str
     api_key_env: str | None
     cids: list[str] | None = None  # custom_ids in file order; dropped from memory once the batch is resolved
+    stages: dict[str, int] = field(default_factory=dict)  # how many of its requests each stage made
     file_id: str | None = None
     batch_id: str | None = None
     created_at: float | None = None
@@ -150,6 +152,7 @@ class BatchJournal:
                 tag=tag, planned_at=row["t"], requests=len(requests), bytes=row["bytes"], worst_usd=row["worst_usd"],
                 worst_tokens=row["worst_tokens"], model=row["model"], base_url=row["base_url"],
                 api_key_env=row.get("api_key_env"), cids=[c for c, _ in requests],
+                stages=dict(Counter((o or "?").split(":", 1)[0] for _, o in requests)),
             )
             for cid, _ in requests:
                 self.where[cid] = (tag, self.where.get(cid, ("", 0))[1] + 1)
@@ -181,13 +184,6 @@ class BatchJournal:
                     self.where[cid] = (tag, n - 1)
         elif event == "cancel":
             batch.cancel_requested = True
-
-    def owners(self, tag: str) -> dict[str, str | None]:
-        """custom_id -> owner ("stage:record") of one batch, read back from its `planned` row."""
-        for row in iter_journal(self.path):
-            if row["event"] == "planned" and row["tag"] == tag:
-                return {c: o for c, o in row["requests"]}
-        return {}
 
     def pending(self) -> list[LocalBatch]:
         return [b for b in self.batches.values() if b.pending]
