@@ -92,17 +92,26 @@ class WorkerRss:
                     continue
 
 
-def run_driver(cmd: list[str], env: dict[str, str], kill_when: Any = None) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS MB, exit code, stderr tail) of one driver process; SIGKILLed once `kill_when()` is true."""
+def run_driver(cmd: list[str], env: dict[str, str], kill_when: Any = None, answered: Any = None) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS MB, exit code, stderr tail) of one driver process; SIGKILLed once `kill_when()` is true.
+    Prints the answers so far every minute (`answered()`), so a run cut short still gives its rate."""
     started = time.perf_counter()
     err = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    stop = threading.Event()
+
+    def report() -> None:
+        while answered is not None and not stop.wait(60):
+            print(f"  … {time.perf_counter() - started:.0f} s: {answered()} answered", flush=True)
+
+    threading.Thread(target=report, daemon=True).start()
     if kill_when is not None:
         while proc.poll() is None and not kill_when():
             time.sleep(0.2)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     _, status, usage = os.wait4(proc.pid, 0)
+    stop.set()
     elapsed = time.perf_counter() - started
     err.seek(0)
     return elapsed, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")[-2000:]
@@ -181,7 +190,7 @@ def main() -> int:
         if "full" in jobs:
             before = requests()
             with WorkerRss() as rss:
-                wall, driver_mb, code, err = run_driver(cmd("s3://bench/full"), env("staging-full"))
+                wall, driver_mb, code, err = run_driver(cmd("s3://bench/full"), env("staging-full"), answered=answered)
             if code != 0:
                 print(f"full run failed ({code}):\n{err}")
                 return 1

@@ -73,7 +73,8 @@ class RayExecutor:
         self._alive: dict[str, str] = {}  # node id -> address, of the nodes seen alive
         self._last_node_check = 0.0
         # What the user is told, and the manifest keeps under "executor".
-        self.events: dict[str, Any] = {"nodes_lost": [], "records_retried": 0, "rows_recovered": 0}
+        self.events: dict[str, Any] = {"nodes_lost": [], "shards_rerun": 0, "records_rerun": 0, "records_skipped": 0,
+                                       "records_retried": 0}
 
     # -- cluster ------------------------------------------------------------------------------------
 
@@ -162,6 +163,11 @@ class RayExecutor:
                 self.events["nodes_lost"].append({"node_id": node_id, "address": address, "at": at})
                 runner.note(f"worker node {node_id[:12]} ({address}) died at {at}; Ray runs its shards again on the "
                             f"other nodes ({len(self._alive)} left)")
+                if runner.store.remote:
+                    in_flight = max((s.concurrency for s in runner.recipe.stages), default=1) // self.settings.workers
+                    per_worker = self.settings.flush_records + max(1, in_flight)
+                    runner.note(f"node {node_id[:12]}: its workers' requests sent since their last upload are not in usage.json "
+                                f"(at most {per_worker} per worker, or --flush-seconds {self.settings.flush_s:g} s of requests)")
                 runner.run_dir.notes["executor"] = self.summary()
 
     @property
@@ -258,7 +264,14 @@ class RayExecutor:
         name = recipe.stage_name(index)
 
         def on_row(row: dict[str, Any]) -> RunAbort | None:
-            self.events["rows_recovered"] += int(row.get("skipped", 0))
+            skipped = int(row.get("skipped", 0))
+            self.events["records_skipped"] += skipped
+            if row.get("rerun"):
+                self.events["shards_rerun"] += 1
+                self.events["records_rerun"] += int(row["done"])
+                runner.note(f"shard {str(row['shard']).rsplit('/', 1)[-1]} of a worker that died ran again: "
+                            f"{int(row['done'])} record(s) processed again, {skipped} skipped (their results had been uploaded)")
+                runner.run_dir.notes["executor"] = self.summary()
             for _ in range(int(row["done"]) - int(row["failed"])):
                 runner.progress.advance(name)
             for _ in range(int(row["failed"])):

@@ -100,7 +100,7 @@ class StageWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         rows = [self.loop.run_until_complete(self._shard(str(p))) for p in batch["shard"]]
-        return {key: [r[key] for r in rows] for key in ("shard", "done", "failed", "skipped", "abort", "status")}
+        return {key: [r[key] for r in rows] for key in ("shard", "done", "failed", "skipped", "rerun", "abort", "status")}
 
     def _sync_budget(self, force: bool = False) -> None:
         if self.tally is None or (not force and time.monotonic() - self._synced < SYNC_S):
@@ -111,9 +111,9 @@ class StageWorker:
         self.ledger.elsewhere = ray.get(self.tally.report.remote(self.writer, usd, tokens))
         self._synced = time.monotonic()
 
-    def _claim(self, shard: str) -> None:
+    def _claim(self, shard: str) -> bool:
         """Mark the shard as this worker's; when another worker had it (Ray runs a dead worker's shard again),
-        skip the records that worker finished and uploaded, so they are not asked for again."""
+        skip the records that worker finished and uploaded, so they are not asked for again. True for such a rerun."""
         folder = f"{self.stage_rel}/{CLAIMS}/{shard.rsplit('/', 1)[-1].removesuffix('.jsonl')}"
         earlier = {n.rsplit("/", 1)[-1] for n in self.store.list(folder)} - {self.writer}
         self.store.write_bytes(f"{folder}/{self.writer}", b"")
@@ -121,6 +121,7 @@ class StageWorker:
             for kind, key in (("outputs", "src"), ("failures", "id")):
                 for row in iter_journal_rows(self.store, f"{self.stage_rel}/{PARTS}/{writer}.{kind}.jsonl"):
                     self.finished_elsewhere.add(row[key])
+        return bool(earlier)
 
     def push(self) -> None:
         """Upload what the part files and the spend log gained since the last push (object store only)."""
@@ -141,7 +142,7 @@ class StageWorker:
         if data is None:
             raise RuntimeError(f"shard {name} is missing from {self.store.root}")
         records = [Record.model_validate_json(line) for line in data.splitlines() if line.strip()]
-        self._claim(name)
+        rerun = self._claim(name)
         semaphore = asyncio.Semaphore(self.concurrency)
         counts = {"done": 0, "failed": 0, "skipped": 0}
         stop: list[BaseException] = []
@@ -175,7 +176,7 @@ class StageWorker:
             if self.pushers:
                 await asyncio.to_thread(self.push)
         abort = stop[0] if stop else None
-        return {"shard": name, **counts, "abort": str(abort) if abort else "",
+        return {"shard": name, **counts, "rerun": rerun, "abort": str(abort) if abort else "",
                 "status": getattr(abort, "status", "interrupted") if abort else ""}
 
 
