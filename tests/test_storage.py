@@ -165,3 +165,21 @@ def test_bad_urls_are_clear_errors(s3: dict[str, str], tmp_path: Path) -> None:
     missing = subprocess.run([sys.executable, "-m", "datatailor", "run", str(tmp_path / "r2.yaml"), "--no-progress", "--out",
                               str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "input not found: s3://no-such-bucket/in.jsonl" in missing.stderr, missing.stderr
+
+
+def test_force_over_another_recipes_run_in_s3_discards_its_spend_and_parts(bucket: Any, tmp_path: Path) -> None:
+    name, fs = bucket
+    write_rows(tmp_path / "input.jsonl", questions(12))
+    url = f"s3://{name}/run"
+    first = asyncio.run(run_recipe(_recipe(tmp_path, "input.jsonl"), url, show_progress=False))
+    assert first.usage["total"]["all"]["requests"] == 12
+    other = parse_recipe({"models": {"strong": echo_model()}, "input": "input.jsonl", "cache": False,
+                          "stages": [{"type": "respond", "role": "strong", "concurrency": 2}]}, "s3-other", tmp_path)
+    with pytest.raises(Exception, match="different recipe"):
+        asyncio.run(run_recipe(other, url, show_progress=False))
+    second = asyncio.run(run_recipe(other, url, force=True, show_progress=False))
+    assert second.status == "complete"
+    # the discarded run's spend is not this run's total, and its stage folders are gone from the store
+    assert second.usage["total"]["all"]["requests"] == second.usage["run"]["all"]["requests"] == 12
+    fs.invalidate_cache()
+    assert not [k for k in fs.find(f"{name}/run/stages") if "01-dedup" in k]

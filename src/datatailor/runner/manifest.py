@@ -39,6 +39,7 @@ class RunDirectory:
         # What the run tells the user beyond the counts (a resume's skipped records, lost nodes and retried
         # records, where --out is when it is a URL): written into the manifest as they are.
         self.notes: dict[str, Any] = {}
+        self.discarded = False  # prepare() discarded another recipe's run (--force)
 
     def prepare(self, force: bool) -> dict[str, Any]:
         """Make `out` ready for this run; returns the previous invocation's manifest (empty for a new run).
@@ -59,7 +60,8 @@ class RunDirectory:
                         f"{recipe_hash}). Use another --out, or --force to discard that run and start over."
                     )
                 previous = {}
-                for name in ("stages", "data.jsonl", "failures.jsonl", "usage.json", "manifest.json"):
+                self.discarded = True
+                for name in ("stages", "usage", "data.jsonl", "failures.jsonl", "usage.json", "manifest.json"):
                     p = self.out / name
                     if p.is_dir():
                         shutil.rmtree(p)

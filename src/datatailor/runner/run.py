@@ -86,6 +86,9 @@ class Runner(StageExecution):
         if self.remote is not None:
             self.run_dir.notes["storage"] = {"out": self.location, "staging": self.remote.pull()}
         previous = self.run_dir.prepare(self.force)
+        if self.remote is not None and self.run_dir.discarded:  # what workers wrote to the store for the discarded run
+            for prefix in ("stages", "usage"):
+                self.store.delete(prefix)
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         write_json(self.out / "recipe.json", self.recipe.to_json())
         # 3. "running" marks the folder as ours at once; a killed run leaves it so, and is resumed.
