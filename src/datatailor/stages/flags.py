@@ -131,6 +131,10 @@ class FlagsFilter(FilterStage[FlagsFilterConfig]):
     Usable after any method: records are matched by id (a run's `data.jsonl` read as input keeps its ids)."""
 
     Config = FlagsFilterConfig
+    # The contract: a generic stage (no method) that needs only record ids, provides nothing new and clears nothing.
+    method = None
+    needs = ()
+    provides = ()
 
     def __init__(self, config: FlagsFilterConfig, ctx: StageContext):
         super().__init__(config, ctx)

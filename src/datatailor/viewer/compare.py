@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datatailor.evaluate.diversity import distinct_n
 from datatailor.viewer.evidence import Segment, word_diff
 from datatailor.viewer.index import FAILED, RunIndex, read_rows
 
@@ -98,6 +97,8 @@ def distinct2_histogram(runs: dict[str, RunIndex]) -> Histogram:
 
 def corpus_distinct(index: RunIndex, sample: int = SAMPLE) -> dict[str, Any]:
     """distinct-1/2 of instructions and responses over at most `sample` kept records (the lowest id hashes)."""
+    from datatailor.evaluate.diversity import distinct_n  # only the compare page needs it (and its imports)
+
     conn = index.connect()
     try:
         picked = conn.execute(f"SELECT file, offset, item FROM rows WHERE {_kept()} ORDER BY h LIMIT ?", (sample,)).fetchall()
