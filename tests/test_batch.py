@@ -185,20 +185,25 @@ def test_online_fallback_sends_the_unanswered_requests_online_at_the_online_pric
 # ----------------------------------------------------------------------------- resume
 
 
+def leave_a_pending_batch(tmp_path: Path, server: MockOpenAIServer, prompts: list[list[Message]]) -> None:
+    """A run that stops (its calls cancelled, as by Ctrl-C or a crash) while its first batch is pending."""
+    async def main() -> None:
+        pool = ModelPool({"t": config(server.url)}, UsageLedger(), None, None, run_dir=tmp_path)
+        model = pool.role("t")
+        tasks = [asyncio.ensure_future(model.generate(messages=m)) for m in prompts]
+        while server.stats["batches_created"] == 0:
+            await asyncio.sleep(0.01)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_resumed_run_waits_for_its_pending_batch_instead_of_submitting_again(tmp_path: Path) -> None:
     with serve(batch_delay_s=0.5) as mock:
-        async def killed() -> None:  # the process stops while the batch is pending
-            pool = ModelPool({"t": config(mock.url)}, UsageLedger(), None, None, run_dir=tmp_path)
-            model = pool.role("t")
-            tasks = [asyncio.ensure_future(model.generate(messages=m)) for m in ask(6)]
-            while mock.stats["batches_created"] == 0:
-                await asyncio.sleep(0.01)
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await pool.aclose()
-
-        asyncio.run(killed())
+        leave_a_pending_batch(tmp_path, mock, ask(6))
         gens, ledger = run_pool(tmp_path, config(mock.url), ask(6) + ask(2, "new"))
     assert [g.text for g in gens[:6]] == [f"Mock reply to: question {i}" for i in range(6)]
     assert {g.batch_id for g in gens[:6]} == {"batch_mock_1"} and {g.batch_id for g in gens[6:]} == {"batch_mock_2"}

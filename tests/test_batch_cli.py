@@ -19,7 +19,15 @@ from datatailor.llm.usage import UsageLedger
 from datatailor.progress import RunProgress
 from datatailor.testing import MockConfig, MockOpenAIServer
 from tests.support import read_jsonl
-from tests.test_batch import ask, config, generate_all, journal_rows, planned, run_pool
+from tests.test_batch import (
+    ask,
+    config,
+    generate_all,
+    journal_rows,
+    leave_a_pending_batch,
+    planned,
+    run_pool,
+)
 from tests.test_batch_recipes import FAST_BATCH, REFED, REFERENCES, model, strip_batch
 
 
@@ -103,26 +111,10 @@ def test_the_budget_stops_submitting_batches_then_a_larger_budget_resumes(tmp_pa
 # ----------------------------------------------------------------------------- datatailor batches
 
 
-def _leave_a_pending_batch(tmp_path: Path, server: MockOpenAIServer) -> None:
-    """A run that stops (as if killed) while its batch is pending."""
-    async def main() -> None:
-        pool = ModelPool({"t": config(server.url)}, UsageLedger(), None, None, run_dir=tmp_path)
-        role = pool.role("t")
-        tasks = [asyncio.ensure_future(role.generate(messages=m)) for m in ask(4)]
-        while server.stats["batches_created"] == 0:
-            await asyncio.sleep(0.01)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await pool.aclose()
-
-    asyncio.run(main())
-
-
 def test_batches_lists_them_and_cancel_asks_first_then_cancels_the_pending_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     with MockOpenAIServer(MockConfig(batch_delay_s=60.0)) as server:
-        _leave_a_pending_batch(tmp_path, server)
+        leave_a_pending_batch(tmp_path, server, ask(4))
         capsys.readouterr()
         assert cli("batches", tmp_path) == 0
         out = capsys.readouterr().out

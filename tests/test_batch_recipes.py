@@ -24,6 +24,7 @@ from datatailor.runner import RunResult, run_recipe_sync
 from datatailor.testing import MockConfig, MockOpenAIServer
 from tests.conftest import cli_env
 from tests.support import kill_9_when, read_jsonl
+from tests.test_refed import FULL
 
 PRICES = {"price_per_mtok_in": 0.15, "price_per_mtok_out": 0.60}  # gpt-4o-mini
 FAST_BATCH = {"batch_collect_s": 0.05, "batch_poll_s": 0.05, "batch_poll_max_s": 0.2}
@@ -118,14 +119,7 @@ def strip_batch(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 REFERENCES = [{"instruction": f"How do I do thing {i} well?", "output": f"A careful answer about thing {i}."} for i in range(4)]
-REFED = [
-    {"type": "refed.references", "pairs_per_reference": 6},
-    {"type": "refed.feedback"},
-    {"type": "refed.synthesize", "per_feature": 3},
-    {"type": "refed.respond"},
-    {"type": "refed.improve"},
-    {"type": "select"},
-]
+REFED = FULL  # test_refed's pipeline: references, feedback, synthesis, drafts, improvements, select
 
 
 def refed_recipe(tmp_path: Path, url: str, batch: bool, **fields: Any) -> Any:

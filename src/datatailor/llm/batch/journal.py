@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from datatailor.io import atomic_open
 from datatailor.journal import append_row, iter_journal
 
 JOURNAL = "journal.jsonl"
@@ -212,20 +211,6 @@ class BatchJournal:
 
 
 def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, [text.encode("utf-8")])
-
-
-def _write_bytes(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write a file atomically (temp file, fsync, rename), so a crash leaves the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a file atomically (temp file, fsync, rename): a crash leaves the old file or the whole new one."""
+    with atomic_open(path) as fh:
+        fh.write(text)
