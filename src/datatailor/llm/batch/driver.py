@@ -78,7 +78,7 @@ async def wait(journal: BatchJournal, endpoint: Endpoint, batch: LocalBatch, on_
             return info
         if status != batch.status or counts != batch.counts:
             journal.append({"event": "status", "tag": batch.tag, "status": status, "counts": counts})
-            on_change()
+        on_change()  # after every poll: the progress line says what the run waits for, even while nothing changes
         now = time.time()
         if now > deadline and not gave_up:
             gave_up = True
