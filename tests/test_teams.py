@@ -513,6 +513,16 @@ def test_a_resumed_training_ends_with_the_weights_log_and_calls_of_an_uninterrup
     assert requests["resumed"] == requests["straight"] == 6 * 2 * 6 * 2  # no rollout replayed from the cache for free
 
 
+def test_checkpoints_of_another_training_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+    from datatailor.errors import UserError
+    from datatailor.train.rl import RLSettings, train_policy
+
+    core, loop = core_and_loop()
+    train_policy(core, SEEDS, tmp_path, RLSettings(updates=1, n_envs=2), loop.run_until_complete)
+    with pytest.raises(UserError, match=r"state_0001.pkl: the checkpoint holds 2 environments, this training has 3.*new folder"):
+        train_policy(core, SEEDS, tmp_path, RLSettings(updates=2, n_envs=3), loop.run_until_complete)
+
+
 def test_resume_after_kill_9_during_training(tmp_path: Path) -> None:
     # Slow enough that a loaded machine still sees the kill land part-way (about 0.6 s per update).
     slow = {name: {**cfg, "latency_s": 0.05} for name, cfg in WORLD.items()}

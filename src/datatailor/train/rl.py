@@ -216,7 +216,10 @@ def restore_training_state(model: Any, out: Path, update: int) -> bool:
         return False
     state = pickle.loads(path.read_bytes())
     env = model.get_env()
-    (env.venv if isinstance(env, VecNormalize) else env).restore(state["env"])
+    try:
+        (env.venv if isinstance(env, VecNormalize) else env).restore(state["env"])
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}: these checkpoints come from another training; give this one a new folder") from None
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
