@@ -438,7 +438,12 @@ def test_episodes_per_seed_start_again_from_the_seed(tmp_path: Path) -> None:
     single, triple = read_jsonl(tmp_path / "one" / "data.jsonl"), read_jsonl(tmp_path / "three" / "data.jsonl")
     assert len(single) == 4 * 6 and len(triple) == 3 * 4 * 6 and len({r["id"] for r in triple}) == len(triple)
     first = [r for r in triple if r["metadata"]["teams_rl"]["episode"] == 0]
-    assert [(r["id"], r["instruction"]) for r in first] == [(r["id"], r["instruction"]) for r in single]  # same ids as before
+    assert [(r["id"], r["instruction"]) for r in first] == [(r["id"], r["instruction"]) for r in single]
+    from datatailor.records import stable_hash
+
+    # the first episode keeps the ids a stage without episodes_per_seed always gave (existing runs resume, caches hit)
+    assert all(r["id"] == stable_hash(r["metadata"]["teams_rl"]["seed_id"], ("teams.generate", r["metadata"]["teams_rl"]["step"] - 1))
+               for r in first)
     for r in triple:
         ns = r["metadata"]["teams_rl"]
         assert r["instruction"].startswith(ns["seed_instruction"]) and r["instruction"].count("(") == ns["step"]  # from the seed
