@@ -183,3 +183,13 @@ def test_force_over_another_recipes_run_in_s3_discards_its_spend_and_parts(bucke
     assert second.usage["total"]["all"]["requests"] == second.usage["run"]["all"]["requests"] == 12
     fs.invalidate_cache()
     assert not [k for k in fs.find(f"{name}/run/stages") if "01-dedup" in k]
+
+
+def test_a_malformed_line_of_an_s3_input_is_named_with_its_line(bucket: Any) -> None:
+    from datatailor.errors import UserError
+    from datatailor.io import iter_records
+
+    name, fs = bucket
+    fs.pipe_file(f"{name}/bad.jsonl", b'{"instruction": "a"}\n\n{"instruction": "b"}\n{"instruction": \n')
+    with pytest.raises(UserError, match=rf"s3://{name}/bad.jsonl:4: malformed JSON line"):
+        list(iter_records(f"s3://{name}/bad.jsonl"))

@@ -98,16 +98,21 @@ def read_yaml(path: Path, what: str = "file") -> Any:
 def read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line; a bad line raises UserError naming file and line."""
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+        yield from jsonl_rows(fh, path)
+
+
+def jsonl_rows(lines: Iterable[str], where: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each non-blank line of JSONL text; a bad line is a UserError naming `where` and line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
 
 
 def read_json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -219,17 +224,7 @@ def _url_rows(url: str, suffix: str, fh: Any) -> Iterator[tuple[int, dict[str, A
                 tmp.flush()
                 yield from _renamed(read_json_rows(Path(tmp.name)), tmp.name, url)
             return
-        for lineno, raw in enumerate(_lines(fh), 1):
-            line = raw.decode("utf-8")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{url}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{url}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+        yield from jsonl_rows((raw.decode("utf-8") for raw in _lines(fh)), url)
 
 
 def _lines(fh: Any, block: int = 8 << 20) -> Iterator[bytes]:
