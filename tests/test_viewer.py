@@ -39,7 +39,7 @@ pytest.importorskip("starlette")
 
 def build_runs(base: Path) -> dict[str, Path]:
     """Small real runs of each method on scripted models, and a scripted bake-off; returns their folders."""
-    from tests import test_codec, test_coach, test_refed
+    from tests import test_coach, test_codec, test_refed
 
     runs: dict[str, Path] = {}
     codec_dir = base / "codec"
@@ -154,7 +154,8 @@ def test_search_and_every_filter_narrow_the_rows(runs: dict[str, Path], tmp_path
     assert page_ids(coach, q="Be specific") == [data["GOOD"]]  # the revised text is what is searched
     # the quality shown is the last rating (quality_after): only the revised pair was re-rated 5
     assert page_ids(coach, qmin="4.5") == [data["GOOD"]]
-    assert len(page_ids(coach, qmax="3")) == 7
+    assert page_ids(coach, qmin="5") == [data["GOOD"]] and page_ids(coach, qmin="5.5") == []  # the range holds its ends
+    assert len(page_ids(coach, qmax="3")) == 7 and page_ids(coach, qmax="2.9") == []
     assert page_ids(coach, method="coachlm") == page_ids(coach) and page_ids(coach, method="refed") == []
     flags = {data["LONG"]: _flag("bad"), data["ECHO"]: _flag("good")}
     assert page_ids(coach, flags, flag="bad") == [data["LONG"]]
@@ -187,6 +188,54 @@ def test_counts_of_a_narrowed_table_are_exact_and_pages_split_it(runs: dict[str,
     narrowed = records_page(refed, Filters.from_params({"q": "thing 3"}), {}, per_page=5)
     data = read_jsonl(runs["refed"] / "data.jsonl")
     assert narrowed.total == sum(1 for d in data if re.search(r"\bthing 3\b", d["instruction"] + d["response"]))
+
+
+def test_a_count_past_the_cap_says_more_than(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datatailor.viewer import query
+
+    coach = built_index(runs["coach"], tmp_path / "idx")
+    monkeypatch.setattr(query, "COUNT_CAP", 3)
+    capped = records_page(coach, Filters.from_params({"q": "water"}), {}, per_page=2)
+    assert (capped.total, capped.capped, capped.pages, len(capped.rows)) == (3, True, None, 2)
+    exact = records_page(coach, Filters.from_params({"q": "PROSE"}), {}, per_page=2)
+    assert (exact.total, exact.capped, exact.pages) == (1, False, 1)
+
+
+def _render_section(record: dict[str, Any], judges: dict[str, tuple[str, str, str]] | None = None) -> str:
+    from datatailor.viewer.app import _environment
+    from datatailor.viewer.evidence import sections
+
+    env = _environment()
+    macro = env.get_template("_evidence.html").module.section  # type: ignore[attr-defined]
+    return _text("".join(str(macro(s)) for s in sections(record, ["quality"], judges or {})))
+
+
+def test_both_orders_are_never_swapped_on_the_page() -> None:
+    """Scores that differ by order (a position-biased judge) land in their own rows and columns."""
+    judged = {"id": "x", "instruction": "Q?", "response": "long answer", "metadata": {
+        "reference": "short answer",
+        "judge": {"a_first": [8.0, 5.0], "b_first": [5.0, 5.0], "mean_a": 6.5, "mean_b": 5.0, "rule": "strict",
+                  "verdict": "tie", "position_consistent": False}}}
+    text = _render_section(judged)
+    assert "A first 8.0 5.0 A" in text and "B first 5.0 5.0 tie" in text and "mean 6.50 5.00" in text
+    assert "Verdict under the strict rule: tie" in text and "flipped with the order" in text
+    scores = {"strong_shown_first": {"strong": 9.0, "target": 2.0}, "target_shown_first": {"strong": 6.0, "target": 7.0},
+              "position_consistent": False}
+    codec = {"id": "y", "instruction": "Harder task", "response": "r", "metadata": {"codec": {
+        "use_case": "u", "skills": ["s"], "contrastive": {"kept": None, "below_threshold": True, "iteration": 1, "G": 0.0,
+                                                          "threshold": 1.0, "history": [{"iteration": 1, "instruction": "Task",
+                                                                                         "scores": scores, "G": 0.0}]}}}}
+    text = _render_section(codec)
+    assert "1 Task 9.0 / 2.0 6.0 / 7.0 0.00 no" in text and "stayed at or below the threshold 1.0" in text
+
+
+def test_teams_steps_follow_the_metadata_not_the_event_order() -> None:
+    ns = {"seed_id": "s", "seed_instruction": "seed", "step": 3, "ops": ["deepening", "breadth", "concretizing"],
+          "rewards": [1.0, 0.0, 1.0], "eliminated": [None, "judged equal", None], "schedule": "policy", "policy": None}
+    text = _render_section({"id": "t", "instruction": "final", "metadata": {"teams_rl": ns}, "lineage": []})
+    assert "1 deepening Not Equal (information gained) 1 kept" in text
+    assert "2 breadth Equal (no gain) 0 eliminated : judged equal" in text
+    assert "3 concretizing Not Equal (information gained) 1 kept" in text
 
 
 SLOW_WRITER = {"backend": "scripted", "model": "slow", "latency_s": 0.05, "max_concurrency": 2,
@@ -400,15 +449,15 @@ def test_refed_evidence_shows_reference_feedback_and_the_improvement_as_a_diff(c
     html = _record_page(client, "refed", lambda r: True)
     text = _text(html)
     assert "reference instruction How do I do thing" in text and "response feedback feedback on" in text
-    diff = re.search(r'data-diff="refed">(.*?)</div>', html, re.S)[1]
-    assert [x.strip() for x in re.findall(r"<ins>(.*?)</ins>", diff, re.S)] == ["Improved:", "With an example."]
+    diff = re.search(r'data-diff="refed">(.*?)</div>', html, re.DOTALL)[1]
+    assert [x.strip() for x in re.findall(r"<ins>(.*?)</ins>", diff, re.DOTALL)] == ["Improved:", "With an example."]
     assert "<del>" not in diff  # the draft is kept whole inside the improvement
     assert "A first 8.0 5.0 A" in text and "B first 8.0 5.0 A" in text  # the judge filter's scores, both orders
 
 
 def test_coach_evidence_shows_the_diff_or_why_the_original_was_kept(client: Any) -> None:
     revised = _record_page(client, "coach", lambda r: r["instruction"].startswith("GOOD"))
-    assert "Be specific." in [x.strip() for x in re.findall(r"<ins>(.*?)</ins>", revised, re.S)]
+    assert "Be specific." in [x.strip() for x in re.findall(r"<ins>(.*?)</ins>", revised, re.DOTALL)]
     assert "quality 3.0, quality_after 5.0" in _text(revised)
     kept = _text(_record_page(client, "coach", lambda r: r["instruction"].startswith("SHORT")))
     assert "The original pair was kept (too short): the revised response is 0.07× the original's length (< 0.5)" in kept

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,7 +12,7 @@ def register(app: typer.Typer) -> None:
 
 
 def view(
-    folders: List[Path] = typer.Argument(..., help="Run directories or bake-off folders; give two runs to compare them."),
+    folders: list[Path] = typer.Argument(..., help="Run directories or bake-off folders; give two runs to compare them."),
     port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but 127.0.0.1, localhost or ::1 "
                              "is refused unless --allow-remote is given too."),
@@ -21,7 +20,7 @@ def view(
                                       "no login: whoever reaches it reads the runs and can write flags). Prints a warning."),
     flags: bool = typer.Option(True, "--flags/--no-flags", help="Let reviewers flag records (written to RUN_DIR/flags.jsonl); "
                                "--no-flags writes nothing at all."),
-    index_dir: Optional[Path] = typer.Option(None, "--index-dir", help="Where the record indexes are kept (default: "
+    index_dir: Path | None = typer.Option(None, "--index-dir", help="Where the record indexes are kept (default: "
                                              "$DATATAILOR_CACHE_DIR/viewer, else ~/.cache/datatailor/viewer)."),
     open_browser: bool = typer.Option(False, "--open", help="Open the address in the default browser."),
 ) -> int:

@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -88,7 +88,7 @@ def append_flag(path: Path, record_id: str, flag: str, note: str = "") -> dict[s
     """Append one flag row (flushed and fsynced: a click is not lost by a crash). Returns the row."""
     if flag not in (*VERDICTS, CLEAR):
         raise ValueError(f"unknown flag {flag!r}")
-    row = {"id": record_id, "flag": flag, "note": note, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    row = {"id": record_id, "flag": flag, "note": note, "at": datetime.now(UTC).isoformat(timespec="seconds")}
     with _APPEND_LOCK, path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         fh.flush()

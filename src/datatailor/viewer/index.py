@@ -25,6 +25,7 @@ changed, or a run that finished since, gets a fresh index file.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -112,7 +113,7 @@ def row_columns(record: dict[str, Any], quality_key: str) -> tuple[Any, ...]:
     prompt = f"{record.get('instruction') or ''} {record.get('input') or ''}"
     words = (record.get("response") or "").lower().split()  # whitespace words: cheap enough for a million records
     pairs = len(words) - 1
-    d2 = len(set(zip(words, words[1:]))) / pairs if pairs > 0 else None
+    d2 = len(set(itertools.pairwise(words))) / pairs if pairs > 0 else None
     return methods, quality, verdict, len(prompt.split()), len(words), d2, len(record.get("parents") or [])
 
 
