@@ -7,7 +7,8 @@ The scripted teacher routes by template name and reads the variables it was rend
 * instruction feedback → {"subject_areas": "areas of <ref>", "relevant_skills": "skills of <ref>"};
 * response feedback    → {"response_feedback": "feedback on <instruction>"};
 * synthesis            → exactly n new instructions (a reference containing SHORT gives n − 2, one with EXTRA n + 3;
-                         for a reference containing DROPODD, every odd-numbered one carries HALFJUDGE);
+                         for a reference containing DROPODD, every odd-numbered one carries HALFJUDGE; for one
+                         starting ROUGE70, the first is at ROUGE-L exactly 0.7 with it);
 * respond              → "Draft answer to: <instruction>";
 * improve              → {"analysis": …, "implementation_strategy": …, "improved_response": "Improved: <draft>"};
   for an instruction containing BADIMPROVE, text that is not JSON (every time).
@@ -16,6 +17,7 @@ The scripted teacher routes by template name and reads the variables it was rend
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -26,10 +28,14 @@ from typing import Any
 import pytest
 import yaml
 
+from datatailor.errors import RecordFailure
 from datatailor.llm.base import CompletionRequest
 from datatailor.recipe import parse_recipe
+from datatailor.records import Record
 from datatailor.runner import RunResult, run_recipe_sync
-from datatailor.stages.refed import Instructions, at_least_one, clean_instructions, exactly, per_feature_counts
+from datatailor.stages import StageContext
+from datatailor.stages.refed import Improve, Instructions, at_least_one, clean_instructions, exactly, per_feature_counts
+from datatailor.stages.refed.synthesis import ImproveConfig
 from tests.conftest import cli_env
 from tests.support import kill_9_when, line_count, read_jsonl
 
@@ -49,6 +55,8 @@ def teacher(request: CompletionRequest) -> str:
         count = n - 2 if "SHORT" in ref else n + 3 if "EXTRA" in ref else n
         tag = request.sampling.seed % 997
         bad = ["BADIMPROVE task"] if "BADREF" in ref and v["feature_name"] == "subject areas" else []
+        if ref.startswith("ROUGE70"):  # one instruction at ROUGE-L exactly 0.7 with its 10-word reference
+            return json.dumps({"instructions": ["ROUGE70 w1 w2 w3 w4 w5 w6 x7 x8 x9"] + [f"Other task {i} {tag}" for i in range(1, n)]})
         odd = "HALFJUDGE " if "DROPODD" in ref else ""
         items = bad + [f"{odd if i % 2 else ''}New task {i} ({v['feature_name']}, {tag}) inspired by {ref[:30]}"
                        for i in range(count - len(bad))]
@@ -147,6 +155,14 @@ def test_references_are_drawn_without_replacement_and_reused_only_after_all(tmp_
     assert len(set(sources[:6])) == 6  # the first pass uses each of the 6 references once
     assert [ns(r)["draw_pass"] for r in drawn] == [1] * 6 + [2] * 2
     assert set(sources[6:]) <= set(sources[:6]) and len({r["id"] for r in drawn}) == 8  # reused, with their own ids
+    # the pool, as the report counts it: 8 rows, 2 rejected, 6 available, 8 draws of 6 distinct, none left undrawn
+    report = json.loads((tmp_path / "out" / "reports" / "refed_report.json").read_text())
+    assert {k: report["references"][k] for k in ("input_rows", "available", "drawn", "drawn_distinct", "not_drawn", "passes")} == {
+        "input_rows": 8, "available": 6, "drawn": 8, "drawn_distinct": 6, "not_drawn": 0, "passes": 2}
+    # each pass has its own seeded order: the second one is not the first one again
+    run(tmp_path, [{"type": "refed.references", "count": 12}], name="two")
+    twice = [ns(r)["reference_id"] for r in read_jsonl(tmp_path / "two" / "data.jsonl")]
+    assert sorted(twice[:6]) == sorted(twice[6:]) and twice[:6] != twice[6:]
     # the order is the seed's: the same seed gives it again, another seed another one
     run(tmp_path, [{"type": "refed.references", "count": 8}], name="again")
     run(tmp_path, [{"type": "refed.references", "count": 8}], name="other", seed=1)
@@ -202,6 +218,45 @@ def test_the_count_of_new_instructions_is_enforced(tmp_path: Path) -> None:
         exactly(Instructions(instructions=["x1", "x1"]), 2, "r")
     with pytest.raises(ValueError):
         at_least_one(Instructions(instructions=["r"]), "r")
+
+
+def test_the_draft_is_asked_with_the_reference_pair_as_the_worked_example(tmp_path: Path) -> None:
+    CALLS.clear()
+    run(tmp_path, FULL, budget_pairs=6)
+    drafts = [c for c in CALLS if c.template == "refed/respond.j2"]
+    data = {r["instruction"]: ns(r) for r in read_jsonl(tmp_path / "out" / "data.jsonl")}
+    assert len(drafts) == 6
+    for call in drafts:
+        system, shot_user, shot_assistant, user = call.messages
+        d = data[user.content]
+        assert (system.role, shot_user.role, shot_assistant.role, user.role) == ("system", "user", "assistant", "user")
+        assert (shot_user.content, shot_assistant.content) == (d["reference_instruction"], d["reference_response"])
+        assert shot_assistant.content.startswith("A careful answer about thing")
+
+
+def test_improve_applies_the_reference_feedback_or_in_the_ablation_the_pairs_own(tmp_path: Path) -> None:
+    """REFED improves each draft with its reference's response feedback; the sample-level ablation with the feedback
+    collected on that pair itself. A pair with no feedback to apply fails rather than being "improved" by nothing."""
+    for name in ("refed", "sample_feedback"):
+        CALLS.clear()
+        run(tmp_path, VARIANTS[name], name=name, budget_pairs=5)
+        improve = [c for c in CALLS if c.template == "refed/improve.j2"]
+        assert len(improve) == 5
+        for call in improve:
+            instruction, feedback = json.loads(call.variables["instruction"]), json.loads(call.variables["feedback"])
+            about = instruction if name == "sample_feedback" else instruction.split("inspired by ")[1]
+            assert feedback == f"feedback on {about[:40]}", (name, instruction, feedback)
+
+
+def test_improve_refuses_a_pair_without_the_feedback_it_applies(tmp_path: Path) -> None:
+    """The contract keeps a recipe from improving without feedback; should a pair still reach refed.improve without
+    it, the pair fails (and a stage whose pairs all fail stops the run) instead of being "improved" by nothing."""
+    run(tmp_path, VARIANTS["instruction_feedback"], budget_pairs=1)  # a draft, instruction feedback only
+    draft = Record.model_validate(read_jsonl(tmp_path / "out" / "data.jsonl")[0])
+    ctx = StageContext(models=None, stage_name="refed.improve", seed=0, artifacts_dir=tmp_path, base_dir=tmp_path)  # type: ignore[arg-type]
+    for feedback in ("reference", "sample"):
+        with pytest.raises(RecordFailure, match=f"no {feedback}-level response feedback"):
+            asyncio.run(Improve(ImproveConfig(feedback=feedback), ctx).process(draft))
 
 
 def test_one_unparsable_improvement_loses_one_item(tmp_path: Path) -> None:
@@ -296,6 +351,19 @@ def test_a_shortfall_names_the_filter_that_dropped_the_pairs_not_select(tmp_path
                               "after 1 extra round(s) of refed.references")
 
 
+def test_the_report_counts_instructions_at_rouge_l_0_7_and_states_the_papers_calls(tmp_path: Path) -> None:
+    rows = [{"instruction": "ROUGE70 w1 w2 w3 w4 w5 w6 w7 w8 w9", "output": "a"}]
+    stages = [{"type": "refed.references", "count": 1}, {"type": "refed.feedback"},
+              {"type": "refed.synthesize", "per_feature": 3, "features": ["subject_areas"]}, {"type": "refed.respond"}, {"type": "refed.improve"}]
+    run(tmp_path, stages, rows=rows)
+    report = json.loads((tmp_path / "out" / "reports" / "refed_report.json").read_text())
+    # "ROUGE70 w1 … w6 x7 x8 x9" shares 7 of its reference's 10 words in order: ROUGE-L exactly 0.7, counted
+    assert report["diversity"]["instructions"] == 3 and report["diversity"]["rouge_l_to_reference_at_least_0.7"] == 1
+    # the paper's pipeline per 20 pairs: 2 feedback + 2 synthesis + 20 drafts + 20 improvements = 44 calls
+    assert report["cost"]["paper_calls_per_pair"] == 2.2
+    assert "(the paper's pipeline: 2.2 calls per pair" in (tmp_path / "out" / "reports" / "refed_report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- the ablations
 
 
@@ -323,6 +391,8 @@ def test_each_variant_delivers_the_same_size_with_its_own_feedback_calls(tmp_pat
         feedback[name] = sum(u["requests"] for s, u in usage.items() if s in ("refed.feedback", "refed.sample_feedback"))
         report = json.loads((tmp_path / name / "reports" / "refed_report.json").read_text())
         assert report["cost"]["feedback_calls"] == feedback[name] and report["kept_pairs"] == 5
+        # drafted is not improved: the ablations without refed.improve report no improved pair
+        assert report["improvement"]["improved_pairs"] == (5 if name in ("refed", "sample_feedback") else 0), name
     # 1 reference asked for the 5 pairs of the budget; sample-level feedback is one call per generated pair (5)
     # instead of one per reference
     assert feedback == {"no_synthesis": 0, "instruction_feedback": 1, "sample_feedback": 1 + 5, "refed": 2}

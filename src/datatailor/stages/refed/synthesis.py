@@ -204,6 +204,8 @@ class Improve(MapStage[ImproveConfig]):
         data = RefedData.of(record)
         assert data is not None and data.draft is not None
         feedback = data.sample_feedback if cfg.feedback == "sample" else data.response_feedback
+        if not feedback:  # the contract checks the order; this keeps a pair from being "improved" by nothing
+            raise RecordFailure(f"the pair has no {cfg.feedback}-level response feedback to apply", kind="missing_feedback")
         gen = await ask_json(
             self, cfg.role, "template",
             {"instruction": json.dumps(record.prompt, ensure_ascii=False), "response": json.dumps(data.draft, ensure_ascii=False),
