@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -504,6 +505,45 @@ def test_select_trims_to_exactly_the_budget(tmp_path: Path) -> None:
     assert {ns(r)["use_case"] for r in data} == {"hard", "flip"}  # spread keeps both entries
     trimmed = [f for f in rows(out / "failures.jsonl") if f["kind"] == "over_budget"]
     assert len(trimmed) == 3
+
+
+def test_spread_takes_the_largest_gap_of_each_entry_first() -> None:
+    import asyncio
+
+    from datatailor.stages import StageContext
+    from datatailor.stages.codec.select import CodecSelect, SelectConfig
+
+    def pair(entry: str, gap: float) -> Record:
+        return Record(id=f"{entry}{gap:+}", instruction=f"{entry} {gap}", response="a",
+                      metadata={"codec": {"entry_id": entry, "contrastive": {"G": gap, "threshold": 3.0}}})
+
+    records = [pair("A", 4.0), pair("A", -8.0), pair("A", 6.0), pair("B", 5.0), pair("B", 9.0)]
+    ctx = StageContext(models=None, stage_name="codec.select", seed=0, artifacts_dir=Path("."), base_dir=Path("."), budget_pairs=3)  # type: ignore[arg-type]
+    result = asyncio.run(CodecSelect(SelectConfig(strategy="spread"), ctx).process_all(records))
+    # round-robin over the entries, each entry's largest |G| first: A −8, B +9, then A +6
+    assert [r.id for r in result.outputs] == ["A-8.0", "A+6.0", "B+9.0"]
+    assert sorted(result.rejected) == ["A+4.0", "B+5.0"]
+
+
+def test_a_top_up_after_a_round_that_kept_nothing_asks_for_four_times_the_deficit(tmp_path: Path) -> None:
+    """The easy entry never passes Contrastive Filtering: round 1 decodes the 3 instructions the budget needs and keeps
+    none; the keep rate is then floored at 1/4, so round 2 decodes 3 / (1/4) = 12."""
+    stages = [{"type": "codec.metadata", "entries": [{"use_case": "easy", "skills": ["spelling"]}]}, {"type": "codec.rubrics"},
+              {"type": "codec.decode", "top_up_rounds": 1}, {"type": "codec.contrastive"}, {"type": "codec.select"}]
+    out = tmp_path / "out"
+    assert run(make(tmp_path, stages, budget_pairs=3), out).status == "shortfall"
+    decoded = Counter(ns(r)["decode_round"] for r in rows(out / "stages" / "02-codec.decode" / "records.jsonl"))
+    assert decoded == {1: 3, 2: 12}
+
+
+def test_report_kept_share_is_of_the_instructions_scored_at_each_iteration(tmp_path: Path) -> None:
+    """An instruction whose judge reply never parses entered iteration 1 but was not scored there: the kept share
+    divides by the scored ones."""
+    out = tmp_path / "out"
+    run(make(tmp_path, PIPELINE, seed_rows([*SEEDS[:4], "[uc=judgefail|sk=anything] Judge me."]), budget_pairs=8), out)
+    first = json.loads(report_file(out).read_text())["iterations"][0]
+    assert first["entered"] == first["scored"] + 2  # the judgefail entry's 2 instructions
+    assert first["kept_share"] == round(first["kept"] / first["scored"], 4) and first["kept"] > 0
 
 
 # ----------------------------------------------------------------------------- parsers
