@@ -56,8 +56,9 @@ async def run_rounds(runner: Runner, inputs: RecordSource, stages: list[Stage]) 
         if budget is None or len(records) >= budget:
             break
         moving = trims_before_losses(stages, order, summaries)
-        if moving:
-            order = [i for i in order if i not in moving] + moving
+        moved = [i for i in order if i not in moving] + moving
+        if moved != order:  # each trim moves once: after this, nothing that drops pairs stands after it
+            order = moved
             ran_last.update(moving)
             if any(summaries[i]["failure_kinds"].get("over_budget") for i in moving):
                 continue  # first the pairs the trim left out go through the stages after it, without a top-up
