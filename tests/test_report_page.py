@@ -31,7 +31,7 @@ def test_the_bakeoff_page_shows_its_tables_as_tables(tmp_path: Path) -> None:
     html = (tmp_path / "out" / "bakeoff_report.html").read_text()
     md = (tmp_path / "out" / "bakeoff_report.md").read_text()
     assert "<pre>" not in html and html.count("<table>") == 2
-    assert "<tr><td>good</td><td>100.0 (24/0/0)</td><td><strong>100.0</strong>" in html
+    assert "<tr><td>good</td><td>100.0 (24/0/0)</td><td>100.0 (16/0/0)</td><td><strong>100.0</strong>" in html  # two test sets
     assert "| good | 100.0 (24/0/0)" in md
     # a warning shows once, as a banner, not again in the text
     from datatailor.bakeoff.report import render_html, render_markdown
