@@ -583,6 +583,8 @@ def test_view_binds_127_0_0_1_prints_the_address_and_refuses_other_hosts(runs: d
     assert "binds 127.0.0.1 only" in capsys.readouterr().err
     assert main(["view", str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+    assert main(["view", str(runs["coach"]), "--index-dir", str(runs["coach"] / "data.jsonl" / "idx")]) == 2
+    assert "give a writable folder with --index-dir" in capsys.readouterr().err
     env = cli_env(DATATAILOR_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "datatailor", "view", str(runs["coach"]), "--port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -32,7 +32,7 @@ def check_host(host: str, allow_remote: bool) -> str | None:
                         "every record of the runs and write flags into them. Use an SSH tunnel (ssh -L 8765:127.0.0.1:8765 "
                         "HOST), or add --allow-remote if you really mean to serve it on that address.")
     return (f"WARNING: serving on {host}, beyond this machine, with no login: anyone who can reach it can read every record "
-            "of these runs" + " and write flags into them" + ". Stop it (Ctrl-C) when you are done.")
+            "of these runs and write flags into them (start it with --no-flags to prevent that). Stop it (Ctrl-C) when done.")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -59,10 +59,19 @@ def serve(folders: list[Path], *, host: str = "127.0.0.1", port: int = 8765, all
     import uvicorn
 
     from datatailor.viewer.app import create_app
+    from datatailor.viewer.index import default_index_root
     from datatailor.viewer.registry import Registry
 
     warning = check_host(host, allow_remote)
-    registry = Registry(folders, index_root)
+    root = index_root or default_index_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".writable"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot keep the record indexes in {root} ({exc.strerror}); give a writable folder with --index-dir") from None
+    registry = Registry(folders, root)
     for entry in registry.top_runs():
         entry.index.start()  # the given runs start indexing now, so their first page is quick
     sock = bind(host, port)
