@@ -238,7 +238,7 @@ def test_teams_steps_follow_the_metadata_not_the_event_order() -> None:
     assert "3 concretizing Not Equal (information gained) 1 kept" in text
 
 
-SLOW_WRITER = {"backend": "scripted", "model": "slow", "latency_s": 0.05, "max_concurrency": 2,
+SLOW_WRITER = {"backend": "scripted", "model": "slow", "latency_s": 0.1, "max_concurrency": 2,
                "rules": [{"match": r"Question number (\d+)", "reply": "Answer for {{ m[1] }}."}]}
 
 
