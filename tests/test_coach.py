@@ -22,7 +22,7 @@ from datatailor.stages.base import record_variables
 from datatailor.stages.coach import Pair, directive, load_expert_pairs, parse_pair, prepare, select_alpha, serialize_pair, split
 from datatailor.stages.coach.prepare import ExpertPair
 from datatailor.train.sft_data import load_pairs, pair_messages
-from tests.conftest import cli_env
+from tests.conftest import REPO, cli_env
 from tests.support import kill_9_when, line_count, read_jsonl, write_rows
 
 # ----------------------------------------------------------------------------- the training set
@@ -132,8 +132,19 @@ def coach(request: CompletionRequest) -> str:
         return serialize_pair(**pair.fields())
     if "CUT" in text:
         return serialize_pair(pair.instruction, pair.input, pair.response + " more " * 400)
+    if "ECHOI" in text:  # the instruction is the directive itself, the response a plausible revision
+        return serialize_pair(directive(), pair.input, pair.response + " Here is one more step and an example.")
+    if "HALF" in text:  # exactly half the original response's length: at min_length_ratio 0.5, not below it
+        return serialize_pair(pair.instruction + " Be brief.", pair.input, pair.response[: len(pair.response) // 2])
+    if "FOREIGN" in text:  # a Chinese phrase and a full-width comma slip into the revision
+        return serialize_pair(pair.instruction + " Be specific.", pair.input,
+                              pair.response + " 这是答案。 Then it rains again， and the cycle repeats.")
+    if "EXPERT" in text:
+        return EXPERT_REVISIONS[serialize_pair(**pair.fields())]
     return serialize_pair(pair.instruction + " Be specific.", pair.input, pair.response + " Here is one more step and an example.")
 
+
+EXPERT_REVISIONS: dict[str, str] = {}  # serialized raw pair -> the expert's serialized revision (the EXPERT coach)
 
 ROWS = [{"instruction": f"{kw} task: explain the water cycle", "input": "", "output": "Water evaporates, condenses and falls as rain."}
         for kw in ("GOOD", "PROSE", "EMPTY", "SHORT", "LONG", "ECHO", "SAME", "CUT")]
@@ -167,6 +178,92 @@ def test_a_bad_revision_never_replaces_the_pair(tmp_path: Path) -> None:
     assert report["kept_original"] == {"unparsable": 1, "empty_field": 1, "too_short": 1, "too_long": 1, "copies_prompt": 1,
                                        "unchanged": 1, "truncated": 1}
     assert report["fields_changed"] == {"instruction": 1, "response": 1}
+
+
+def test_the_cleanup_refuses_a_copied_directive_keeps_half_length_and_removes_other_scripts(tmp_path: Path) -> None:
+    rows = [{"instruction": f"{kw} task: explain the water cycle", "input": "", "output": "Water evaporates, condenses and falls as rain."}
+            for kw in ("ECHOI", "HALF", "FOREIGN")]
+    # a pair that is not English keeps what the coach wrote in its script
+    rows.append({"instruction": "FOREIGN task: translate into Chinese", "input": "Rain is part of the water cycle.",
+                 "output": "雨是水循环的一部分，它从云中落下。"})
+    revise(tmp_path, [{"type": "coach.revise"}], rows)
+    data = {(r["instruction"].split()[0], r["metadata"]["coach"]["original"]["response"]): r
+            for r in read_jsonl(tmp_path / "out" / "data.jsonl")}
+    echo = data["ECHOI", rows[0]["output"]]["metadata"]["coach"]
+    assert echo["kept_original"] == "copies_prompt" and echo["revision"]["instruction"] == directive()
+    half = data["HALF", rows[1]["output"]]
+    assert half["metadata"]["coach"]["revised"] and half["response"] == rows[1]["output"][:23]  # ratio exactly 0.5
+    english = data["FOREIGN", rows[2]["output"]]
+    assert english["response"] == rows[2]["output"] + " Then it rains again, and the cycle repeats."
+    assert english["metadata"]["coach"]["non_english_removed"] == 6 and english["metadata"]["coach"]["revised"]
+    chinese = data["FOREIGN", rows[3]["output"]]
+    assert chinese["metadata"]["coach"]["revised"] and chinese["metadata"]["coach"]["non_english_removed"] == 0
+    assert chinese["response"].endswith("这是答案。 Then it rains again， and the cycle repeats.")
+    report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
+    assert report["non_english_removed"] == {"pairs": 1, "characters": 6}
+    # configurable: off, the characters stay
+    revise(tmp_path, [{"type": "coach.revise", "remove_non_english": False}], rows[2:3], name="kept")
+    (kept,) = read_jsonl(tmp_path / "kept" / "data.jsonl")
+    assert "这是答案。" in kept["response"] and kept["metadata"]["coach"]["non_english_removed"] == 0
+
+
+def test_remove_foreign_keeps_english_punctuation_symbols_and_greek() -> None:
+    from datatailor.stages.coach.format import is_english, remove_foreign
+
+    text = "Heat it to 100 °C — “boiling”, then α·β ≈ 2² €5 😀 café.\n这是答案。\nDone， Привет friend！"
+    assert remove_foreign(text) == ("Heat it to 100 °C — “boiling”, then α·β ≈ 2² €5 😀 café.\nDone, friend!", 13)
+    assert remove_foreign("  indented code\nunchanged") == ("indented code\nunchanged", 0)
+    assert is_english("naïve café α 😀") and not is_english("Привет") and not is_english("١٢")
+
+
+def vague(request: CompletionRequest) -> str:
+    """A judge that never gives a number, in words that differ per pair (so no systematic-failure stop)."""
+    v = request.variables
+    if "HIGH" in v["instruction"]:
+        return "Score: 5"
+    return f"I would need to look at this pair more closely before rating it: {v['instruction'][:60]}"
+
+
+VAGUE = {"backend": "scripted", "model": "vague", "handler": "tests.test_coach:vague"}
+
+
+def test_a_rating_that_does_not_parse_loses_no_pair(tmp_path: Path) -> None:
+    """examples/coachlm_prompted.yaml with a judge whose replies never hold a score (each reply different, so no
+    systematic stop): every pair is still revised by the coach and comes out, unrated, and the report counts them."""
+    recipe_data = yaml.safe_load((REPO / "examples" / "coachlm_prompted.yaml").read_text())
+    recipe_data["models"] = {"coach": {**COACH, "max_tokens": 2048},
+                             "judge": VAGUE}
+    recipe_data["cache"] = False
+    SEEN.clear()
+    result = run_recipe_sync(parse_recipe(recipe_data, "coachlm_prompted", REPO / "examples"), tmp_path / "out", show_progress=False)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert (result.status, result.records, result.failures, len(data)) == ("complete", 12, 0, 12)
+    assert len(SEEN) == 12  # the coach saw every pair: no rating says any of them is good
+    for r in data:
+        assert r["metadata"]["quality"] is None and r["metadata"]["quality_after"] is None
+        assert r["metadata"]["coach"]["unrated"] and r["metadata"]["coach"]["kept_original"] != "rated_high"
+        unrated = [e for e in r["lineage"] if e["decision"] == "unrated"]
+        assert len(unrated) == 2 and all("did not parse" in e["reason"] for e in unrated)
+    report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
+    assert report["unrated"] == {"before": 12, "after": 12, "revised_without_rating": 12}
+    assert report["pairs"] == 12 and report["quality_before"] is None
+    assert "Unrated (the judge's rating did not parse; kept, not dropped): 12 before" in \
+        (tmp_path / "out" / "reports" / "coachlm_report.md").read_text()
+    # `unparsable: drop` is the other choice: then the pair is a parse_error failure, and the coach never sees it
+    recipe_data["stages"][0]["unparsable"] = "drop"
+    dropped = run_recipe_sync(parse_recipe(recipe_data, "coachlm_prompted", REPO / "examples"), tmp_path / "drop", show_progress=False)
+    assert (dropped.status, dropped.records, dropped.failures) == ("complete", 0, 12)
+    assert {row["kind"] for row in read_jsonl(tmp_path / "drop" / "failures.jsonl")} == {"parse_error"}
+
+
+def test_a_rated_pair_and_an_unrated_one_at_the_gate(tmp_path: Path) -> None:
+    rows = [{"instruction": f"{kw} task {i}: explain tides", "input": "", "output": "The moon pulls the oceans."}
+            for i, kw in enumerate(["HIGH GOOD", "VAGUE GOOD"])]
+    SEEN.clear()
+    revise(tmp_path, [{"type": "quality.rate", "role": "judge"}, {"type": "coach.revise", "revise_below": 4.5}], rows, judge=VAGUE)
+    high, vague = read_jsonl(tmp_path / "out" / "data.jsonl")
+    assert high["metadata"]["coach"]["kept_original"] == "rated_high" and not high["metadata"]["coach"]["unrated"]
+    assert vague["metadata"]["coach"]["revised"] and vague["metadata"]["coach"]["unrated"] and len(SEEN) == 1
 
 
 def rater(request: CompletionRequest) -> str:

@@ -167,6 +167,9 @@ def rate_command(
         return _exit_code(result.status, result.message, out)
     mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"
     hq = summary["high_quality_share"]
+    if summary["unrated"]:
+        typer.secho(f"note: {summary['unrated']} pair(s) unrated: the judge's rating did not parse (kept in the data, "
+                    "left out of these figures; the reasons are in their lineage)", err=True, fg="yellow")
     typer.echo(
         f"rated {summary['n']} pairs | mean {mean} | high quality (>= 4.5) "
         f"{'n/a' if hq is None else f'{100 * hq:.1f} %'} | histogram {summary['histogram']} | {out / 'quality.json'}"

@@ -308,6 +308,8 @@ def run_rate(data_path: Path, judge: Any, out: Path, *, force: bool = False, sho
         "data": str(data_path),
         "judge": describe_model(judge),
         **summarize_quality(stored_scores(rated)).model_dump(),
+        # kept unrated: the judge's rating did not parse (quality.rate's `unparsable: keep`); not in the figures above
+        "unrated": sum(1 for r in rated if "quality" in r.metadata and r.metadata["quality"] is None),
         "failures": _failure_kinds(out / "run"),
         "usage": _usage(out / "run"),
     }

@@ -2,7 +2,8 @@
 
 Written at the end of a run that used `coach.revise`, into `reports/coachlm_report.{json,md,html}`:
 
-* pairs revised (share), why originals were kept, the edit distance of the revisions, which fields changed;
+* pairs revised (share), why originals were kept, the edit distance of the revisions, which fields changed, what
+  the cleanup removed, how many pairs went unrated (the judge's rating did not parse) before and after;
 * the 0–5 quality rating before (`metadata.quality`) and after (`metadata.quality_after`) revision when the recipe
   rates them: histogram over [0,3.5) [3.5,4) [4,4.5) [4.5,5] and the high-quality share (≥ 4.5; the paper: 17.7 % →
   78.9 % on Alpaca 52K with ChatGPT as rater);
@@ -78,6 +79,9 @@ def build_coach_report(run_dir: Path) -> dict[str, Any]:
     changed = [r for r in revised if _ns(r).get("revised")]
     before = [s for r in revised if (s := _score((r.get("metadata") or {}).get("quality"))) is not None]
     after = [s for r in revised if (s := _score((r.get("metadata") or {}).get("quality_after"))) is not None]
+    # A pair that went through a rating whose reply did not parse carries the key with no score (quality.rate keeps it).
+    unrated = {key: sum(1 for r in revised if key in (md := r.get("metadata") or {}) and _score(md[key]) is None)
+               for key in ("quality", "quality_after")}
     return {
         "kind": "datatailor-coachlm-report",
         "pairs": len(revised),
@@ -86,11 +90,15 @@ def build_coach_report(run_dir: Path) -> dict[str, Any]:
         "modes": dict(Counter(_ns(r).get("mode") for r in revised)),
         "kept_original": dict(Counter(_ns(r)["kept_original"] for r in revised if _ns(r).get("kept_original"))),
         "fields_changed": dict(Counter(f for r in changed for f in _ns(r).get("changed", []))),
+        "non_english_removed": {"pairs": sum(1 for r in revised if _ns(r).get("non_english_removed")),
+                                "characters": sum(_ns(r).get("non_english_removed", 0) for r in revised)},
         "edit_distance": {
             "mean": round(statistics.fmean(_ns(r)["edit_distance"] for r in changed), 1) if changed else None,
             "median": statistics.median(_ns(r)["edit_distance"] for r in changed) if changed else None,
             "histogram": distance_histogram([_ns(r)["edit_distance"] for r in changed]),
         },
+        "unrated": {"before": unrated["quality"], "after": unrated["quality_after"],
+                    "revised_without_rating": sum(1 for r in revised if _ns(r).get("unrated"))},
         "quality_before": summarize_quality(before).model_dump() if before else None,
         "quality_after": summarize_quality(after).model_dump() if after else None,
         "high_quality_threshold": HIGH_QUALITY,
@@ -111,6 +119,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         "- Fields changed: " + (", ".join(f"{k} {v}" for k, v in r["fields_changed"].items()) or "none"),
         f"- Edit distance of the revisions (characters): mean {r['edit_distance']['mean']}, median {r['edit_distance']['median']}",
     ]
+    cleaned = r["non_english_removed"]
+    if cleaned["pairs"]:
+        lines.append(f"- Cleanup removed {cleaned['characters']} non-English characters from {cleaned['pairs']} revision(s) "
+                     "of English pairs (CoachLM's rule-based cleanup)")
+    u = r["unrated"]
+    if u["before"] or u["after"]:
+        lines.append(f"- Unrated (the judge's rating did not parse; kept, not dropped): {u['before']} before revision "
+                     f"({u['revised_without_rating']} of them sent to the coach for want of a rating), {u['after']} after; "
+                     "the quality figures below cover the rated pairs only")
     qb, qa = r["quality_before"], r["quality_after"]
     if qb or qa:
         lines += ["", "| rating | " + " | ".join(label for label, _, _ in BUCKETS) + " | mean | high quality (≥ 4.5) |",

@@ -2,6 +2,11 @@
 
 With `min_score` it is also AlpaGasus's filter: pairs rated below it are dropped with the score as
 the reason (AlpaGasus kept pairs rated ≥ 4.5).
+
+A rating that does not parse (after the model's re-asks) loses no pair by default (`unparsable: keep`): the pair
+goes on unrated — `metadata.<key>` is null, the judge's error is the reason of its lineage event — so a later stage
+still sees it (CoachLM's `coach.revise` revises an unrated pair: its gate leaves alone only pairs rated high), and
+the reports count it as unrated. `unparsable: drop` makes it a `parse_error` failure row instead.
 """
 
 from __future__ import annotations
@@ -10,9 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from datatailor.errors import Rejected
+from datatailor.errors import ParseFailure, Rejected
+from datatailor.scoring.logprob import ScoreNotLocated
 from datatailor.scoring.quality import QUALITY_TEMPLATE, SCORE_MAX, SCORE_MIN, rate_pair
-from datatailor.records import Record
+from datatailor.records import LineageEvent, Record
 from datatailor.stages.base import MapStage, StageConfig, register
 from datatailor.stages.contract import Contract
 
@@ -30,6 +36,13 @@ class QualityRateConfig(StageConfig):
         "sampled", description="sampled: the score the rater wrote; logprob: the expected score over the 0-5 score tokens."
     )
     max_tokens: int | None = Field(None, description="Override the model's max_tokens for the rating.")
+    unparsable: Literal["keep", "drop"] = Field(
+        "keep",
+        description=(
+            "A pair whose rating does not parse after the re-asks: keep: it goes on unrated (metadata.<key> null, the "
+            "reason in its lineage; with min_score it is not filtered) and reports count it; drop: a parse_error failure."
+        ),
+    )
 
 
 @register("quality.rate")
@@ -48,17 +61,25 @@ class QualityRate(MapStage[QualityRateConfig]):
         cfg = self.config
         if not record.response:
             raise Rejected("nothing to rate: the pair has no response", kind="missing_field")
-        gen = await rate_pair(
-            self.ctx.model(cfg.role),
-            record,
-            template=cfg.template,
-            seed_key=(self.name, record.id),
-            base_dir=self.ctx.base_dir,
-            temperature=cfg.temperature,
-            max_tokens=cfg.max_tokens,
-            mode=cfg.scoring,
-            stage=self.name,
-        )
+        model = self.ctx.model(cfg.role)
+        try:
+            gen = await rate_pair(
+                model,
+                record,
+                template=cfg.template,
+                seed_key=(self.name, record.id),
+                base_dir=self.ctx.base_dir,
+                temperature=cfg.temperature,
+                max_tokens=cfg.max_tokens,
+                mode=cfg.scoring,
+                stage=self.name,
+            )
+        except (ParseFailure, ScoreNotLocated) as exc:
+            if cfg.unparsable == "drop":
+                raise
+            # Unrated, not dropped: what the judge could not rate is still the pair's to keep (its tokens are in usage.json).
+            event = LineageEvent(stage=self.name, role=cfg.role, model=model.name, decision="unrated", reason=str(exc))
+            return [record.with_event(event, metadata={**record.metadata, cfg.key: None})]
         score = float(gen.value)
         if cfg.min_score is not None and score < cfg.min_score:
             raise Rejected(f"quality score {score:g} is below min_score {cfg.min_score:g}", kind="low_quality")

@@ -27,6 +27,12 @@ class CoachData(Namespace):
     edit_distance: int = Field(0, description="Characters changed from the original pair to the record's pair.")
     changed: list[str] = Field(default_factory=list, description="Fields the revision changed: instruction, input, response.")
     raw_output: str | None = None
+    non_english_removed: int = Field(
+        0, description="Characters of other scripts the cleanup removed from the revision of an English pair."
+    )
+    unrated: bool = Field(
+        False, description="The rating gate found no rating (the judge's rating did not parse), so the coach revised it."
+    )
 
 
 register_capability("coach.revised", "a CoachLM revision (coach.revise)", lambda r: CoachData.of(r) is not None)

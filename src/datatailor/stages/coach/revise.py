@@ -12,7 +12,7 @@ from datatailor.records import Record, read_field
 from datatailor.scoring.text import rouge_l_text
 from datatailor.stages.base import RECORD_VARIABLES, MapStage, StageConfig, record_variables, register
 from datatailor.stages.coach.data import CoachData, KeptReason
-from datatailor.stages.coach.format import Pair, directive, parse_pair, serialize_pair
+from datatailor.stages.coach.format import Pair, directive, is_english, parse_pair, remove_foreign, serialize_pair
 from datatailor.stages.coach.prepare import SHIPPED, expert_pair, revision_size, shipped_expert_file
 from datatailor.stages.contract import Contract
 
@@ -46,6 +46,14 @@ class ReviseConfig(StageConfig):
         description="Rating gate: revise only pairs whose 0-5 rating (`rating_field`, from a quality.rate stage) is below this; others pass unchanged.",
     )
     rating_field: str = Field("metadata.quality", description="Where the gate reads the rating.")
+    remove_non_english: bool = Field(
+        True,
+        description=(
+            "CoachLM's cleanup of its coach's outputs (its README: remove non-English characters): in the revision of an "
+            "English pair, letters of scripts other than Latin and Greek, other scripts' digits and CJK punctuation are "
+            "removed (counted in metadata.coach.non_english_removed). A pair that already holds such characters is left as revised."
+        ),
+    )
 
     @model_validator(mode="after")
     def _ratios(self) -> "ReviseConfig":
@@ -63,10 +71,12 @@ class Revise(MapStage[ReviseConfig]):
     """CoachLM (Liu et al., ICDE 2024, arXiv 2311.13246): revise each pair with a coach instead of dropping weak ones.
 
     The pair is written in the coach format, the coach answers (greedy by default), and its reply is parsed back into
-    instruction / input / response with rule-based cleanup. A reply that does not parse, has an empty field, is far
+    instruction / input / response with rule-based cleanup (for an English pair also the removal of other scripts'
+    characters, as CoachLM's README recommends; `remove_non_english`). A reply that does not parse, has an empty field, is far
     shorter or longer than the original, copies the prompt, was cut off by max_tokens, or changes nothing never
     replaces the pair: the original is kept, with the reason in `metadata.coach`. Nothing is dropped. With
-    `revise_below`, only pairs rated below it are revised (the industrial use the paper describes); re-rate after.
+    `revise_below`, only pairs rated below it are revised (the industrial use the paper describes); re-rate after. A
+    pair without a rating (the judge's did not parse; `quality.rate` keeps it unrated) is revised: nothing says it is good.
     """
 
     Config = ReviseConfig
@@ -109,31 +119,35 @@ class Revise(MapStage[ReviseConfig]):
         request = Record(id=record.id, instruction=self._directive, input=serialized)
         return await self.call(cfg.role, "template", record_variables(request), **options)
 
-    def _check(self, original: Pair, gen: Any) -> tuple[Pair | None, KeptReason | None, str]:
-        """The revision, or why the original is kept."""
+    def _clean(self, original: Pair, revision: Pair) -> tuple[Pair, int]:
+        """The revision after CoachLM's removal of non-English characters (English pairs only), and how many went."""
+        if not self.config.remove_non_english or not is_english(*original.fields().values()):
+            return revision, 0
+        cleaned = {name: remove_foreign(text) for name, text in revision.fields().items()}
+        return Pair(**{name: text for name, (text, _) in cleaned.items()}), sum(n for _, n in cleaned.values())
+
+    def _check(self, original: Pair, revision: Pair, gen: Any) -> tuple[KeptReason | None, str]:
+        """Why the original is kept instead of the (cleaned) revision, or (None, "revised")."""
         cfg = self.config
-        try:
-            revision = parse_pair(gen.text)
-        except ValueError as exc:
-            return None, "unparsable", str(exc)
         if gen.truncated:
-            return revision, "truncated", "the coach's reply was cut off by max_tokens"
+            return "truncated", "the coach's reply was cut off by max_tokens"
         if not revision.instruction.strip() or not revision.response.strip():
-            return revision, "empty_field", "the revision has an empty instruction or response"
+            return "empty_field", "the revision has an empty instruction or response"
         if rouge_l_text(revision.response, self._directive) >= 0.5 or rouge_l_text(revision.instruction, self._directive) >= 0.5:
-            return revision, "copies_prompt", "the revision repeats the revision directive"
+            return "copies_prompt", "the revision repeats the revision directive"
         ratio = len(revision.response) / max(1, len(original.response))
         if ratio < cfg.min_length_ratio:
-            return revision, "too_short", f"the revised response is {ratio:.2f}× the original's length (< {cfg.min_length_ratio})"
+            return "too_short", f"the revised response is {ratio:.2f}× the original's length (< {cfg.min_length_ratio})"
         if ratio > cfg.max_length_ratio:
-            return revision, "too_long", f"the revised response is {ratio:.1f}× the original's length (> {cfg.max_length_ratio})"
+            return "too_long", f"the revised response is {ratio:.1f}× the original's length (> {cfg.max_length_ratio})"
         if not changed_fields(original, revision):
-            return revision, "unchanged", "the coach changed nothing"
-        return revision, None, "revised"
+            return "unchanged", "the coach changed nothing"
+        return None, "revised"
 
     async def process(self, record: Record) -> list[Record]:
         cfg = self.config
         original = Pair(record.instruction, record.input, record.response or "")
+        unrated = False
         if cfg.revise_below is not None:
             rating = read_field(record, cfg.rating_field)
             rating = rating.get("score") if isinstance(rating, dict) else rating
@@ -141,14 +155,25 @@ class Revise(MapStage[ReviseConfig]):
                 data = CoachData(mode=cfg.mode, original=original.fields(), kept_original="rated_high",
                                  reason=f"rated {rating:g} ≥ revise_below {cfg.revise_below:g}: not revised")
                 return [record.model_copy(update={"metadata": data.stored(record)}, deep=True)]
+            # No rating (the judge's did not parse): nothing says the pair is good, so the coach sees it.
+            unrated = not isinstance(rating, (int, float))
         gen = await self._ask(record, original)
-        revision, kept, reason = self._check(original, gen)
-        final = original if kept else revision
-        assert final is not None
+        removed = 0
+        revision: Pair | None = None
+        kept: KeptReason | None
+        try:
+            parsed = parse_pair(gen.text)
+        except ValueError as exc:
+            kept, reason = "unparsable", str(exc)
+        else:
+            revision, removed = self._clean(original, parsed)
+            kept, reason = self._check(original, revision, gen)
+        final = original if kept or revision is None else revision
         data = CoachData(
             mode=cfg.mode, original=original.fields(), revision=revision.fields() if revision else None,
             revised=kept is None, kept_original=kept, reason=reason,
             edit_distance=revision_size(original, final), changed=changed_fields(original, final), raw_output=gen.text,
+            unrated=unrated, non_english_removed=removed,
         )
         event = gen.event(self.name, decision="revised" if kept is None else f"kept_original:{kept}", reason=reason,
                           edit_distance=data.edit_distance, changed=data.changed)
