@@ -61,10 +61,16 @@ def test_the_held_out_split_never_enters_training(tmp_path: Path) -> None:
 def test_input_embedded_in_the_input_field_is_re_split_on_the_real_rows() -> None:
     pairs = load_expert_pairs("coachlm")
     resplit = [p for p in pairs if "input_resplit" in p.repairs]
-    assert len(resplit) == 21
+    assert len(resplit) == 22
     poem = next(p for p in resplit if p.before.instruction.startswith("Given the compose"))
     assert (poem.before.instruction, poem.before.input) == ("Given the compose a poem.", "A river flows gracefully through the town.")
-    assert all("Input:" not in (p.before.input + p.after.input) for p in pairs)
+    assert all("Input:" not in p.before.input + p.after.input + p.before.instruction + p.after.instruction for p in pairs)
+    # rows 1250 and 1364 of the file: an empty instruction whose input (with "Input:" inside) became the instruction
+    energy, repair = (pairs[i] for i in (1250, 1364))
+    assert energy.before.input == "Question: How can we save energy in our homes?" and energy.before.instruction.endswith("5 sentences.")
+    assert (repair.before.instruction, repair.before.input) == (
+        "a list of repair items and output the total cost.", "Muffler - $50, Brakes pads - $30, Tire rotation - $40")
+    assert {"empty_instruction", "input_resplit"} <= set(energy.repairs) & set(repair.repairs)
     assert sum(1 for p in pairs if "empty_instruction" in p.repairs) == 2
     # the revision size is the stored Distance for the rows the file's layout reproduces
     assert sum(1 for p in pairs if p.as_stored_distance == p.stored_distance) >= 2000
@@ -314,6 +320,51 @@ def test_closeness_to_the_expert_revision_is_reported(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
     c = report["closeness_to_expert"]
     assert c["pairs"] == 5 and 0 < c["rouge_l"] <= 1 and 0 < c["edit_similarity_original"] <= 1
+
+
+def test_closeness_is_measured_on_the_revised_pair(tmp_path: Path) -> None:
+    """A coach that writes exactly the experts' revision: where its revision is used, the pair is the expert's (ROUGE-L
+    and edit similarity 1), so the figures must rise above the unrevised pair's, to the means over the final rows."""
+    from rapidfuzz.distance import Levenshtein
+
+    from datatailor.scoring.text import rouge_l_text
+
+    prepare("coachlm", tmp_path / "prep", holdout=8)
+    held = read_jsonl(tmp_path / "prep" / "heldout.jsonl")
+    for h in held:
+        raw = serialize_pair(h["Raw Instruction"], h["Raw Input"], h["Raw Response"])
+        EXPERT_REVISIONS[raw] = serialize_pair(h["Revised Instruction"], h["Revised Input"], h["Revised Response"])
+    rows = [{**h, "Raw Instruction": "EXPERT " + h["Raw Instruction"]} for h in held]
+    for h, row in zip(held, rows):  # the marked instruction must still map to the expert's revision
+        EXPERT_REVISIONS[serialize_pair(row["Raw Instruction"], h["Raw Input"], h["Raw Response"])] = EXPERT_REVISIONS[
+            serialize_pair(h["Raw Instruction"], h["Raw Input"], h["Raw Response"])]
+    revise(tmp_path, [{"type": "coach.revise", "max_length_ratio": 100.0}], rows)
+    data = read_jsonl(tmp_path / "out" / "data.jsonl")
+    revised = [r for r in data if r["metadata"]["coach"]["revised"]]
+    assert len(revised) >= 6 and all(r["response"] == r["metadata"]["revised_response"].strip() for r in revised)
+    c = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())["closeness_to_expert"]
+    expected_rouge = sum(rouge_l_text(r["response"], r["metadata"]["revised_response"]) for r in data) / len(data)
+    expert = ["\n".join(str(r["metadata"][k] or "") for k in ("revised_instruction", "revised_input", "revised_response")) for r in data]
+    final = ["\n".join([r["instruction"], r["input"], r["response"]]) for r in data]
+    expected_edit = sum(Levenshtein.normalized_similarity(f, e) for f, e in zip(final, expert)) / len(data)
+    assert c["rouge_l"] == pytest.approx(expected_rouge, abs=1e-4) and c["edit_similarity"] == pytest.approx(expected_edit, abs=1e-4)
+    assert c["rouge_l"] > c["rouge_l_original"] + 0.2 and c["edit_similarity"] > c["edit_similarity_original"] + 0.2
+
+
+def test_coach_prepare_cli_defaults_to_the_largest_revisions_and_keeps_coachlms_distance(tmp_path: Path) -> None:
+    from datatailor.cli import main
+
+    assert main(["coach", "prepare", "--out", str(tmp_path), "--holdout", "100"]) == 0
+    report = json.loads((tmp_path / "prepare.json").read_text())
+    assert report["direction"] == "descending" and report["train_distance"]["min"] >= 401  # the top 30 %: Distance ≥ 401
+    # heldout.jsonl: `Distance` is the source's own value, as stored; ours (over the repaired pair) is `Recomputed Distance`
+    pairs = {(*p.before.fields().values(), *p.after.fields().values()): p for p in load_expert_pairs("coachlm")}
+    differs = 0
+    for h in read_jsonl(tmp_path / "heldout.jsonl"):
+        p = pairs[h["Raw Instruction"], h["Raw Input"], h["Raw Response"], h["Revised Instruction"], h["Revised Input"], h["Revised Response"]]
+        assert (h["Distance"], h["Recomputed Distance"]) == (p.stored_distance, p.distance)
+        differs += p.distance != p.stored_distance
+    assert differs >= 1  # on these rows the two differ, so the test tells them apart
 
 
 def test_resume_after_kill_9_mid_revision(tmp_path: Path) -> None:

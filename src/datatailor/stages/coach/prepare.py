@@ -4,7 +4,8 @@
    file datatailor reads whose rows carry the revised fields (`revised_instruction`, `revised_input`,
    `revised_response` after the field mapping, as CoachLM's layout gives them).
 2. Repair known problems and report each: a row whose input embeds "Input:" (22 rows of CoachLM's set) is re-split
-   into instruction and input; an empty instruction is handled as everywhere (the input becomes the instruction).
+   into instruction and input; an empty instruction is handled as everywhere (the input becomes the instruction), and
+   when that instruction embeds "Input:" (rows 1250 and 1364, whose instruction was empty) it is re-split too.
 3. Revision size: the character edit distance (rapidfuzz's Levenshtein) between the pair before and after, over
    instruction + input + response concatenated (the layout that reproduces CoachLM's stored `Distance`); the
    agreement with the stored value is reported.
@@ -13,7 +14,9 @@
    reproduction's reading).
 5. Write `train.jsonl` (coach format: the directive as instruction, the serialized pair as input, the serialized
    revision as output), `heldout.jsonl` (the raw pairs with their expert revisions, to revise and compare),
-   `shots.jsonl` (the training pairs, for a prompted coach) and `prepare.json` (every count and repair).
+   `shots.jsonl` (the training pairs, for a prompted coach) and `prepare.json` (every count and repair). The held-out
+   and shot rows keep CoachLM's own `Distance` as the source file has it (when it has one); ours, over the repaired
+   pairs, is `Recomputed Distance`.
 """
 
 from __future__ import annotations
@@ -58,11 +61,16 @@ def revision_size(before: Pair, after: Pair) -> int:
 
 
 def _resplit(instruction: str, input: str) -> tuple[str, str, bool]:
-    """An input that embeds "Input:" holds the end of the instruction before it and the real input after it."""
-    if "Input:" not in input:
-        return instruction, input, False
-    head, tail = input.split("Input:", 1)
-    return " ".join(p for p in (instruction.strip(), head.strip()) if p), tail.strip(), True
+    """An input that embeds "Input:" holds the end of the instruction before it and the real input after it; so does
+    an instruction with no input beside it (an empty instruction whose input was moved into it)."""
+    if "Input:" in input:
+        head, tail = input.split("Input:", 1)
+        return " ".join(p for p in (instruction.strip(), head.strip()) if p), tail.strip(), True
+    if "Input:" in instruction and not input.strip():
+        head, tail = instruction.split("Input:", 1)
+        if head.strip() and tail.strip():
+            return head.strip(), tail.strip(), True
+    return instruction, input, False
 
 
 def expert_pair(record: Record) -> ExpertPair:
@@ -121,10 +129,16 @@ def training_row(p: ExpertPair, instruction: str) -> dict[str, Any]:
 
 
 def heldout_row(p: ExpertPair) -> dict[str, Any]:
-    """A raw pair to revise, with its expert revision to compare against (CoachLM's layout)."""
-    return {"Raw Instruction": p.before.instruction, "Raw Input": p.before.input, "Raw Response": p.before.response,
-            "Revised Instruction": p.after.instruction, "Revised Input": p.after.input, "Revised Response": p.after.response,
-            "Distance": p.distance}
+    """A raw pair to revise, with its expert revision to compare against (CoachLM's layout). `Distance` is the source's
+    own value, untouched (absent when the source has none); ours, over the repaired pairs, is `Recomputed Distance`."""
+    row: dict[str, Any] = {
+        "Raw Instruction": p.before.instruction, "Raw Input": p.before.input, "Raw Response": p.before.response,
+        "Revised Instruction": p.after.instruction, "Revised Input": p.after.input, "Revised Response": p.after.response,
+    }
+    if p.stored_distance is not None:
+        row["Distance"] = p.stored_distance
+    row["Recomputed Distance"] = p.distance
+    return row
 
 
 def prepare(
