@@ -150,6 +150,36 @@ def test_truncation_cuts_the_response_and_drops_prompt_only_examples():
     assert short.examples == [] and short.dropped_prompt_too_long == [record.id]
 
 
+def test_auto_max_length_takes_the_longest_pair_within_the_model_limit():
+    from datatailor.train.sft_data import tokenize_pairs
+
+    tokenizer = tiny_tokenizer()
+    records = [Record.new(q, response=(a + " ") * (1 + 3 * i)) for i, (q, a) in enumerate(FACTS[:5])]
+    auto = tokenize_pairs(tokenizer, records, "respond.j2", "auto")
+    lengths = sorted(len(e.input_ids) for e in auto.examples)
+    assert auto.max_length == auto.longest == lengths[-1] and auto.truncated == 0 and not auto.dropped_prompt_too_long
+    assert len(auto.examples) == 5 and len(set(lengths)) == 5
+    # a fixed length cuts every longer pair, and says how many
+    fixed = tokenize_pairs(tokenizer, records, "respond.j2", lengths[2])
+    assert fixed.max_length == lengths[2] and fixed.truncated == 2 and fixed.longest == lengths[-1]
+    # auto stays within what the tokenizer says its model takes
+    tokenizer.model_max_length = lengths[1]
+    capped = tokenize_pairs(tokenizer, records, "respond.j2", "auto")
+    assert capped.max_length == lengths[1] and capped.truncated == 3
+
+
+def test_the_coach_preset_sizes_its_length_from_the_data(tmp_path: Path):
+    assert TrainConfig(preset="coachlm_coach").max_length == "auto"
+    assert TrainConfig(preset="coachlm_coach", max_length=1024).max_length == 1024  # explicit wins
+    path = tmp_path / "train.yaml"
+    path.write_text("max_length: auto\n", encoding="utf-8")
+    assert load_train_config(path).max_length == "auto"
+    with pytest.raises(UserError, match="max_length"):
+        load_train_config(None, {"max_length": 8})
+    with pytest.raises(UserError, match="max_length"):
+        load_train_config(None, {"max_length": "longest"})
+
+
 # ----------------------------------------------------------------------------- training, tiny model
 
 
@@ -215,6 +245,25 @@ def test_tiny_lora_run_writes_a_loadable_adapter_and_is_deterministic(tmp_path: 
         return reply.text
 
     assert isinstance(asyncio.run(generate()), str)
+
+
+def test_a_run_with_auto_length_reports_the_length_and_what_was_cut(tmp_path: Path):
+    pytest.importorskip("trl")
+    import io
+
+    from datatailor.train.sft import train_sft
+
+    data = write_pairs(tmp_path / "pairs.jsonl", FACTS[:4])
+    log = io.StringIO()
+    report = train_sft(data, str(tiny_model_dir()), tmp_path / "a", _tiny_config(max_length="auto", max_steps=1), progress=log)
+    assert report.truncated == 0 and report.dropped_prompt_too_long == 0
+    from transformers import AutoTokenizer
+
+    from datatailor.train.sft_data import load_pairs, tokenize_pairs
+
+    longest = tokenize_pairs(AutoTokenizer.from_pretrained(str(tiny_model_dir())), load_pairs(data)[0], "respond.j2", "auto").longest
+    assert report.max_length == longest and report.tokens_per_epoch <= 4 * longest
+    assert f"max_length {report.max_length} (auto: the longest pair): 0 cut, 0 dropped" in log.getvalue()
 
 
 def test_full_fine_tuning_lowers_the_loss_and_saves_a_model(tmp_path: Path):

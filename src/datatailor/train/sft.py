@@ -74,6 +74,7 @@ class TrainReport(BaseModel):
     skipped_no_response: int
     dropped_prompt_too_long: int
     truncated: int
+    max_length: int | None = Field(None, description="Tokens per example used (the longest pair when the config said auto).")
     tokens_per_epoch: int
     response_tokens_per_epoch: int
     epochs: float
@@ -277,7 +278,7 @@ def _train(
     tokenized = tokenize_pairs(tokenizer, pairs, config.prompt_template, config.max_length)
     if not tokenized.examples:
         raise UserError(
-            f"{data}: every prompt is at least max_length ({config.max_length}) tokens long; raise max_length"
+            f"{data}: every prompt is at least max_length ({tokenized.max_length}) tokens long; raise max_length"
         )
     device = pick_device(config.device)
     precision = _pick_precision(libs, config, device)
@@ -324,7 +325,7 @@ def _train(
             weight_decay=config.weight_decay,
             max_grad_norm=config.max_grad_norm,
             optim="adamw_torch",
-            max_length=config.max_length,
+            max_length=tokenized.max_length,
             packing=False,
             **_checkpointing_arg(libs, config.gradient_checkpointing),
             bf16=precision == "bf16",
@@ -365,7 +366,9 @@ def _train(
             print(
                 f"[train] {len(tokenized.examples)} pairs, {tokenized.tokens} tokens/epoch "
                 f"({tokenized.response_tokens} in responses), {total_steps} steps on {device} ({precision}), "
-                f"{config.method} with {trainable:,} of {total:,} parameters trainable",
+                f"{config.method} with {trainable:,} of {total:,} parameters trainable; max_length {tokenized.max_length}"
+                f"{' (auto: the longest pair)' if config.max_length == 'auto' else ''}: {tokenized.truncated} cut, "
+                f"{len(tokenized.dropped_prompt_too_long)} dropped (prompt alone too long)",
                 file=progress,
                 flush=True,
             )
@@ -407,6 +410,7 @@ def _train(
             skipped_no_response=skipped,
             dropped_prompt_too_long=len(tokenized.dropped_prompt_too_long),
             truncated=tokenized.truncated,
+            max_length=tokenized.max_length,
             tokens_per_epoch=tokenized.tokens,
             response_tokens_per_epoch=tokenized.response_tokens,
             epochs=round(epochs_done, 4),

@@ -8,6 +8,10 @@ later is the point; `tests/test_train.py` checks the two stay identical.
 
 Prompt and completion are tokenised separately, like the backend's log-likelihood does, and the
 prompt positions get the label -100 so that they take no part in the loss.
+
+`max_length` may be "auto": the longest pair of the data (prompt + completion), so that no target is cut,
+within what the tokenizer says the model takes. A fixed length cuts longer pairs at the end, and drops a
+pair whose prompt alone fills it; `TokenizedSet` counts both, and `datatailor train` says so.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from datatailor.errors import UserError
 from datatailor.io import read_records
@@ -26,6 +30,8 @@ from datatailor.records import Record
 from datatailor.stages.generic import record_variables
 
 IGNORE_INDEX = -100
+# transformers' `model_max_length` when a tokenizer does not know its model's limit (a huge sentinel).
+_UNKNOWN_LIMIT = 10**9
 
 
 def dataset_path(source: str | Path) -> Path:
@@ -99,6 +105,8 @@ class TokenizedPair:
 class TokenizedSet:
     examples: list[TokenizedPair] = field(default_factory=list)
     dropped_prompt_too_long: list[str] = field(default_factory=list)
+    max_length: int = 0  # the length used (the chosen one when asked for "auto")
+    longest: int = 0  # the longest pair before any cut (prompt + completion tokens)
 
     @property
     def tokens(self) -> int:
@@ -113,19 +121,24 @@ class TokenizedSet:
         return sum(e.truncated for e in self.examples)
 
 
-def tokenize_pair(tokenizer: Any, record: Record, prompt: Prompt, max_length: int) -> TokenizedPair | None:
-    """Token ids and labels of one pair; None when the prompt alone fills max_length (nothing to learn)."""
+def encode_pair(tokenizer: Any, record: Record, prompt: Prompt) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one pair, as the hf backend would see the prompt."""
     messages = pair_messages(record, prompt)
     prompt_text, special = render_prompt(tokenizer, messages)
     completion_text = render_completion(tokenizer, messages, prompt_text, record.response or "")
     prompt_ids = list(tokenizer(prompt_text, add_special_tokens=special)["input_ids"])
     completion_ids = list(tokenizer(completion_text, add_special_tokens=False)["input_ids"])
+    return prompt_ids, completion_ids
+
+
+def cut_pair(record_id: str, prompt_ids: list[int], completion_ids: list[int], max_length: int) -> TokenizedPair | None:
+    """Token ids and labels of one pair within max_length; None when the prompt alone fills it (nothing to learn)."""
     if len(prompt_ids) >= max_length:
         return None
     room = max_length - len(prompt_ids)
     kept = completion_ids[:room]
     return TokenizedPair(
-        id=record.id,
+        id=record_id,
         input_ids=prompt_ids + kept,
         labels=[IGNORE_INDEX] * len(prompt_ids) + kept,
         prompt_tokens=len(prompt_ids),
@@ -134,13 +147,31 @@ def tokenize_pair(tokenizer: Any, record: Record, prompt: Prompt, max_length: in
     )
 
 
-def tokenize_pairs(tokenizer: Any, records: Iterable[Record], template: str, max_length: int, base_dir: Path | None = None) -> TokenizedSet:
+def tokenize_pair(tokenizer: Any, record: Record, prompt: Prompt, max_length: int) -> TokenizedPair | None:
+    """Token ids and labels of one pair; None when the prompt alone fills max_length (nothing to learn)."""
+    return cut_pair(record.id, *encode_pair(tokenizer, record, prompt), max_length)
+
+
+def model_limit(tokenizer: Any) -> int | None:
+    """The longest sequence the tokenizer says its model takes (None when it does not know)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < _UNKNOWN_LIMIT else None
+
+
+def tokenize_pairs(
+    tokenizer: Any, records: Iterable[Record], template: str, max_length: int | Literal["auto"], base_dir: Path | None = None
+) -> TokenizedSet:
     prompt = load_prompt(template, base_dir)
-    out = TokenizedSet()
-    for record in records:
-        pair = tokenize_pair(tokenizer, record, prompt, max_length)
+    encoded = [(record.id, *encode_pair(tokenizer, record, prompt)) for record in records]
+    longest = max((len(p) + len(c) for _, p, c in encoded), default=0)
+    if max_length == "auto":
+        limit = model_limit(tokenizer)
+        max_length = max(1, min(longest, limit) if limit is not None else longest)
+    out = TokenizedSet(max_length=max_length, longest=longest)
+    for record_id, prompt_ids, completion_ids in encoded:
+        pair = cut_pair(record_id, prompt_ids, completion_ids, max_length)
         if pair is None:
-            out.dropped_prompt_too_long.append(record.id)
+            out.dropped_prompt_too_long.append(record_id)
         else:
             out.examples.append(pair)
     return out
