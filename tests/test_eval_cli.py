@@ -19,7 +19,8 @@ from datatailor.llm.base import CompletionRequest
 #   FLIP: whoever is shown first gets 6 (order decides: a flip)
 #   HALF: 7 when shown first, 5 when shown second (win + tie)
 #   JUNK: the judge never gives two scores (unjudgeable: a loss over N, never a tie)
-#   EMPTY: the candidate answers nothing; LONG: its answer is cut off by max_tokens (unanswered: losses)
+#   EMPTY: the candidate answers nothing (unanswered: a loss)
+#   LONG: its answer is cut off by max_tokens; it is judged as written (the judge scores it 2: a loss) and counted
 KEYS = ["GOOD", "GOOD", "SAME", "BAD", "FLIP", "HALF", "JUNK", "EMPTY", "LONG"]
 FIRST = {"GOOD": 9, "SAME": 5, "BAD": 2, "FLIP": 6, "HALF": 7}  # the candidate's score when shown first
 SECOND = {"GOOD": 9, "SAME": 5, "BAD": 2, "FLIP": 5, "HALF": 5}  # … when shown second (REF then gets 6 on FLIP)
@@ -34,11 +35,11 @@ def judge(request: CompletionRequest) -> str:
     JUDGE_TEMPERATURES.add(request.sampling.temperature)
     v = request.variables
     if v["answer_1"] == "REF":
-        cand = v["answer_2"]
+        cand = "BAD" if v["answer_2"].startswith("LONG ") else v["answer_2"]
         if cand not in SECOND:
             return "I cannot decide between them."
         return f"{6 if cand == 'FLIP' else 5} {SECOND[cand]}"
-    cand = v["answer_1"]
+    cand = "BAD" if v["answer_1"].startswith("LONG ") else v["answer_1"]
     if cand not in FIRST:
         return "I cannot decide between them."
     return f"{FIRST[cand]} 5"
@@ -46,7 +47,7 @@ def judge(request: CompletionRequest) -> str:
 
 def candidate(request: CompletionRequest) -> str:
     key = re.search(r"key=(\w+)", request.variables["instruction"]).group(1)
-    return {"EMPTY": "", "LONG": "word " * 600}.get(key, key)
+    return {"EMPTY": "", "LONG": "LONG " + "word " * 600, "LONGJUNK": "LONGJUNK " + "word " * 600}.get(key, key)
 
 
 def models_yaml(tmp_path: Path, with_reference: bool = True) -> Path:
@@ -83,9 +84,10 @@ def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
     code = run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(out))
     assert code == 0
     ev = json.loads((out / "eval.json").read_text())
-    # N is the whole test set: the unjudgeable JUNK and the unanswered EMPTY and LONG are losses.
-    assert (ev["items"], ev["judged"], ev["unanswered"], ev["unjudgeable"]) == (9, 6, 2, 1)
-    assert ev["failures"] == {"judge:parse_error": 1, "answer-candidate:empty_response": 1, "answer-candidate:truncated": 1}
+    # N is the whole test set: the unjudgeable JUNK and the unanswered EMPTY are losses; LONG was cut off, judged, lost.
+    assert (ev["items"], ev["judged"], ev["unanswered"], ev["unjudgeable"]) == (9, 7, 1, 1)
+    assert ev["failures"] == {"judge:parse_error": 1, "answer-candidate:empty_response": 1}
+    assert ev["truncated_answers"] == 1 and ev["truncated_by_rule"]["strict"]["losses"] == 1
     strict = ev["by_rule"]["strict"]
     assert (strict["wins"], strict["ties"], strict["losses"], strict["n"]) == (2, 3, 4, 9)
     assert strict["crr"] == pytest.approx(5 / 9)
@@ -95,12 +97,12 @@ def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
     assert ev["metrics"] == strict and ev["rule"] == "strict"
     assert JUDGE_TEMPERATURES == {0.0}  # the judge is asked at temperature 0 (the papers)
     judged_only = ev["judged_only"]["metrics"]
-    assert (judged_only["wins"], judged_only["ties"], judged_only["losses"], judged_only["n"]) == (2, 3, 1, 6)
+    assert (judged_only["wins"], judged_only["ties"], judged_only["losses"], judged_only["n"]) == (2, 3, 2, 7)
     lenient, mean = ev["by_rule"]["lenient"], ev["by_rule"]["mean"]
     assert (lenient["wins"], lenient["ties"], lenient["losses"]) == (3, 2, 4)
     assert (mean["wins"], mean["ties"], mean["losses"]) == (3, 2, 4)
-    assert ev["position_consistency"] == pytest.approx(4 / 6)
-    assert ev["flip_rate"] == pytest.approx(1 / 6)
+    assert ev["position_consistency"] == pytest.approx(5 / 7)
+    assert ev["flip_rate"] == pytest.approx(1 / 7)
     assert ev["consistency_warning"] is None
     assert ev["models"]["reference"] == {"backend": "scripted", "model": "ref"}
     # odd items: GOOD(1) SAME(3) FLIP(5) JUNK(7) LONG(9); even: GOOD(2) BAD(4) HALF(6) EMPTY(8)
@@ -112,8 +114,9 @@ def test_eval_numbers_match_the_scripted_judge(tmp_path: Path) -> None:
     half = next(r for r in data if "HALF" in r["instruction"])
     assert half["metadata"]["judge"]["a_first"] == [7.0, 5.0] and half["metadata"]["judge"]["b_first"] == [5.0, 5.0]
     md = (out / "eval.md").read_text()
-    assert "CRR 55.56" in md and "N = 9 (the whole test set): 6 judged, 2 unanswered by the candidate, 1 unjudgeable" in md
-    assert "Judged items only (not the headline): CRR 83.33" in md
+    assert "CRR 55.56" in md and "N = 9 (the whole test set): 7 judged, 1 unanswered by the candidate, 1 unjudgeable" in md
+    assert "Judged items only (not the headline): CRR 71.43" in md
+    assert "1 of the candidate's answers were cut off by max_tokens and judged as written (W/T/L 0/0/1" in md
     usage = json.loads((out / "run" / "usage.json").read_text())
     assert usage["run"]["roles"]["judge"]["requests"] > 0
 
@@ -318,3 +321,80 @@ def test_diversity_command(tmp_path: Path) -> None:
     assert report["embedding_distance"] is None
     assert report["response_length"]["mean"] == pytest.approx(1.5)
     assert main(["diversity", str(tmp_path / "missing.jsonl"), "--no-embeddings"]) == 2
+
+
+# ----------------------------------------------------------------------------- cut-off answers, categories, bake-off figures
+
+
+def test_a_base_model_that_rambles_to_the_limit_is_judged_not_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """12 held-out questions, every answer cut off by max_tokens (an untuned base model): the evaluation completes,
+    the cut answers are judged as written, and the report counts them — two the judge could not score included."""
+    keys = ["LONG"] * 5 + ["LONGJUNK"] + ["LONG"] * 5 + ["LONGJUNK"]
+    testset = tmp_path / "base.jsonl"
+    testset.write_text("".join(json.dumps({"id": f"q{i}", "instruction": f"Please answer key={k}"}) + "\n"
+                               for i, k in enumerate(keys)), encoding="utf-8")
+    out = tmp_path / "ev"
+    assert run_cli("eval", "--testset", str(testset), "--models", str(models_yaml(tmp_path)), "--out", str(out)) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert (ev["items"], ev["judged"], ev["unanswered"], ev["unjudgeable"], ev["truncated_answers"]) == (12, 10, 0, 2, 12)
+    cut = ev["truncated_by_rule"]["strict"]
+    assert (cut["wins"], cut["ties"], cut["losses"], cut["n"]) == (0, 0, 12, 12)
+    data = [json.loads(line) for line in (out / "run" / "data.jsonl").read_text().splitlines()]
+    assert all(r["response"].startswith("LONG word word") and len(r["response"].split()) == 512 for r in data)
+    assert all(any(e["stage"] == "answer-candidate" and e["details"].get("truncated") for e in r["lineage"]) for r in data)
+    assert "12 of the candidate's answers were cut off by max_tokens and judged as written (W/T/L 0/0/12" in (out / "eval.md").read_text()
+    assert "12 of the candidate's answers were cut off by max_tokens" in capsys.readouterr().err
+
+
+def test_per_category_tables_follow_the_chosen_rule(tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    assert run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(out),
+                   "--rule", "lenient") == 0
+    ev = json.loads((out / "eval.json").read_text())
+    # even items: GOOD win, BAD loss, HALF (a win and a tie: a win under the lenient rule, a tie under strict), EMPTY loss
+    even, odd = ev["by_category"]["even"], ev["by_category"]["odd"]
+    assert (ev["rule"], even["wins"], even["ties"], even["losses"]) == ("lenient", 2, 0, 2)
+    assert (odd["wins"] + even["wins"], odd["ties"] + even["ties"], odd["losses"] + even["losses"]) == (3, 2, 4)
+    assert ev["metrics"] == ev["by_rule"]["lenient"]
+
+
+def test_the_bakeoff_reads_the_same_outcomes_and_per_pair_figures(tmp_path: Path) -> None:
+    """What the bake-off takes from an evaluation run: each item's outcome (an unanswered or unjudgeable item is a
+    loss, as in eval.json), and per-pair cost figures over the method's final pairs."""
+    import shutil
+    from types import SimpleNamespace
+
+    from datatailor.bakeoff.report import collect, item_outcomes
+    from datatailor.io import read_records
+
+    eval_dir = tmp_path / "m1" / "eval" / "tiny"
+    assert run_cli("eval", "--testset", str(make_testset(tmp_path)), "--models", str(models_yaml(tmp_path)), "--out", str(eval_dir)) == 0
+    ev = json.loads((eval_dir / "eval.json").read_text())
+    outcomes = item_outcomes(eval_dir, "strict")
+    assert outcomes == ["win", "win", "tie", "loss", "tie", "tie", "loss", "loss", "loss"]  # KEYS in order
+    strict = ev["by_rule"]["strict"]
+    assert [outcomes.count(o) for o in ("win", "tie", "loss")] == [strict["wins"], strict["ties"], strict["losses"]]
+
+    items = read_records(eval_dir / "testset.jsonl")
+    split = SimpleNamespace(name="tiny", seeds=[], evaluation=items, testset=SimpleNamespace(source="tiny.jsonl", records=items))
+    config = SimpleNamespace(budget_pairs=2, seed=0, eval_limit=None, name="t",
+                             eval=SimpleNamespace(rule="strict", bootstrap=200, consistency_threshold=0.6))
+    plan = SimpleNamespace(config=config, splits=[split], folder=lambda name: tmp_path / name)
+    rows = {}
+    for name in ("m1", "m2"):
+        if name == "m2":
+            shutil.copytree(tmp_path / "m1" / "eval", tmp_path / "m2" / "eval")
+        run = tmp_path / name / "run"
+        run.mkdir(parents=True)
+        (run / "data.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "instruction": f"task {i}", "response": "answer"}) + "\n"
+                                                for i in range(2)), encoding="utf-8")
+        usage = {"requests": 6, "prompt_tokens": 100, "completion_tokens": 20, "cost_usd": 0.3}
+        (run / "usage.json").write_text(json.dumps({"total": {"all": usage}}), encoding="utf-8")
+        rows[name] = {"untuned": False, "recipe": "r.yaml", "eval": {"tiny": ev}, "data": {"status": "complete", "message": ""}}
+    report = collect(plan, rows)  # type: ignore[arg-type]
+    data = report["methods"]["m1"]["data"]
+    assert (data["pairs"], data["requests_per_pair"], data["tokens_per_pair"], data["cost_per_pair"]) == (2, 3.0, 60.0, 0.15)
+    assert report["ranking"]["methods"]["m1"]["crr"] == pytest.approx((2 + 3) / 9)  # the unjudged items are losses
+    # the cut-off answer (LONG), judged as written, is counted in the bake-off too
+    assert report["methods"]["m1"]["testsets"]["tiny"]["truncated_answers"] == 1
+    assert any("judged as written" in note and "m1 on tiny 1" in note for note in report["notes"])

@@ -84,7 +84,8 @@ class Recipe(BaseModel):
         5, ge=0,
         description=(
             "Stop the run (interrupted, exit 2) when a stage's first N finished records all fail with the same "
-            "error: a broken template or a wrong model name would fail every record. 0: never stop."
+            "error: a broken template or a wrong model name would fail every record (replies cut off by max_tokens: "
+            "the first 4N, since whether a reply runs long depends on the record). 0: never stop."
         ),
     )
     output: OutputSpec = Field(default_factory=OutputSpec)

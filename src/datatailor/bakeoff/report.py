@@ -62,6 +62,7 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 **summary["metrics"],
                 "position_consistency": summary["position_consistency"],
                 "consistency_warning": summary["consistency_warning"],
+                "truncated_answers": summary.get("truncated_answers", 0),  # cut off by max_tokens, judged as written
             }
         if not row["untuned"]:
             run_dir = folder / "run"
@@ -111,6 +112,9 @@ def collect(plan: Plan, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if short:
         notes.append(f"fewer pairs than budget_pairs={config.budget_pairs} (their rows say how many; compare them knowing "
                      f"that): {', '.join(short)}")
+    cut = [f"{n} on {s} {t['truncated_answers']}" for n, m in methods.items() for s, t in m["testsets"].items() if t["truncated_answers"]]
+    if cut:
+        notes.append(f"answers cut off by max_tokens, judged as written (counted in every figure): {', '.join(cut)}")
     if config.eval_limit:
         notes.append(f"eval_limit={config.eval_limit}: only the first {config.eval_limit} items of each evaluation part were judged")
     return {

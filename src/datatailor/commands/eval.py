@@ -76,8 +76,9 @@ def eval_command(
     openai:gpt-4o-mini or openai:MODEL@http://127.0.0.1:8000/v1; role:strong (a role of the --models file).
     --reference stored uses the test set's own reference answers (items without one are skipped).
 
-    N is the whole test set: an item the candidate did not answer (error, empty, cut off by max_tokens)
-    or that could not be judged counts as a loss; eval.json also gives the judged-only figures, labelled.
+    N is the whole test set: an item the candidate did not answer (error, empty answer) or that could not
+    be judged counts as a loss; an answer cut off by max_tokens is judged as written and counted
+    (truncated_answers). eval.json also gives the judged-only figures, labelled.
     --seed reaches every model's sampling seed (at temperature > 0 another seed gives other answers).
 
     Exit 0 when complete, 3 when the budget ran out (raise it and re-run), 2 on a user or server error.
@@ -121,6 +122,11 @@ def eval_command(
             f"note: {summary['unanswered']} item(s) unanswered by the candidate and {summary['unjudgeable']} unjudgeable "
             f"{summary['failures']} count as losses (details: {out / 'run' / 'failures.jsonl'})",
             err=True, fg="yellow",
+        )
+    if summary["truncated_answers"]:
+        typer.secho(
+            f"note: {summary['truncated_answers']} of the candidate's answers were cut off by max_tokens and judged as "
+            f"written (see eval.md; raise --max-tokens to let it finish)", err=True, fg="yellow",
         )
     if summary["consistency_warning"]:
         typer.secho(f"warning: {summary['consistency_warning']}", err=True, fg="red")

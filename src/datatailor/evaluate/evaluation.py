@@ -17,11 +17,13 @@ The evaluation folder (`--out`) holds::
 The candidate is side A, so a verdict "a" is a candidate win. The headline rule is `strict`
 (CodecLM's CRR); WR1/WR2/QS are reported under the same rule, and every rule's table is kept.
 
-N is always the whole test set. An item the candidate did not answer (an error, an empty answer, an
-answer cut off by max_tokens) is a loss; so is an item that could not be judged (the reference
-failed, or the judge's reply did not parse in one of the orders) — the headline is a lower bound that
-failures can only lower, never raise. `eval.json` counts `judged`, `unanswered` and `unjudgeable`, and
-gives the judged-only figures beside the headline, labelled as such. When the judge's position
+N is always the whole test set. An item the candidate did not answer (an error, an empty answer) is a
+loss; so is an item that could not be judged (the reference failed, or the judge's reply did not parse
+in one of the orders) — the headline is a lower bound that failures can only lower, never raise. A
+candidate answer cut off by max_tokens is judged as written: a base model that rambles to the limit is
+what an untuned row measures, not a failure. `eval.json` counts `judged`, `unanswered`, `unjudgeable`
+and `truncated_answers` (with the W/T/L of those cut-off answers), and gives the judged-only figures
+beside the headline, labelled as such. When the judge's position
 consistency is below `consistency_threshold` (default 0.6), the report says plainly that its verdicts
 are dominated by answer order and the figures are not meaningful.
 """
@@ -48,6 +50,7 @@ from datatailor.runner import RunResult, run_recipe_sync
 
 RESPOND_TEMPLATE = "respond.j2"
 JUDGE_OUTPUT = "metadata.judge"
+CANDIDATE_STAGE = "answer-candidate"
 
 
 @dataclass
@@ -94,8 +97,10 @@ def build_eval_recipe(plan: EvalPlan, input_path: Path) -> Recipe:
              "output": "metadata.reference",
              "max_tokens": plan.reference_max_tokens if plan.reference_max_tokens is not None else plan.answer_max_tokens}
         )
-    stages.append({"type": "respond", "name": "answer-candidate", "role": "candidate", "template": plan.respond_template,
-                   "max_tokens": plan.answer_max_tokens})
+    # keep_truncated: a cut-off answer is the candidate's answer, judged as written and counted (never a failure
+    # that would stop the run or drop the item).
+    stages.append({"type": "respond", "name": CANDIDATE_STAGE, "role": "candidate", "template": plan.respond_template,
+                   "max_tokens": plan.answer_max_tokens, "keep_truncated": True})
     stages.append(
         {"type": "judge.pairwise", "name": "judge", "role": "judge", "a": "response", "b": "metadata.reference",
          "rule": plan.rule, "template": plan.judge_template, "output": JUDGE_OUTPUT, "temperature": 0.0,
@@ -141,6 +146,14 @@ def _failure_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [row for _, row in read_jsonl_rows(path)] if path.is_file() else []
 
 
+def truncated_answers(run_dir: Path) -> set[str]:
+    """Ids of the items whose candidate answer was cut off by max_tokens (and kept), judged or not."""
+    rows = [r.model_dump(mode="json") for r in read_records(run_dir / "data.jsonl")] if (run_dir / "data.jsonl").is_file() else []
+    rows += [row["record"] for row in _failure_rows(run_dir) if isinstance(row.get("record"), dict)]
+    return {r["id"] for r in rows
+            if any(e.get("stage") == CANDIDATE_STAGE and (e.get("details") or {}).get("truncated") for e in r.get("lineage") or [])}
+
+
 def _failure_kinds(run_dir: Path) -> dict[str, int]:
     return dict(Counter(f"{row['stage']}:{row['kind']}" for row in _failure_rows(run_dir)))
 
@@ -165,9 +178,10 @@ def summarize_eval(run_dir: Path, plan: EvalPlan, items: list[Record]) -> dict[s
     """eval.json: every metric over all N items of a finished evaluation run (see the module docstring)."""
     judged = {r.id: r for r in read_records(run_dir / "data.jsonl") if isinstance(r.metadata.get("judge"), dict)}
     failed = {row["id"]: row for row in _failure_rows(run_dir)}
-    unanswered = {i.id for i in items if i.id in failed and failed[i.id]["stage"] == "answer-candidate"}
+    unanswered = {i.id for i in items if i.id in failed and failed[i.id]["stage"] == CANDIDATE_STAGE}
     unjudgeable = {i.id for i in items if i.id not in judged and i.id not in unanswered}
     scores = {rid: scores_from_summary(r.metadata["judge"]) for rid, r in judged.items()}
+    cut = {i.id for i in items} & truncated_answers(run_dir)
     judged_only = evaluate_scores(list(scores.values()))
     by_rule = {
         rule: metric_table(_with_losses(wtl_from_scores(scores.values(), rule), len(unanswered) + len(unjudgeable)))
@@ -189,6 +203,11 @@ def summarize_eval(run_dir: Path, plan: EvalPlan, items: list[Record]) -> dict[s
         "judged": len(scores),
         "unanswered": len(unanswered),
         "unjudgeable": len(unjudgeable),
+        "truncated_answers": len(cut),
+        "truncated_answers_note": "candidate answers cut off by max_tokens, judged as written (counted in every figure)",
+        "truncated_by_rule": {rule: metric_table(_with_losses(wtl_from_scores([scores[i] for i in sorted(cut) if i in scores], rule),
+                                                              sum(1 for i in cut if i not in scores)))
+                              for rule in ("strict", "lenient", "mean")} if cut else None,
         "failures": _failure_kinds(run_dir),
         "rule": plan.rule,
         "metrics": by_rule[plan.rule],
@@ -236,6 +255,13 @@ def render_eval_md(s: dict[str, Any]) -> str:
         f"{s['unjudgeable']} unjudgeable; unanswered and unjudgeable items count as losses"
         + (f" (failures: {s['failures']})" if s["failures"] else "") + ".",
         "",
+    ]
+    if s.get("truncated_answers"):
+        t = s["truncated_by_rule"][s["rule"]]
+        lines += [f"{s['truncated_answers']} of the candidate's answers were cut off by max_tokens and judged as written "
+                  f"(W/T/L {t['wins']}/{t['ties']}/{t['losses']} among them, {s['rule']} rule; flagged `truncated` in the "
+                  "run's lineage).", ""]
+    lines += [
         "| rule | W | T | L | N | CRR % | WR1 % | WR2 % | QS % |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
