@@ -326,6 +326,13 @@ def test_top_up_delivers_the_budget_with_the_judge_filter_before_or_after_select
     assert manifest["rounds"] == 2
     select = next(s for s in manifest["stages"] if s["name"] == "select")
     assert "ran after them" in select["ran_last"] and (select["inputs"], select["outputs"]) == (12, 12)
+    # each finished run, run again (no request cache): it goes on from its last round and order, so no call is made
+    # (replaying round 1 used to drop the judge's failure rows of round 2, and judged those pairs again)
+    for name, stages in runs.items():
+        data = (tmp_path / name / "data.jsonl").read_bytes()
+        assert run(tmp_path, stages, name=name, rows=DROPODD, budget_pairs=12).status == "complete"
+        assert json.loads((tmp_path / name / "usage.json").read_text())["run"]["all"]["requests"] == 0, name
+        assert (tmp_path / name / "data.jsonl").read_bytes() == data
 
 
 def test_a_trim_that_left_pairs_out_passes_them_to_the_filter_before_any_top_up(tmp_path: Path) -> None:

@@ -11,6 +11,10 @@ A trim to the budget (`select`, `codec.select`) that stands before stages that d
 past it. Once a run is short for that reason, the trim runs after those stages from then on (their decisions
 are checkpointed, so nothing is asked twice): first over the pairs it had trimmed away, without a top-up, then
 in the top-up rounds. The run then delivers exactly `budget_pairs` as with the trim written last.
+
+A resumed or repeated run goes on from the last round the top-up stage wrote, in the order the stages last ran
+(`RAN_LAST` marks a moved trim), so every stage sees at once the inputs it last had: its `done.json` matches and
+nothing is asked again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
     from datatailor.runner.run import Runner
 
 NOT_A_LOSS = ("over_budget",)  # a trim's drops: never why a run is short
+RAN_LAST = ".ran_last"  # in a trim's stage folder once it runs after the stages that drop pairs (read on resume)
 
 
 def top_up_stage(stages: list[Stage]) -> BatchStage | None:
@@ -48,9 +53,11 @@ async def run_rounds(runner: Runner, inputs: RecordSource, stages: list[Stage]) 
     Returns the final records, each stage's summary of the last round (in recipe order), and the number of rounds."""
     budget = runner.recipe.budget_pairs
     topper = top_up_stage(stages)
-    order = list(range(len(stages)))
-    ran_last: set[int] = set()
-    round = 1
+    # Replaying from round 1 would show the stages after the top-up stage fewer inputs than they had, and their
+    # compaction would drop the failure rows of the others, which the next round would then pay for again.
+    round = recorded_rounds(runner, stages, topper)
+    ran_last = {i for i in range(len(stages)) if (runner.stage_dir(i) / RAN_LAST).exists()}
+    order = [i for i in range(len(stages)) if i not in ran_last] + sorted(ran_last)
     while True:
         records, summaries = await run_pass(runner, inputs, stages, order, topper, round)
         if budget is None or len(records) >= budget:
@@ -60,6 +67,8 @@ async def run_rounds(runner: Runner, inputs: RecordSource, stages: list[Stage]) 
         if moved != order:  # each trim moves once: after this, nothing that drops pairs stands after it
             order = moved
             ran_last.update(moving)
+            for i in moving:
+                (runner.stage_dir(i) / RAN_LAST).touch()
             if any(summaries[i]["failure_kinds"].get("over_budget") for i in moving):
                 continue  # first the pairs the trim left out go through the stages after it, without a top-up
         if topper is None or round > topper.top_up_rounds():
@@ -69,6 +78,17 @@ async def run_rounds(runner: Runner, inputs: RecordSource, stages: list[Stage]) 
     for i in ran_last:
         summaries[i]["ran_last"] = "the stages after it dropped pairs, so it ran after them once the run was short"
     return records, [summaries[i] for i in range(len(stages))], round
+
+
+def recorded_rounds(runner: Runner, stages: list[Stage], topper: BatchStage | None) -> int:
+    """1 + the extra rounds the top-up stage's checkpoint holds (1 for a new run)."""
+    if topper is None:
+        return 1
+    checkpoint = StageCheckpoint(runner.stage_dir(stages.index(topper)))
+    try:
+        return max(checkpoint.rounds, default=1)
+    finally:
+        checkpoint.close()
 
 
 async def run_pass(runner: Runner, inputs: RecordSource, stages: list[Stage], order: list[int], topper: BatchStage | None,
