@@ -138,7 +138,7 @@ def coach(request: CompletionRequest) -> str:
         return serialize_pair(**pair.fields())
     if "CUT" in text:
         return serialize_pair(pair.instruction, pair.input, pair.response + " more " * 400)
-    if "ECHOI" in text:  # the instruction is the directive itself, the response a plausible revision
+    if "PARROT" in text:  # the instruction is the directive itself, the response a plausible revision
         return serialize_pair(directive(), pair.input, pair.response + " Here is one more step and an example.")
     if "HALF" in text:  # exactly half the original response's length: at min_length_ratio 0.5, not below it
         return serialize_pair(pair.instruction + " Be brief.", pair.input, pair.response[: len(pair.response) // 2])
@@ -188,15 +188,16 @@ def test_a_bad_revision_never_replaces_the_pair(tmp_path: Path) -> None:
 
 def test_the_cleanup_refuses_a_copied_directive_keeps_half_length_and_removes_other_scripts(tmp_path: Path) -> None:
     rows = [{"instruction": f"{kw} task: explain the water cycle", "input": "", "output": "Water evaporates, condenses and falls as rain."}
-            for kw in ("ECHOI", "HALF", "FOREIGN")]
+            for kw in ("PARROT", "HALF", "FOREIGN")]
     # a pair that is not English keeps what the coach wrote in its script
     rows.append({"instruction": "FOREIGN task: translate into Chinese", "input": "Rain is part of the water cycle.",
                  "output": "雨是水循环的一部分，它从云中落下。"})
     revise(tmp_path, [{"type": "coach.revise"}], rows)
     data = {(r["instruction"].split()[0], r["metadata"]["coach"]["original"]["response"]): r
             for r in read_jsonl(tmp_path / "out" / "data.jsonl")}
-    echo = data["ECHOI", rows[0]["output"]]["metadata"]["coach"]
+    echo = data["PARROT", rows[0]["output"]]["metadata"]["coach"]
     assert echo["kept_original"] == "copies_prompt" and echo["revision"]["instruction"] == directive()
+    assert echo["revision"]["response"].endswith("one more step and an example.")  # only the instruction copies it
     half = data["HALF", rows[1]["output"]]
     assert half["metadata"]["coach"]["revised"] and half["response"] == rows[1]["output"][:23]  # ratio exactly 0.5
     english = data["FOREIGN", rows[2]["output"]]
