@@ -38,7 +38,8 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def local_ray() -> Any:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level="ERROR")  # a Ray of its own, even when another (a test cluster, `ray start`) runs here
     yield ray
     ray.shutdown()
 

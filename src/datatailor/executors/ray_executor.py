@@ -96,7 +96,8 @@ class RayExecutor:
             else:
                 # A local Ray on the loopback only (without this variable Ray binds the machine's own address).
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-                ray.init(num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1", **options)
+                # address="local": a new Ray of our own, never one that `ray start` left running on this machine
+                ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1", **options)
                 self._start_reaper()
             self._owned = True
         ctx = ray.data.DataContext.get_current()
