@@ -247,6 +247,22 @@ def test_rate_reports_quality_histogram(tmp_path: Path) -> None:
     assert [r["metadata"]["quality"] for r in rated] == [5.0, 4.5, 4.0, 3.5, 1.0]
 
 
+def test_rate_keeps_and_counts_a_pair_whose_rating_does_not_parse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"task {k}", "output": f"answer {k}"}) + "\n" for k in "ab"), encoding="utf-8")
+    rules = [{"match": r"task a\b", "reply": "Score: 4"}, {"match": r"task b\b", "reply": "It depends on what you need."},
+             {"reply": "I still cannot put a number on it."}]  # the re-asks
+    models = tmp_path / "m.yaml"
+    models.write_text(yaml.safe_dump({"judge": {"backend": "scripted", "model": "rater", "rules": rules}}), encoding="utf-8")
+    out = tmp_path / "q"
+    assert run_cli("rate", str(data), "--models", str(models), "--out", str(out)) == 0
+    q = json.loads((out / "quality.json").read_text())
+    assert (q["n"], q["unrated"], q["mean"], q["failures"]) == (1, 1, 4.0, {})
+    rated = [json.loads(line) for line in (out / "run" / "data.jsonl").read_text().splitlines()]
+    assert [r["metadata"]["quality"] for r in rated] == [4.0, None]
+    assert "1 pair(s) unrated" in capsys.readouterr().err
+
+
 def test_rate_needs_out_for_a_file(tmp_path: Path) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n", encoding="utf-8")
