@@ -202,6 +202,43 @@ def test_a_worker_node_lost_mid_run_loses_nothing_and_repeats_little(world: Worl
     _assert_no_worker_touched_the_staging_folder(w)
 
 
+def test_a_worker_process_killed_mid_run_costs_its_requests_in_flight_and_spend_adds_up(world: World) -> None:
+    w = world
+    out = "s3://runs/worker-kill"
+    before = int(w.server.stats().get("requests", 0))
+    proc = subprocess.Popen(w.driver_cmd(out), env=w.driver_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    killed: list[int] = []
+
+    def kill_a_worker() -> bool:  # a worker writing results right now: SIGKILL it (its node lives on)
+        if w.answered() - before < N // 4:
+            return False
+        for name in ("w1", "w2"):
+            for part in w.spool(name).rglob("*.outputs.jsonl"):
+                pid = int(part.name.removesuffix(".outputs.jsonl").rsplit("-", 2)[1])
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
+                return True
+        return False
+
+    _wait(kill_a_worker, proc)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    ids = _data_ids(w, out)
+    assert len(ids) == len(set(ids)) == N
+    requests = int(w.server.stats().get("requests", 0)) - before
+    # what the killed worker had finished is recovered from its node's spool; what it had in flight is asked again
+    assert 0 <= requests - N <= CONCURRENCY // 2 + FLUSH, requests - N
+    usage = json.loads(w.fs.cat_file("runs/worker-kill/usage.json"))
+    run = usage["run"]
+    # spend adds up: every request the server got is in the logs, answered or counted as unaccounted
+    assert run["all"]["requests"] <= requests <= run["all"]["requests"] + run["unaccounted_requests"]
+    assert run["unaccounted_requests"] <= CONCURRENCY // 2
+    _assert_no_worker_touched_the_staging_folder(w)
+
+
 def test_the_driver_killed_mid_run_then_resumed_repeats_at_most_what_was_in_flight(world: World) -> None:
     w = world
     out = "s3://runs/driver-kill"

@@ -201,6 +201,7 @@ class RayExecutor:
         folder = f"{stage_rel(runner, cp)}/{SHARDS}"
         shards = write_shards(runner.store, folder, (r for r in inputs if r.id not in cp.finished), self.settings.shard_size)
         ok = await self._map(runner, index, cp, shards)
+        self.adopt_everywhere(runner)  # what a worker killed mid-stage left unsent on a node that lives on
         self.merge(cp, runner)
         runner.store.delete(folder)
         runner.store.delete(f"{stage_rel(runner, cp)}/{CLAIMS}")
