@@ -74,24 +74,29 @@ def attempt(name):
 
 
 results = {}
-for name in modules:
-    if not hasattr(os, "fork"):  # no fork: a fresh interpreter per module
-        import subprocess
+if not hasattr(os, "fork"):  # no fork: a fresh interpreter per module
+    import subprocess
+    for name in modules:
         done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
         results[name] = {"status": "ok"} if done.returncode == 0 else {"status": "failed", "detail": done.stderr}
-        continue
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read)
-        with os.fdopen(write, "w") as fh:
-            fh.write(json.dumps(attempt(name)))
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as fh:
-        text = fh.read()
-    os.waitpid(pid, 0)
-    results[name] = json.loads(text) if text else {"status": "failed", "detail": "the child died without a result"}
+else:  # a forked child per module, as many at a time as there are cores; each writes its result to a file
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="imports-")
+    running, pending = {}, list(enumerate(modules))
+    while pending or running:
+        while pending and len(running) < (os.cpu_count() or 1):
+            index, name = pending.pop(0)
+            path = os.path.join(folder, f"{index}.json")
+            pid = os.fork()
+            if pid == 0:
+                with open(path, "w") as fh:
+                    fh.write(json.dumps(attempt(name)))
+                os._exit(0)
+            running[pid] = (name, path)
+        pid, _ = os.wait()
+        name, path = running.pop(pid)
+        text = open(path).read() if os.path.exists(path) else ""
+        results[name] = json.loads(text) if text else {"status": "failed", "detail": "the child died without a result"}
 print(json.dumps(results))
 """
 
