@@ -380,6 +380,14 @@ def test_the_example_bakeoffs_check_out(name: str, tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "out").exists()  # checking spends and writes nothing
 
 
+def test_the_plan_knows_every_stage() -> None:
+    """A stage the plan has no rule for shows as '?' in it: every registered stage has one (add it to flow.RULES)."""
+    from datatailor.bakeoff.flow import RULES
+    from datatailor.stages import load_all
+
+    assert sorted(set(load_all()) - set(RULES)) == []
+
+
 def test_the_plan_counts_what_the_recipes_then_do(tmp_path: Path) -> None:
     """Projected against made, on scripted models: what the recipes fix (an answer per seed, TeaMs-RL's training and
     its 6 rewrites per episode, the ratings, the judging) is counted exactly, per stage and in total, including the

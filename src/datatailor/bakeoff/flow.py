@@ -215,6 +215,7 @@ RULES: dict[str, Rule] = {
     "dedup": _filter("drops duplicates (no model call)"),
     "filter.rouge": _filter("drops near copies (no model call)"),
     "decontam": _filter("drops pairs overlapping the test sets (no model call)"),
+    "filter.flags": _filter("drops the records flagged in a review (no model call)"),
     "self_instruct": _self_instruct,
     "evol.evolve": _evolve,
     "teams.train": _teams_train,
