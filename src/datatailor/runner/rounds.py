@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from datatailor.runner.checkpoint import StageCheckpoint
 from datatailor.stages import BatchStage, Stage
-from datatailor.stages.codec.select import Select
 from datatailor.store import RecordSource
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ def top_up_stage(stages: list[Stage]) -> BatchStage | None:
 
 def trims_before_losses(stages: list[Stage], order: list[int], summaries: dict[int, dict[str, Any]]) -> list[int]:
     """The trims to the budget that ran before stages that dropped pairs (stage indices, in the order they ran)."""
-    return [i for pos, i in enumerate(order) if isinstance(stages[i], Select) and any(lost(summaries[j]) for j in order[pos + 1:])]
+    return [i for pos, i in enumerate(order) if stages[i].trims_to_budget and any(lost(summaries[j]) for j in order[pos + 1:])]
 
 
 def lost(summary: dict[str, Any]) -> int:

@@ -144,6 +144,9 @@ class Stage(ABC, Generic[C]):
     # Whether `--executor ray` may spread it over workers: a map stage whose records are independent. Whole-set
     # stages, and map stages whose records share calls (each shared call has one owner), run on the driver.
     distributed: ClassVar[bool] = False
+    # Whether it trims the run to `budget_pairs` (`select`, `codec.select`): the runner moves such a trim after the
+    # stages that drop pairs once the run is short (runner/rounds.py).
+    trims_to_budget: ClassVar[bool] = False
 
     def __init__(self, config: C, ctx: StageContext):
         self.config = config

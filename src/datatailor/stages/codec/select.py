@@ -43,6 +43,8 @@ class Select(BatchStage[SelectConfig]):
 
     Works on any method's pairs (spread then groups by the seed each pair came from)."""
 
+    trims_to_budget = True
+
     Config = SelectConfig
 
     def __init__(self, config: SelectConfig, ctx):
