@@ -131,9 +131,29 @@ def test_the_api_functions_keep_their_names_after_their_subpackages_are_imported
     """`datatailor.evaluate`, `.train` and `.bakeoff` are also subpackages; importing one must not hide the function."""
     import importlib
 
+    import inspect
+    import subprocess
+    import sys
+
+    from datatailor import api
+
     for name in ("evaluate", "train", "bakeoff"):
         importlib.import_module(f"datatailor.{name}")
-        assert callable(getattr(dt, name)) and getattr(dt, name).__module__ == "datatailor.api", name
+        assert callable(getattr(dt, name)), name
+        assert inspect.signature(getattr(dt, name)) == inspect.signature(getattr(api, name)), name
+    # ... and the subpackages still import under any spelling, in a fresh interpreter
+    code = ("import datatailor as dt, datatailor.train.rl as rl, datatailor.evaluate.metrics as m, "
+            "datatailor.bakeoff.stats as s; from datatailor.train import sft; assert callable(dt.train) and rl and m and s and sft")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_callable_subpackage_calls_the_api_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datatailor import api
+
+    seen = []
+    monkeypatch.setattr(api, "train", lambda *a, **k: seen.append((a, k)) or "trained")
+    assert dt.train("runs/x", out="y") == "trained" and seen == [(("runs/x",), {"out": "y"})]
 
 
 async def test_evaluate_inside_a_running_loop(tmp_path: Path) -> None:

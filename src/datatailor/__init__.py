@@ -10,8 +10,6 @@ The Python API (see `datatailor.api` and the README):
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -27,9 +25,10 @@ if TYPE_CHECKING:
     from datatailor.recipe import Recipe, load_recipe
     from datatailor.records import Record
 
+_PACKAGES = ("evaluate", "train", "bakeoff")
 _LAZY = {
-    "RunOutput": "datatailor.api", "bakeoff": "datatailor.api", "compare": "datatailor.api", "evaluate": "datatailor.api", "load_run": "datatailor.api",
-    "recipe_from_dict": "datatailor.api", "run": "datatailor.api", "run_async": "datatailor.api", "train": "datatailor.api",
+    "RunOutput": "datatailor.api", "compare": "datatailor.api", "load_run": "datatailor.api",
+    "recipe_from_dict": "datatailor.api", "run": "datatailor.api", "run_async": "datatailor.api",
     "UserError": "datatailor.errors", "Recipe": "datatailor.recipe", "load_recipe": "datatailor.recipe",
     "Record": "datatailor.records",
 }
@@ -37,22 +36,10 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     # Imported on first use, so `import datatailor` (and the CLI's start-up) stays light.
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _PACKAGES:  # subpackages that are also API functions (see datatailor._callable_package)
+        return importlib.import_module(f"datatailor.{name}")
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'datatailor' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """`dt.evaluate`, `dt.train` and `dt.bakeoff` are API functions named like subpackages (`datatailor.evaluate`, …).
-    Importing a subpackage sets it as an attribute of this package, which would hide the function for good; the
-    function keeps the name (the subpackages import as usual: `from datatailor.evaluate import metrics`)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

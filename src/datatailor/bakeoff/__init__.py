@@ -4,3 +4,7 @@
 evaluation part of each test set), `run` (the steps, each an ordinary resumable run), `stats` (bootstrap
 intervals over test items) and `report` (the table).
 """
+
+from datatailor._callable_package import make_callable  # noqa: E402
+
+make_callable(__name__)  # dt.bakeoff(...) calls datatailor.api.bakeoff
