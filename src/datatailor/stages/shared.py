@@ -9,7 +9,8 @@ stage asks `SharedCalls.get(key, owner, make, parse)`:
   returns, so a resumed run reads it back instead of calling again (with or without the request cache);
 * the owner's lineage carries the call's tokens and $; every other record gets the same reply with
   zero tokens and `shared_call` set, so summing tokens over records counts the call once. After a
-  resume, the owner recorded in the file keeps that role.
+  resume, the owner recorded in the file keeps that role. A call answered by a provider batch (a role with
+  `batch: true`) keeps its batch id, so a record that reads the call back still names that batch in its lineage.
 
 A call that fails is not recorded: each waiting record fails with it, and a re-run tries again.
 """
@@ -72,6 +73,8 @@ class SharedCalls:
             "template_hash": gen.template_hash, "prompt_tokens": gen.prompt_tokens,
             "completion_tokens": gen.completion_tokens, "cost_usd": gen.cost_usd, "finish_reason": gen.finish_reason,
         }
+        if gen.batch_id is not None:  # the provider batch that answered it (llm/batch), for its records' lineage
+            row["batch_id"] = gen.batch_id
         self._done[key] = row
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,4 +96,5 @@ class SharedCalls:
             cost_usd=row.get("cost_usd", 0.0),
             cached=True,
             finish_reason=row.get("finish_reason"),
+            batch_id=row.get("batch_id"),
         )
