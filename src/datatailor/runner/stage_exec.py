@@ -106,7 +106,11 @@ class StageExecution:
             complete = True
         elif isinstance(stage, BatchStage):
             self.progress.stage_started(name, total=len(inputs))
-            outputs, failures, complete = await self._run_batch(stage, cp, inputs, digest, round)
+            owner = CALL_OWNER.set(f"{name}:*")  # a call no single record owns (TeaMs-RL's training) is the stage's in a batch journal
+            try:
+                outputs, failures, complete = await self._run_batch(stage, cp, inputs, digest, round)
+            finally:
+                CALL_OWNER.reset(owner)
         else:  # pragma: no cover - registry only holds these kinds
             raise TypeError(f"{type(stage).__name__} is neither a MapStage nor a BatchStage")
         summary: dict[str, Any] = {
