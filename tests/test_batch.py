@@ -312,18 +312,21 @@ def test_worst_case_prices_max_tokens_at_the_batch_price(mock: MockOpenAIServer)
     assert usd == pytest.approx((104 * 0.5 + 1000 * 1.0) / 1e6)
 
 
-def test_the_budget_stops_submitting_when_the_next_batch_could_exceed_it(tmp_path: Path, mock: MockOpenAIServer) -> None:
-    cfg = config(mock.url, max_tokens=100, batch_max_requests=4)
-    one = worst_case(cfg, CompletionRequest(messages=ask(1)[0], sampling=cfg.sampling()))[0]
-    ledger = UsageLedger(budget=Budget(max_usd=one * 6.5))  # room for 6 requests' worst case
-    gens, _ = run_pool(tmp_path, cfg, ask(10), ledger)
-    answered = [g for g in gens if not isinstance(g, BaseException)]
-    refused = [g for g in gens if isinstance(g, BudgetExhausted)]
-    assert len(answered) + len(refused) == 10 and len(refused) >= 1
-    assert "stopped submitting batches" in str(refused[0]) and "Raise the budget" in str(refused[0])
-    # what was submitted fits the budget in the worst case; the spend is far below it
-    assert sum(p["worst_usd"] for p in planned(tmp_path)) <= one * 6.5
-    assert mock.stats["batch_lines"] == len(answered)
+def test_the_budget_stops_submitting_when_the_next_batch_could_exceed_it(tmp_path: Path) -> None:
+    # The batches stay pending a while, so all three are planned against the budget's worst case before any spend
+    # comes back (with no delay a finished batch's true, smaller spend could let the last requests fit).
+    with serve(batch_delay_s=0.5) as mock:
+        cfg = config(mock.url, max_tokens=100, batch_max_requests=4)
+        one = worst_case(cfg, CompletionRequest(messages=ask(1)[0], sampling=cfg.sampling()))[0]
+        ledger = UsageLedger(budget=Budget(max_usd=one * 6.5))  # room for 6 requests' worst case
+        gens, _ = run_pool(tmp_path, cfg, ask(10), ledger)
+        answered = [g for g in gens if not isinstance(g, BaseException)]
+        refused = [g for g in gens if isinstance(g, BudgetExhausted)]
+        assert len(answered) + len(refused) == 10 and len(refused) >= 1
+        assert "stopped submitting batches" in str(refused[0]) and "Raise the budget" in str(refused[0])
+        # what was submitted fits the budget in the worst case; the spend is far below it
+        assert sum(p["worst_usd"] for p in planned(tmp_path)) <= one * 6.5
+        assert mock.stats["batch_lines"] == len(answered)
 
 
 # ----------------------------------------------------------------------------- settings, --batch and the recipe hash
