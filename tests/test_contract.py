@@ -93,6 +93,8 @@ def test_every_packaged_template_matches_what_its_stage_passes() -> None:
             fields["template"] = "respond.j2"
         if type_name == "decontam":
             fields["testsets"] = ["vicuna80"]
+        if type_name == "filter.flags":
+            fields["flags"] = "runs/reviewed"
         configs.append(cls.Config.model_validate(fields))
     assert check_templates(configs, registry, None) == []
 
@@ -184,7 +186,7 @@ def test_manifest_records_methods_and_each_stage_keeps_its_artifacts_in_its_fold
     assert all((out / "stages" / f"{i:02d}-{name}" / a).is_file()
                for i, (name, names) in enumerate(artifacts.items()) for a in names)
     at_root = sorted(p.name for p in out.iterdir())
-    assert at_root == ["data.jsonl", "failures.jsonl", "manifest.json", "recipe.json", "stages", "usage.json"]
+    assert at_root == ["data.jsonl", "failures.jsonl", "manifest.json", "recipe.json", "stages", "usage", "usage.json"]
 
 
 def test_shared_call_is_made_once_checkpointed_and_paid_for_once(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
     manifest.json   recipe hash, versions, status, shortfall, per-stage counts, methods and artifacts
     recipe.json     the validated recipe (names env vars, never their values)
     usage.json      {"run": …this invocation…, "total": …all invocations…}, per role
+    usage/          spend logs, one per process (driver, Ray workers) and invocation: a line per request sent and
+                    answered, so usage.json adds up after a kill (llm/spend_log.py)
     data.jsonl      final records (only once every stage is complete)
     failures.jsonl  one row per failed record: id, stage, kind, message, record
     reports/        the methods' run-level reports, computed from the final files
