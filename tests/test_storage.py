@@ -193,3 +193,24 @@ def test_a_malformed_line_of_an_s3_input_is_named_with_its_line(bucket: Any) -> 
     fs.pipe_file(f"{name}/bad.jsonl", b'{"instruction": "a"}\n\n{"instruction": "b"}\n{"instruction": \n')
     with pytest.raises(UserError, match=rf"s3://{name}/bad.jsonl:4: malformed JSON line"):
         list(iter_records(f"s3://{name}/bad.jsonl"))
+
+
+def test_the_python_api_runs_into_s3_and_refuses_a_url_where_only_a_folder_works(bucket: Any, tmp_path: Path) -> None:
+    import shutil
+
+    import datatailor as dt
+    from datatailor.errors import UserError
+
+    name, fs = bucket
+    write_rows(tmp_path / "input.jsonl", questions(12))
+    url = f"s3://{name}/api-run"
+    run = dt.run(_recipe(tmp_path, "input.jsonl"), out=url)
+    assert run.status == "complete" and run.out == url and len(run.records) == 12
+    fs.invalidate_cache()
+    assert fs.exists(f"{name}/api-run/data.jsonl") and not (Path.cwd() / "s3:").exists()
+    # load_run reads the store, also on a machine whose staging folder is gone
+    shutil.rmtree(tmp_path / "staging")
+    again = dt.load_run(url)
+    assert [r.id for r in again.records] == [r.id for r in run.records] and again.status == "complete"
+    with pytest.raises(UserError, match="object-store URL"):
+        dt.compare([str(tmp_path)], out=f"s3://{name}/report.html")

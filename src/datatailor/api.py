@@ -41,17 +41,29 @@ T = TypeVar("T")
 _INTERRUPT_GRACE_S = 60.0
 
 
-def _out_folder(function: str, out: str | Path | None, out_dir: str | Path | None) -> Path:
-    """`out`, or the deprecated `out_dir` keyword (with a DeprecationWarning); exactly one of them."""
+def _out_folder(function: str, out: str | Path | None, out_dir: str | Path | None, *, url: bool = False) -> Path | str:
+    """`out`, or the deprecated `out_dir` keyword (with a DeprecationWarning); exactly one of them. An object-store
+    URL (`s3://…`) is kept as a string where `url` is allowed (runs), and refused elsewhere."""
     if out_dir is not None:
         if out is not None:
             raise TypeError(f"{function}() got both `out` and `out_dir`; pass `out` only")
         warnings.warn(f"{function}(out_dir=...) is deprecated and will be removed in the next release; use out=...",
                       DeprecationWarning, stacklevel=3)
-        return Path(out_dir)
+        out = out_dir
     if out is None:
         raise TypeError(f"{function}() needs the output folder: out=...")
-    return Path(out)
+    return _local_or_url(function, out, url)
+
+
+def _local_or_url(function: str, out: str | Path, url: bool = False) -> Path | str:
+    from datatailor.storage import check_url, is_url
+
+    if not is_url(out):
+        return Path(out)
+    if not url:
+        raise UserError(f"{function}(): out={str(out)!r} is an object-store URL; {function} writes a local folder "
+                        "(only runs write to object storage)")
+    return check_url(str(out).rstrip("/"))
 
 
 def _in_running_loop() -> bool:
@@ -110,7 +122,7 @@ def recipe_from_dict(data: dict[str, Any], base_dir: str | Path | None = None) -
 class RunOutput:
     """A run directory's results: the records, the failure rows, usage and the manifest."""
 
-    out: Path
+    out: Path | str  # a local folder, or the object-store URL the run was written to
     status: str
     message: str = ""
     records: list[Record] = field(default_factory=list)
@@ -159,7 +171,15 @@ def load_run(out: str | Path | None = None, *, out_dir: str | Path | None = None
     """Read a run directory written by `datatailor run` or `dt.run`."""
     from datatailor.io import read_jsonl_rows, read_records
 
-    out = _out_folder("load_run", out, out_dir)
+    location = _out_folder("load_run", out, out_dir, url=True)
+    if isinstance(location, str):  # a run in object storage: read its local mirror, brought up to date first
+        from datatailor.runner.remote import StagedRun
+
+        staged = StagedRun(location)
+        staged.pull()
+        out = staged.local
+    else:
+        out = location
     manifest_path = out / "manifest.json"
     if not manifest_path.is_file():
         raise UserError(f"{out} is not a datatailor run directory (no manifest.json)")
@@ -167,7 +187,7 @@ def load_run(out: str | Path | None = None, *, out_dir: str | Path | None = None
     records = read_records(out / "data.jsonl") if (out / "data.jsonl").is_file() else []
     failures = [row for _, row in read_jsonl_rows(out / "failures.jsonl")] if (out / "failures.jsonl").is_file() else []
     usage = json.loads((out / "usage.json").read_text(encoding="utf-8")).get("run", {}) if (out / "usage.json").is_file() else {}
-    return RunOutput(out, manifest.get("status", "?"), manifest.get("message", ""), records, failures, usage, manifest,
+    return RunOutput(location, manifest.get("status", "?"), manifest.get("message", ""), records, failures, usage, manifest,
                      manifest.get("shortfall"))
 
 
@@ -187,7 +207,7 @@ def run(
     its checkpoints are kept and calling `run` again resumes it. Works in a Jupyter cell too (it then runs on a
     worker thread); `await run_async(...)` is the non-blocking form. `out_dir` is the deprecated name of `out`.
     """
-    folder = _out_folder("run", out, out_dir)
+    folder = _out_folder("run", out, out_dir, url=True)
     return _blocking(lambda: asyncio.run(run_async(recipe, folder, force=force, progress=progress, cache=cache)))
 
 
@@ -198,12 +218,12 @@ async def run_async(
     """`run` as a coroutine, for code that runs an event loop of its own (`await dt.run_async(recipe, out=...)`)."""
     from datatailor.runner import run_recipe
 
-    folder = _out_folder("run_async", out, out_dir)
+    folder = _out_folder("run_async", out, out_dir, url=True)
     r = _as_recipe(recipe)
     if not cache:
         r.cache = False
-    result = await run_recipe(r, folder, force=force, show_progress=progress)
-    return load_run(result.out_dir)
+    await run_recipe(r, folder, force=force, show_progress=progress)
+    return load_run(folder)
 
 
 def _as_recipe(recipe: Recipe | str | Path | dict[str, Any]) -> Recipe:
@@ -242,7 +262,7 @@ def evaluate(
         reference=None if reference == "stored" else _model(reference), rule=rule, limit=limit,  # type: ignore[arg-type]
         seed=seed, answer_max_tokens=max_tokens, base_dir=Path.cwd(), cache=cache, scoring=scoring,
     )
-    result, summary = _blocking(lambda: run_eval(plan, Path(out), force=force, show_progress=False))
+    result, summary = _blocking(lambda: run_eval(plan, _local_or_url("evaluate", out), force=force, show_progress=False))
     if summary is None:
         raise UserError(f"evaluation stopped ({result.status}): {result.message}; call evaluate() again to resume")
     return summary
@@ -260,8 +280,9 @@ def compare(runs: list[str | Path], out: str | Path = "report.html", *, embeddin
     """Write the comparison report of `runs` (run directories or dataset files) to `out`; returns its path."""
     from datatailor.report.compare import build_compare_report
 
-    build_compare_report([Path(r) for r in runs], Path(out), embeddings=embeddings, title=title)
-    return Path(out)
+    folder = _local_or_url("compare", out)
+    build_compare_report([Path(r) for r in runs], folder, embeddings=embeddings, title=title)
+    return folder
 
 
 def train(data: str | Path, *, base: str, out: str | Path, force: bool = False, limit: int | None = None,
@@ -277,7 +298,7 @@ def train(data: str | Path, *, base: str, out: str | Path, force: bool = False, 
     from datatailor.train.sft_config import load_train_config
 
     config = load_train_config(None, settings)
-    report = _blocking(lambda: train_sft(Path(data), base, Path(out), config, force=force, limit=limit,
+    report = _blocking(lambda: train_sft(Path(data), base, _local_or_url("train", out), config, force=force, limit=limit,
                                          progress=sys.stderr if progress else None))
     return report.model_dump(mode="json")
 
@@ -298,6 +319,6 @@ def bakeoff(config: str | Path, out: str | Path, *, plan: bool = False, force: b
 
     cfg = load_bakeoff(Path(config))
     if plan:
-        return project(prepare(cfg, Path(out), force=force))
+        return project(prepare(cfg, _local_or_url("bakeoff", out), force=force))
     # one log line per step on stderr, as the command prints (a bake-off runs for tens of minutes)
-    return _blocking(lambda: run_bakeoff(cfg, Path(out), force=force, progress=progress, log_stream=sys.stderr))
+    return _blocking(lambda: run_bakeoff(cfg, _local_or_url("bakeoff", out), force=force, progress=progress, log_stream=sys.stderr))
