@@ -17,18 +17,7 @@ Guarantees:
   status `shortfall`, naming the stage, what it delivered of what was asked, and why. A stage that can
   write more (CodecLM's decoder) is asked to, up to its cap of extra rounds, before that.
 
-Run directory::
-
-    manifest.json   recipe hash, versions, status, shortfall, per-stage counts, methods and artifacts
-    recipe.json     the validated recipe (names env vars, never their values)
-    usage.json      {"run": …this invocation…, "total": …all invocations…}, per role
-    usage/          spend logs, one per process (driver, Ray workers) and invocation: a line per request sent and
-                    answered, so usage.json adds up after a kill (llm/spend_log.py)
-    data.jsonl      final records (only once every stage is complete)
-    failures.jsonl  one row per failed record: id, stage, kind, message, record
-    stages/NN-name/ the stage's checkpoints (outputs.jsonl, failures.jsonl, done.json, shared_calls.jsonl),
-                    its ordered outputs once complete (records.jsonl: what the next stage reads) and its
-                    own artifacts (reports, pools, stats)
+The run directory's files are listed in `runner.manifest`.
 
 The parts, each its own module:
 

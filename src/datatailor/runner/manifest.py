@@ -8,7 +8,11 @@
     data.jsonl      final records (only once every stage is complete)
     failures.jsonl  one row per failed record: id, stage, kind, message, record
     reports/        the methods' run-level reports, computed from the final files
-    stages/NN-name/ each stage's checkpoint and artifacts (`runner.checkpoint`)
+    stages/NN-name/ the stage's checkpoints (outputs.jsonl, failures.jsonl, done.json, shared_calls.jsonl),
+                    its ordered outputs once complete (records.jsonl: what the next stage reads) and its
+                    own artifacts (reports, pools, stats); see `runner.checkpoint`
+    batches/        batch inference's journal, when a role is batched (`llm.batch`)
+    flags.jsonl     review flags from `datatailor view` (`stages.flags`), never part of data.jsonl
 """
 
 from __future__ import annotations
