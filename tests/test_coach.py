@@ -164,6 +164,7 @@ def revise(tmp_path: Path, stages: list[dict[str, Any]], rows: list[dict[str, An
 
 
 def test_a_bad_revision_never_replaces_the_pair(tmp_path: Path) -> None:
+    SEEN.clear()  # other test files reuse this coach
     result = revise(tmp_path, [{"type": "coach.revise"}])
     assert result.status == "complete" and result.records == len(ROWS) and result.failures == 0  # nothing dropped
     data = {r["instruction"].split()[0]: r for r in read_jsonl(tmp_path / "out" / "data.jsonl")}
@@ -178,7 +179,7 @@ def test_a_bad_revision_never_replaces_the_pair(tmp_path: Path) -> None:
             assert r["response"] == ROWS[0]["output"] and r["instruction"] == f"{key} task: explain the water cycle"
             assert r["metadata"]["coach"]["reason"]
     assert data["PROSE"]["metadata"]["coach"]["revision"] is None and data["SHORT"]["metadata"]["coach"]["revision"]["response"] == "No."
-    assert all(r.sampling.temperature == 0.0 for r in SEEN)  # greedy, as the paper's coach
+    assert SEEN and all(r.sampling.temperature == 0.0 for r in SEEN)  # greedy, as the paper's coach
     report = json.loads((tmp_path / "out" / "reports" / "coachlm_report.json").read_text())
     assert (report["pairs"], report["revised"]) == (8, 1)
     assert report["kept_original"] == {"unparsable": 1, "empty_field": 1, "too_short": 1, "too_long": 1, "copies_prompt": 1,
