@@ -102,7 +102,9 @@ def test_ctrl_c_then_resume(tmp_path: Path) -> None:
     write_rows(tmp_path / "input.jsonl", questions(60))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "models": {"strong": echo_model(latency_s=0.05)},
+        # 0.2 s a reply, 2 at a time: the run takes 6 s, so SIGINT after the 5th reply lands mid-run even on a busy
+        # machine (at 0.05 s the run once finished before the signal arrived)
+        "models": {"strong": echo_model(latency_s=0.2)},
         "input": "input.jsonl",
         "stages": [{"type": "respond", "role": "strong", "concurrency": 2}],
     }))
