@@ -2,7 +2,8 @@
 
 Each mutant is a one-line change to a rule of a method (a threshold's comparison, a temperature, a sampling or
 pairing rule). For each, the script copies the repository to a temporary folder, applies the change, runs the
-offline test suite there (`pytest -x -m "not integration"`) and reports whether the suite failed ("caught") or
+offline test suite there (`pytest -x -m "not integration and not ray"`: the Ray tests start clusters and guard
+the executor, not a method's rule) and reports whether the suite failed ("caught") or
 passed ("SURVIVED"). A surviving mutant is a missing test.
 
     python benchmarks/mutants.py                 # every mutant
@@ -400,7 +401,7 @@ def run_mutant(m: Mutant, snapshot: Path, pytest_args: list[str]) -> tuple[bool,
         env = dict(os.environ, PYTHONPATH=f"{root / 'src'}{os.pathsep}{root}", DATATAILOR_CACHE_DIR=str(Path(tmp) / "cache"))
         start = time.perf_counter()
         targets = pytest_args or list(m.tests)
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not integration", *targets],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not integration and not ray", *targets],
                               cwd=root, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         failed = [line for line in proc.stdout.splitlines() if line.startswith("FAILED")]
