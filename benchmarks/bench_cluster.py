@@ -16,6 +16,13 @@ Two jobs over N records of `respond` (one request each):
     python benchmarks/bench_cluster.py --records 1000000 --jobs full    # the issue's figure (long on 2 cores)
 
 Records the machine's load (`uptime`) before and after: other work on the machine slows every figure.
+
+To see where the driver's memory goes: `--timeline FILE` runs the driver under a sampler (this script's
+`--driver-timeline` mode) that writes, every 0.5 s, its RSS and the innermost datatailor function of each thread
+(JSON lines), and prints the peak and the largest RSS seen in each function. `--executor local` and
+`--out-kind local` give the comparisons (the local runner; a local --out folder instead of S3).
+
+    python benchmarks/bench_cluster.py --records 50000 --jobs full --timeline /tmp/ray-s3.jsonl
 """
 
 from __future__ import annotations
@@ -117,6 +124,60 @@ def run_driver(cmd: list[str], env: dict[str, str], kill_when: Any = None, answe
     return elapsed, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")[-2000:]
 
 
+def where(frame: Any) -> str:
+    """The innermost datatailor function on a thread's stack (`module.function`), or the innermost function."""
+    innermost = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        label = f"{Path(name).stem}.{frame.f_code.co_name}"
+        innermost = innermost or label
+        if "/datatailor/" in name:
+            return label
+        frame = frame.f_back
+    return innermost or "?"
+
+
+def driver_with_timeline(path: Path, argv: list[str]) -> int:
+    """Run `datatailor <argv>` in this process, sampling its RSS and where each thread is every 0.5 s."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    started = time.monotonic()
+    out = path.open("w", buffering=1)
+
+    def sample() -> None:
+        me = threading.get_ident()
+        while True:
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page / 1e6
+            frames = {str(t): where(f) for t, f in sys._current_frames().items() if t != me}
+            out.write(json.dumps({"t": round(time.monotonic() - started, 2), "rss_mb": round(rss, 1), "where": frames}) + "\n")
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True, name="bench-timeline").start()
+    from datatailor.cli import main as cli_main
+
+    sys.argv = ["datatailor", *argv]
+    return int(cli_main() or 0)
+
+
+def timeline_summary(path: Path) -> str:
+    """The peak RSS and where the threads were then, and the largest RSS seen while each function was running."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return "timeline: no sample"
+    peak = max(rows, key=lambda r: r["rss_mb"])
+    by_fn: dict[str, tuple[float, float]] = {}  # function -> (largest RSS, first time seen)
+    for r in rows:
+        for fn in set(r["where"].values()):
+            if fn.startswith(("threading.", "selectors.", "queue.", "bench_cluster.")):
+                continue
+            top, first = by_fn.get(fn, (0.0, r["t"]))
+            by_fn[fn] = (max(top, r["rss_mb"]), first)
+    lines = [f"timeline: {len(rows)} samples over {rows[-1]['t']:.0f} s; peak {peak['rss_mb']:.0f} MB at "
+             f"{peak['t']:.0f} s in {sorted(set(peak['where'].values()))}"]
+    for fn, (top, first) in sorted(by_fn.items(), key=lambda kv: kv[1][1]):
+        lines.append(f"  from {first:7.1f} s  max {top:6.0f} MB  {fn}")
+    return "\n".join(lines)
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -132,6 +193,12 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.002)
     parser.add_argument("--keep", type=Path, default=None, help="keep the work folder here")
+    parser.add_argument("--executor", choices=("ray", "local"), default="ray", help="local: the local runner (no cluster)")
+    parser.add_argument("--out-kind", choices=("s3", "local"), default="s3", help="local: --out is a folder, not S3")
+    parser.add_argument("--timeline", type=Path, default=None,
+                        help="write the driver's RSS and where its threads are every 0.5 s to this file (JSON lines)")
+    if sys.argv[1:2] == ["--driver-timeline"]:  # the sampled driver itself (see --timeline)
+        return driver_with_timeline(Path(sys.argv[2]), sys.argv[3:])
     args = parser.parse_args()
     import ray
     import s3fs
@@ -153,12 +220,13 @@ def main() -> int:
     os.environ.update(s3env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     cluster = Cluster(initialize_head=False)
     try:
-        for name, cpus in (("head", 0), ("w1", 1), ("w2", 1)):
+        for name, cpus in (("head", 0), ("w1", 1), ("w2", 1)) if args.executor == "ray" else ():
             os.environ["DATATAILOR_SPOOL_DIR"] = str(root / f"spool-{name}")
             extra = {"include_dashboard": False} if name == "head" else {}
             cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1", temp_dir=tempfile.mkdtemp(prefix=f"rb{name}", dir="/tmp"),
                              object_store_memory=200 * 1024 * 1024, **extra)
-        cluster.wait_for_nodes()
+        if args.executor == "ray":
+            cluster.wait_for_nodes()
         started = time.perf_counter()
         with (root / "input.jsonl").open("w") as fh:
             for i in range(n):
@@ -171,9 +239,14 @@ def main() -> int:
                                                      "models": {"strong": model},
                                                      "stages": [{"type": "respond", "role": "strong", "concurrency": args.concurrency}]}))
 
-        def cmd(out: str) -> list[str]:
-            return [sys.executable, "-m", "datatailor", "run", str(root / "r.yaml"), "--out", out, "--no-progress",
-                    "--executor", "ray", "--address", cluster.address, "--workers", str(args.workers), "--shard-size",
+        def cmd(out: str, timeline: Path | None = None) -> list[str]:
+            if args.out_kind == "local":
+                out = str(root / out.rsplit("/", 1)[-1])
+            head = [sys.executable, __file__, "--driver-timeline", str(timeline)] if timeline else [sys.executable, "-m", "datatailor"]
+            run = [*head, "run", str(root / "r.yaml"), "--out", out, "--no-progress"]
+            if args.executor == "local":
+                return run
+            return [*run, "--executor", "ray", "--address", cluster.address, "--workers", str(args.workers), "--shard-size",
                     str(args.shard_size), "--flush-records", str(args.flush_records), "--flush-seconds", str(args.flush_seconds)]
 
         def env(staging: str) -> dict[str, str]:
@@ -190,20 +263,29 @@ def main() -> int:
         if "full" in jobs:
             before = requests()
             with WorkerRss() as rss:
-                wall, driver_mb, code, err = run_driver(cmd("s3://bench/full"), env("staging-full"), answered=answered)
+                wall, driver_mb, code, err = run_driver(cmd("s3://bench/full", args.timeline), env("staging-full"), answered=answered)
             if code != 0:
                 print(f"full run failed ({code}):\n{err}")
                 return 1
             fs.invalidate_cache()
-            stored = fs.du("bench/full")
-            objects = len(fs.find("bench/full"))
-            data_rows = len(fs.cat_file("bench/full/data.jsonl").splitlines())
+            if args.out_kind == "s3":
+                stored = fs.du("bench/full")
+                objects = len(fs.find("bench/full"))
+                data_rows = len(fs.cat_file("bench/full/data.jsonl").splitlines())
+                usage = json.loads(fs.cat_file("bench/full/usage.json"))["run"]["all"]
+            else:
+                files = [p for p in (root / "full").rglob("*") if p.is_file()]
+                stored, objects = sum(p.stat().st_size for p in files), len(files)
+                data_rows = len((root / "full" / "data.jsonl").read_bytes().splitlines())
+                usage = json.loads((root / "full" / "usage.json").read_text())["run"]["all"]
             staging_mb = sum(p.stat().st_size for p in (root / "staging-full").rglob("*") if p.is_file()) / 1e6
-            usage = json.loads(fs.cat_file("bench/full/usage.json"))["run"]["all"]
-            print(f"full: {n} records in {wall:.1f} s ({n / wall:.0f}/s); server requests {requests() - before}; "
+            print(f"full ({args.executor} executor, --out {args.out_kind}): {n} records in {wall:.1f} s ({n / wall:.0f}/s); "
+                  f"server requests {requests() - before}; "
                   f"usage.json requests {usage['requests']}; data rows {data_rows}; driver peak RSS {driver_mb:.0f} MB; "
-                  f"worker peak RSS {rss.peak_kb / 1024:.0f} MB; in S3 at the end {stored / 1e6:.1f} MB in {objects} objects; "
+                  f"worker peak RSS {rss.peak_kb / 1024:.0f} MB; at the end {stored / 1e6:.1f} MB in {objects} objects; "
                   f"staging folder {staging_mb:.1f} MB", flush=True)
+            if args.timeline:
+                print(timeline_summary(args.timeline), flush=True)
         if "kill" in jobs:
             before, answered_before = requests(), answered()
             wall1, _, code1, _ = run_driver(cmd("s3://bench/kill"), env("staging-kill"),

@@ -73,6 +73,95 @@ def test_a_gap_between_segments_ends_the_journal(bucket: Any) -> None:
     assert store.journal_end("j.jsonl") == (0, 9)
 
 
+def _big_journal(path: Path, mb: int) -> bytes:
+    line = (json.dumps({"src": "x" * 20, "text": "y" * 980}) + "\n").encode()
+    data = line * (mb * 1000)
+    path.write_bytes(data + b'{"torn')
+    return data
+
+
+def python_peak_of_upload(kind: str, url: str, local: str, block: int) -> None:
+    """Run in a subprocess by the test below (the tests' moto server lives in the test process, and tracemalloc
+    would count the objects it stores): prints the most memory Python held at once (tracemalloc: every thread's
+    bytes objects and buffers) while pushing `local` as a journal or putting it as a whole object."""
+    import tracemalloc
+
+    import datatailor.storage as storage
+
+    storage.UPLOAD_BLOCK = block
+    store = RunStore(url)
+    store.exists("")  # the client is set up before the measure
+    tracemalloc.start()
+    if kind == "push":
+        JournalPusher(store, Path(local), "stages/00-x/outputs.jsonl").push()
+    else:
+        store.put_file(Path(local), "data.jsonl")
+    print(tracemalloc.get_traced_memory()[1])
+
+
+def _upload_peak(kind: str, url: str, local: Path) -> int:
+    code = f"from tests.test_storage import python_peak_of_upload as m; m({kind!r}, {url!r}, {str(local)!r}, {5 << 20})"
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+def test_uploads_are_streamed_a_journal_or_file_far_larger_than_the_block_never_in_memory_whole(bucket: Any, tmp_path: Path) -> None:
+    """The driver's peak RSS grew with the run's size because s3fs's put_file read a whole final file (or 10
+    parts of 50 MB) and a journal push read 64 MB blocks and sliced them. Both now stream: the memory a push or
+    a put holds is about one upload block (5 MB here), whatever the size."""
+    name, fs = bucket
+    store = RunStore(f"s3://{name}/run")
+    data = _big_journal(tmp_path / "outputs.jsonl", 40)
+    peak = _upload_peak("push", store.root, tmp_path / "outputs.jsonl")
+    assert peak < 24 << 20, f"a push of a 40 MB journal held {peak / 2**20:.0f} MB"
+    assert b"".join(store.journal_chunks("stages/00-x/outputs.jsonl")) == data  # the torn last line left for later
+    assert len(store.segments("stages/00-x/outputs.jsonl")) == 1  # under SEGMENT_BYTES: one segment
+    peak = _upload_peak("put", store.root, tmp_path / "outputs.jsonl")
+    assert peak < 24 << 20, f"a put of a 40 MB file held {peak / 2**20:.0f} MB"
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{name}/run/data.jsonl") == data + b'{"torn'
+
+
+def test_a_push_cuts_segments_at_line_ends_and_a_line_longer_than_a_segment_is_still_pushed(
+        bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datatailor.storage as storage
+
+    monkeypatch.setattr(storage, "SEGMENT_BYTES", 4096)
+    name, _ = bucket
+    store = RunStore(f"s3://{name}/run")
+    local = tmp_path / "outputs.jsonl"
+    rows = [{"n": i, "text": "z" * (100 if i != 7 else 10_000)} for i in range(60)]  # row 7 alone is over a segment
+    local.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert JournalPusher(store, local, "j.jsonl").push() == local.stat().st_size
+    assert [r["n"] for r in iter_journal_rows(store, "j.jsonl")] == list(range(60))
+    sizes = []
+    for _, _, seg in store.segments("j.jsonl"):
+        body = store.read_bytes(seg) or b""
+        assert body.endswith(b"\n"), seg  # whole lines only
+        sizes.append(len(body))
+    assert len(sizes) > 2 and sum(sizes) == local.stat().st_size
+    assert sorted(sizes)[-2] <= 4096 < max(sizes)  # only the segment holding the long line is over the limit
+
+
+def test_an_upload_that_fails_midway_leaves_no_object(bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datatailor.storage as storage
+
+    monkeypatch.setattr(storage, "UPLOAD_BLOCK", 5 << 20)
+    name, fs = bucket
+    store = RunStore(f"s3://{name}/run")
+    data = _big_journal(tmp_path / "big.jsonl", 12)  # a multipart upload has begun when the source runs short
+    with (tmp_path / "big.jsonl").open("rb") as fh, pytest.raises(RuntimeError, match="short"):
+        store.upload("data.jsonl", fh, len(data) + 10_000)
+    fs.invalidate_cache()
+    assert not store.exists("data.jsonl")
+    assert fs.list_multipart_uploads(name) == []  # aborted, not left to be billed
+    local = RunStore(tmp_path / "local")
+    with (tmp_path / "big.jsonl").open("rb") as fh, pytest.raises(RuntimeError, match="short"):
+        local.upload("data.jsonl", fh, len(data) + 10_000)
+    assert not any((tmp_path / "local").iterdir())  # nor a temp file on a disk
+
+
 def _recipe(tmp: Path, input_path: str, n: int = 40) -> Any:
     return parse_recipe({"models": {"strong": echo_model()}, "input": input_path,
                          "stages": [{"type": "respond", "role": "strong", "concurrency": 4}, {"type": "dedup"}], "cache": False},

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from datatailor.errors import UserError
@@ -27,6 +27,9 @@ from datatailor.errors import UserError
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _SEGMENT = re.compile(r"^(\d{6})-(\d{12})$")
 LOG = ".log"  # a journal `name` is stored as segments under `name.log/`
+SEGMENT_BYTES = 64 << 20  # the most a journal segment holds (a longer line makes a longer one)
+UPLOAD_BLOCK = 16 << 20  # what an upload holds in memory at a time: its multipart part size
+MAX_PARTS = 9_000  # under S3's 10,000 parts to an object: a larger file gets larger parts
 
 
 def is_url(location: str | Path) -> bool:
@@ -130,11 +133,55 @@ class RunStore:
         os.replace(tmp, target)
 
     def put_file(self, local: Path, rel: str) -> None:
+        """Copy a local file to object `rel`, streamed (see `upload`)."""
+        with local.open("rb") as fh:
+            self.upload(rel, fh, os.fstat(fh.fileno()).st_size)
+
+    def upload(self, rel: str, src: IO[bytes], size: int) -> None:
+        """Write the next `size` bytes of `src` as the whole object `rel`, holding about one `UPLOAD_BLOCK` in
+        memory whatever the size (fsspec's put_file reads up to 10 parts of 50 MB at once, and pipe_file needs
+        the whole object as bytes). The object appears only when complete: one PUT, or a multipart upload that
+        is aborted on an error; on a disk, a temp file renamed."""
+        self.bytes_written += size
+        block = max(UPLOAD_BLOCK, -(-size // MAX_PARTS))
         if self.remote:
-            self.bytes_written += local.stat().st_size
-            self.fs.put_file(str(local), self.path(rel))
+            out = self.fs.open(self.path(rel), "wb", block_size=block)
         else:
-            self.write_bytes(rel, local.read_bytes())
+            target = Path(self.path(rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            out = tmp.open("wb")
+        try:
+            left = size
+            while left > 0:
+                chunk = src.read(min(1 << 20, left))
+                if not chunk:
+                    raise RuntimeError(f"{rel}: the source ended {left:,} bytes short of {size:,}")
+                out.write(chunk)
+                left -= len(chunk)
+        except BaseException:
+            if self.remote:
+                out.discard()  # aborts the multipart upload: nothing appears
+                out.closed = True
+            else:
+                out.close()
+                tmp.unlink(missing_ok=True)
+            raise
+        if self.remote:
+            out.close()
+            return
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        os.replace(tmp, target)
+
+    def download(self, rel: str, target: Path) -> None:
+        """Copy object `rel` to a local file, streamed."""
+        import shutil
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.open_read(rel) as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
 
     def read_bytes(self, rel: str) -> bytes | None:
         try:
@@ -200,6 +247,10 @@ class RunStore:
         """Write bytes appended to journal `rel` from offset `start` as one write-once segment."""
         self.write_bytes(f"{rel}{LOG}/{segment_name(generation, start)}", data)
 
+    def upload_segment(self, rel: str, generation: int, start: int, src: IO[bytes], size: int) -> None:
+        """`append_segment` of the next `size` bytes of `src`, streamed (see `upload`)."""
+        self.upload(f"{rel}{LOG}/{segment_name(generation, start)}", src, size)
+
     def journal_chunks(self, rel: str) -> Iterator[bytes]:
         """A journal's bytes, in order: the local file, or the newest generation's contiguous segments (a gap,
         left by a writer killed between two uploads, ends it: what follows cannot be placed)."""
@@ -245,8 +296,10 @@ class RunStore:
 
 
 class JournalPusher:
-    """Uploads what was appended to a local journal since the last push, as one write-once segment of whole
-    lines. A journal rewritten in place (a new file renamed over it) starts a new generation."""
+    """Uploads what was appended to a local journal since the last push, as write-once segments of whole lines
+    (at most `SEGMENT_BYTES` each, unless one line is longer), streamed from the file: a push holds about one
+    `UPLOAD_BLOCK` in memory however much was appended. A journal rewritten in place (a new file renamed over
+    it) starts a new generation."""
 
     def __init__(self, store: RunStore, local: Path, rel: str, state: dict[str, Any] | None = None):
         self.store, self.local, self.rel = store, local, rel
@@ -258,34 +311,56 @@ class JournalPusher:
 
     def push(self) -> int:
         try:
-            st = self.local.stat()
+            fh = self.local.open("rb")
         except FileNotFoundError:
             return 0
-        rewritten = self.inode is not None and st.st_ino != self.inode
-        if rewritten or st.st_size < self.at:
-            self.generation, self.at = self.generation + 1, 0
-            rewritten = True
-        self.inode = st.st_ino
-        sent = 0
-        with self.local.open("rb") as fh:
-            fh.seek(self.at)
+        with fh:
+            st = os.fstat(fh.fileno())  # the file opened, not a newer one renamed over it since
+            rewritten = self.inode is not None and st.st_ino != self.inode
+            if rewritten or st.st_size < self.at:
+                self.generation, self.at = self.generation + 1, 0
+                rewritten = True
+            self.inode = st.st_ino
+            sent = 0
             while True:
-                data = fh.read(64 << 20)
-                cut = data.rfind(b"\n") + 1
-                if cut == 0 and not rewritten:
+                cut = line_end(fh, self.at, min(st.st_size, self.at + SEGMENT_BYTES), st.st_size)
+                if cut == self.at and not rewritten:
                     break
-                self.store.append_segment(self.rel, self.generation, self.at, data[:cut])
-                self.at += cut
-                sent += cut
                 fh.seek(self.at)
+                self.store.upload_segment(self.rel, self.generation, self.at, fh, cut - self.at)
+                sent += cut - self.at
+                self.at = cut
                 if rewritten:  # the new generation has its first segment: the old ones can go
                     for gen, _, name in self.store.segments(self.rel):
                         if gen < self.generation:
                             self.store.delete(name)
                     rewritten = False
-                if len(data) < (64 << 20):
-                    break
         return sent
+
+
+def line_end(fh: IO[bytes], start: int, limit: int, size: int) -> int:
+    """The offset just past the last newline of `fh` in [start, limit); past the first one in [limit, size)
+    when there is none (a line longer than a segment); `start` when no line ends before `size`. Reads 1 MB
+    at a time."""
+    pos = limit
+    while pos > start:
+        n = min(1 << 20, pos - start)
+        fh.seek(pos - n)
+        i = fh.read(n).rfind(b"\n")
+        if i >= 0:
+            return pos - n + i + 1
+        pos -= n
+    fh.seek(limit)
+    pos = limit
+    while pos < size:
+        chunk = fh.read(min(1 << 20, size - pos))
+        if not chunk:
+            break
+        i = chunk.find(b"\n")
+        if i >= 0:
+            return pos + i + 1
+        pos += len(chunk)
+    return start
 
 
 def iter_journal_rows(store: RunStore, rel: str) -> Iterator[dict[str, Any]]:

@@ -104,8 +104,7 @@ class StagedRun:
                 journals.add(rel.split(LOG + "/", 1)[0])
             elif mirrored(rel) and not rel.startswith("usage/"):
                 target = self.local / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.store.read_bytes(rel) or b"")
+                self.store.download(rel, target)  # streamed: data.jsonl may be gigabytes
                 st = target.stat()
                 self._state["files"][rel] = {"kind": "whole", "inode": st.st_ino, "size": st.st_size, "mtime": st.st_mtime_ns}
         for rel in sorted(journals):
