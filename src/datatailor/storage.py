@@ -30,6 +30,7 @@ LOG = ".log"  # a journal `name` is stored as segments under `name.log/`
 SEGMENT_BYTES = 64 << 20  # the most a journal segment holds (a longer line makes a longer one)
 UPLOAD_BLOCK = 16 << 20  # what an upload holds in memory at a time: its multipart part size
 MAX_PARTS = 9_000  # under S3's 10,000 parts to an object: a larger file gets larger parts
+READ_BLOCK = 8 << 20  # a journal segment is read in ranges of this size
 
 
 def is_url(location: str | Path) -> bool:
@@ -200,20 +201,24 @@ class RunStore:
 
     def list(self, prefix: str) -> list[str]:
         """Every object under `prefix` (recursively), as paths relative to the root, sorted."""
+        return sorted(self.sizes(prefix))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every object under `prefix` (recursively) and its size in bytes, by path relative to the root (one
+        listing: no request per object)."""
         base = self.path(prefix)
+        strip = len(self._base) + 1
         if self.remote:
             self.fs.invalidate_cache()
             try:
-                found = self.fs.find(base)
+                found = self.fs.find(base, detail=True)
             except FileNotFoundError:
-                return []
-            strip = len(self._base) + 1
-            return sorted(p[strip:] for p in found)
+                return {}
+            return {p[strip:]: int(info.get("size") or 0) for p, info in found.items()}
         root = Path(base)
         if not root.exists():
-            return []
-        strip = len(self._base) + 1
-        return sorted(str(p)[strip:] for p in root.rglob("*") if p.is_file())
+            return {}
+        return {str(p)[strip:]: p.stat().st_size for p in root.rglob("*") if p.is_file()}
 
     def delete(self, prefix: str) -> None:
         """Delete an object, or everything under a prefix."""
@@ -236,11 +241,15 @@ class RunStore:
 
     def segments(self, rel: str) -> list[tuple[int, int, str]]:
         """(generation, start, object path) of a journal's segments, oldest first."""
+        return [seg[:3] for seg in self._segments(rel)]
+
+    def _segments(self, rel: str) -> list[tuple[int, int, str, int]]:
+        """(generation, start, object path, size) of a journal's segments, oldest first."""
         out = []
-        for name in self.list(rel + LOG):
+        for name, size in self.sizes(rel + LOG).items():
             m = _SEGMENT.match(name.rsplit("/", 1)[-1])
             if m:
-                out.append((int(m.group(1)), int(m.group(2)), name))
+                out.append((int(m.group(1)), int(m.group(2)), name, size))
         return sorted(out)
 
     def append_segment(self, rel: str, generation: int, start: int, data: bytes) -> None:
@@ -261,36 +270,37 @@ class RunStore:
                     while chunk := fh.read(1 << 20):
                         yield chunk
             return
-        segs = self.segments(rel)
+        segs = self._segments(rel)
         if not segs:
             return
         newest = segs[-1][0]
         at = 0
-        for gen, start, name in segs:
+        for gen, start, name, size in segs:
             if gen != newest:
                 continue
-            if start != at:
-                if start < at:  # an overlap: a re-upload of bytes already read
-                    data = self.read_bytes(name) or b""
-                    if start + len(data) > at:
-                        yield data[at - start:]
-                        at = start + len(data)
-                    continue
+            if start > at:
                 break
-            data = self.read_bytes(name) or b""
-            yield data
-            at += len(data)
+            offset = at - start  # > 0: an overlap, a re-upload of bytes already read
+            while offset < size:  # in ranges: a segment is never in memory whole
+                try:
+                    data = self.fs.cat_file(self.path(name), start=offset, end=min(size, offset + READ_BLOCK))
+                except FileNotFoundError:  # deleted since the listing: what follows cannot be placed
+                    data = b""
+                if not data:
+                    break
+                yield data
+                offset += len(data)
+                at = start + offset
 
     def journal_end(self, rel: str) -> tuple[int, int]:
         """(newest generation, end offset) of a journal's segments; (0, 0) when it has none."""
-        segs = self.segments(rel)
+        segs = self._segments(rel)
         if not segs:
             return 0, 0
         newest = segs[-1][0]
         end = 0
-        for gen, start, name in segs:
+        for gen, start, _, size in segs:
             if gen == newest and start <= end:
-                size = self.fs.size(self.path(name))
                 end = max(end, start + size)
         return newest, end
 
