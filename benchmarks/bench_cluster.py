@@ -171,8 +171,8 @@ def timeline_summary(path: Path) -> str:
                 continue
             top, first = by_fn.get(fn, (0.0, r["t"]))
             by_fn[fn] = (max(top, r["rss_mb"]), first)
-    lines = [f"timeline: {len(rows)} samples over {rows[-1]['t']:.0f} s; peak {peak['rss_mb']:.0f} MB at "
-             f"{peak['t']:.0f} s in {sorted(set(peak['where'].values()))}"]
+    lines = [(f"timeline: {len(rows)} samples over {rows[-1]['t']:.0f} s; peak {peak['rss_mb']:.0f} MB at "
+              f"{peak['t']:.0f} s in {sorted(set(peak['where'].values()))}")]
     for fn, (top, first) in sorted(by_fn.items(), key=lambda kv: kv[1][1]):
         lines.append(f"  from {first:7.1f} s  max {top:6.0f} MB  {fn}")
     return "\n".join(lines)
@@ -282,7 +282,7 @@ def main() -> int:
             print(f"full ({args.executor} executor, --out {args.out_kind}): {n} records in {wall:.1f} s ({n / wall:.0f}/s); "
                   f"server requests {requests() - before}; "
                   f"usage.json requests {usage['requests']}; data rows {data_rows}; driver peak RSS {driver_mb:.0f} MB; "
-                  f"worker peak RSS {rss.peak_kb / 1024:.0f} MB; at the end {stored / 1e6:.1f} MB in {objects} objects; "
+                  f"worker peak RSS {f'{rss.peak_kb / 1024:.0f} MB' if args.executor == 'ray' else 'n/a'}; at the end {stored / 1e6:.1f} MB in {objects} objects; "
                   f"staging folder {staging_mb:.1f} MB", flush=True)
             if args.timeline:
                 print(timeline_summary(args.timeline), flush=True)

@@ -86,7 +86,7 @@ def python_peak_of_upload(kind: str, url: str, local: str, block: int) -> None:
     bytes objects and buffers) while pushing `local` as a journal or putting it as a whole object."""
     import tracemalloc
 
-    import datatailor.storage as storage
+    from datatailor import storage
 
     storage.UPLOAD_BLOCK = block
     store = RunStore(url)
@@ -125,7 +125,7 @@ def test_uploads_are_streamed_a_journal_or_file_far_larger_than_the_block_never_
 
 def test_a_push_cuts_segments_at_line_ends_and_a_line_longer_than_a_segment_is_still_pushed(
         bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import datatailor.storage as storage
+    from datatailor import storage
 
     monkeypatch.setattr(storage, "SEGMENT_BYTES", 4096)
     name, _ = bucket
@@ -155,7 +155,7 @@ def test_a_push_cuts_segments_at_line_ends_and_a_line_longer_than_a_segment_is_s
 
 
 def test_an_upload_that_fails_midway_leaves_no_object(bucket: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import datatailor.storage as storage
+    from datatailor import storage
 
     monkeypatch.setattr(storage, "UPLOAD_BLOCK", 5 << 20)
     name, fs = bucket
