@@ -4,13 +4,15 @@ A Ray head (no CPU for work) and two worker nodes (1 CPU each, their own temp an
 moto's S3 server and the mock OpenAI server as separate processes. The input is uploaded to S3 and the run writes
 to `--out s3://bench/...`; the driver is a separate `datatailor run --executor ray --address …` process.
 
-Two jobs over N records of `respond` (one request each):
+Jobs over N records of `respond` (one request each):
 
 * full: one run from start to end. Prints wall time, records/s, requests at the server, the driver's peak RSS
   (wait4), the largest peak RSS of a worker process (VmHWM of the `MapWorker` processes, sampled every second),
   the bytes the run left in the store and in the driver's staging folder.
 * kill: the same command, SIGKILLed when half the records were answered, then run again to the end. Prints the
   requests the server received beyond N (repeated), and what the resumed run's usage.json says.
+* upload: no run; the peak RSS of one process that uploads a --upload-mb file of JSONL to S3 as a whole object
+  (`RunStore.put_file`: data.jsonl at the end) and as a journal push (`JournalPusher`), each in a fresh process.
 
     python benchmarks/bench_cluster.py --records 20000                  # a quick check, a few minutes
     python benchmarks/bench_cluster.py --records 1000000 --jobs full    # the issue's figure (long on 2 cores)
@@ -23,6 +25,7 @@ To see where the driver's memory goes: `--timeline FILE` runs the driver under a
 `--out-kind local` give the comparisons (the local runner; a local --out folder instead of S3).
 
     python benchmarks/bench_cluster.py --records 50000 --jobs full --timeline /tmp/ray-s3.jsonl
+    python benchmarks/bench_cluster.py --jobs upload --upload-mb 300 --records 1000
 """
 
 from __future__ import annotations
@@ -158,6 +161,39 @@ def driver_with_timeline(path: Path, argv: list[str]) -> int:
     return int(cli_main() or 0)
 
 
+def measure_upload(kind: str, local: Path, url: str) -> int:
+    """In this process: upload `local` to `url` as a whole object or a journal; print the peak RSS (MB) before
+    and after."""
+    import resource
+
+    from datatailor.storage import JournalPusher, RunStore
+
+    store = RunStore(url)
+    store.exists("")  # the client set up before the measure
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    if kind == "put":
+        store.put_file(local, "data.jsonl")
+    else:
+        JournalPusher(store, local, "stages/00-x/outputs.jsonl").push()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{before:.0f} {peak:.0f} {time.perf_counter() - started:.1f}")
+    return 0
+
+
+def upload_job(root: Path, mb: int, env: dict[str, str]) -> None:
+    local = root / "upload.jsonl"
+    line = (json.dumps({"src": "x" * 20, "text": "y" * 470}) + "\n").encode()
+    with local.open("wb") as fh:
+        for _ in range(mb * 2000):
+            fh.write(line)
+    for kind in ("put", "push"):
+        out = subprocess.run([sys.executable, __file__, "--measure-upload", kind, str(local), f"s3://bench/upload-{kind}"],
+                             env=env, capture_output=True, text=True, check=True).stdout.split()
+        print(f"upload ({kind}) of {local.stat().st_size / 1e6:.0f} MB: peak RSS {out[1]} MB "
+              f"(+{float(out[1]) - float(out[0]):.0f} MB over the process before it) in {out[2]} s", flush=True)
+
+
 def timeline_summary(path: Path) -> str:
     """The peak RSS and where the threads were then, and the largest RSS seen while each function was running."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -185,7 +221,7 @@ def uptime() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000)
-    parser.add_argument("--jobs", default="full,kill", help="full, kill or both")
+    parser.add_argument("--jobs", default="full,kill", help="full, kill, upload (comma-separated)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=512)
     parser.add_argument("--flush-records", type=int, default=1024)
@@ -197,13 +233,18 @@ def main() -> int:
     parser.add_argument("--out-kind", choices=("s3", "local"), default="s3", help="local: --out is a folder, not S3")
     parser.add_argument("--timeline", type=Path, default=None,
                         help="write the driver's RSS and where its threads are every 0.5 s to this file (JSON lines)")
+    parser.add_argument("--upload-mb", type=int, default=300, help="the file's size for the upload job")
     if sys.argv[1:2] == ["--driver-timeline"]:  # the sampled driver itself (see --timeline)
         return driver_with_timeline(Path(sys.argv[2]), sys.argv[3:])
+    if sys.argv[1:2] == ["--measure-upload"]:  # one upload, measured in a fresh process (the upload job)
+        return measure_upload(sys.argv[2], Path(sys.argv[3]), sys.argv[4])
     args = parser.parse_args()
     import ray
     import s3fs
     from ray.cluster_utils import Cluster
 
+    jobs = args.jobs.split(",")
+    ray_cluster = args.executor == "ray" and bool({"full", "kill"} & set(jobs))
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     root.mkdir(parents=True, exist_ok=True)
     n = args.records
@@ -220,12 +261,12 @@ def main() -> int:
     os.environ.update(s3env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     cluster = Cluster(initialize_head=False)
     try:
-        for name, cpus in (("head", 0), ("w1", 1), ("w2", 1)) if args.executor == "ray" else ():
+        for name, cpus in (("head", 0), ("w1", 1), ("w2", 1)) if ray_cluster else ():
             os.environ["DATATAILOR_SPOOL_DIR"] = str(root / f"spool-{name}")
             extra = {"include_dashboard": False} if name == "head" else {}
             cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1", temp_dir=tempfile.mkdtemp(prefix=f"rb{name}", dir="/tmp"),
                              object_store_memory=200 * 1024 * 1024, **extra)
-        if args.executor == "ray":
+        if ray_cluster:
             cluster.wait_for_nodes()
         started = time.perf_counter()
         with (root / "input.jsonl").open("w") as fh:
@@ -259,7 +300,8 @@ def main() -> int:
         def answered() -> int:
             return int(server.stats().get("answered", 0))
 
-        jobs = args.jobs.split(",")
+        if "upload" in jobs:
+            upload_job(root, args.upload_mb, env("staging-upload"))
         if "full" in jobs:
             before = requests()
             with WorkerRss() as rss:
