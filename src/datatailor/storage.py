@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -218,7 +219,15 @@ class RunStore:
         root = Path(base)
         if not root.exists():
             return {}
-        return {str(p)[strip:]: p.stat().st_size for p in root.rglob("*") if p.is_file()}
+        found_here: dict[str, int] = {}
+        for p in root.rglob("*"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # renamed or deleted by a writer while we looked
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found_here[str(p)[strip:]] = st.st_size
+        return found_here
 
     def delete(self, prefix: str) -> None:
         """Delete an object, or everything under a prefix."""
