@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 from datatailor.errors import UserError
 from datatailor.records import Record, stable_hash
@@ -42,13 +42,14 @@ from datatailor.records import Record, stable_hash
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "w") -> Iterator[TextIO]:
-    """Open a temp file beside `path`; on success, fsync and rename it over `path`."""
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file beside `path` (text in UTF-8, or binary with mode "wb"); on success, fsync and rename it
+    over `path`; on an error, remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, encoding="utf-8") as fh:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

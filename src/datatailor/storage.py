@@ -24,6 +24,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from datatailor.errors import UserError
+from datatailor.io import atomic_open
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _SEGMENT = re.compile(r"^(\d{6})-(\d{12})$")
@@ -125,14 +126,8 @@ class RunStore:
         if self.remote:
             self.fs.pipe_file(self.path(rel), data)
             return
-        target = Path(self.path(rel))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
+        with atomic_open(self.path(rel), "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
 
     def put_file(self, local: Path, rel: str) -> None:
         """Copy a local file to object `rel`, streamed (see `upload`)."""
@@ -145,37 +140,18 @@ class RunStore:
         the whole object as bytes). The object appears only when complete: one PUT, or a multipart upload that
         is aborted on an error; on a disk, a temp file renamed."""
         self.bytes_written += size
-        block = max(UPLOAD_BLOCK, -(-size // MAX_PARTS))
-        if self.remote:
-            out = self.fs.open(self.path(rel), "wb", block_size=block)
-        else:
-            target = Path(self.path(rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            out = tmp.open("wb")
-        try:
-            left = size
-            while left > 0:
-                chunk = src.read(min(1 << 20, left))
-                if not chunk:
-                    raise RuntimeError(f"{rel}: the source ended {left:,} bytes short of {size:,}")
-                out.write(chunk)
-                left -= len(chunk)
-        except BaseException:
-            if self.remote:
-                out.discard()  # aborts the multipart upload: nothing appears
-                out.closed = True
-            else:
-                out.close()
-                tmp.unlink(missing_ok=True)
-            raise
-        if self.remote:
-            out.close()
+        if not self.remote:
+            with atomic_open(self.path(rel), "wb") as fh:
+                _copy(src, fh, size, rel)
             return
-        out.flush()
-        os.fsync(out.fileno())
+        out = self.fs.open(self.path(rel), "wb", block_size=max(UPLOAD_BLOCK, -(-size // MAX_PARTS)))
+        try:
+            _copy(src, out, size, rel)
+        except BaseException:
+            out.discard()  # aborts the multipart upload: nothing appears
+            out.closed = True  # so that closing it (or collecting it) does not try to finish the upload
+            raise
         out.close()
-        os.replace(tmp, target)
 
     def download(self, rel: str, target: Path) -> None:
         """Copy object `rel` to a local file, streamed."""
@@ -355,6 +331,17 @@ class JournalPusher:
                             self.store.delete(name)
                     rewritten = False
         return sent
+
+
+def _copy(src: IO[bytes], out: IO[bytes], size: int, rel: str) -> None:
+    """The next `size` bytes of `src` into `out`, 1 MB at a time."""
+    left = size
+    while left > 0:
+        chunk = src.read(min(1 << 20, left))
+        if not chunk:
+            raise RuntimeError(f"{rel}: the source ended {left:,} bytes short of {size:,}")
+        out.write(chunk)
+        left -= len(chunk)
 
 
 def line_end(fh: IO[bytes], start: int, limit: int, size: int) -> int:
