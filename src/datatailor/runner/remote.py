@@ -94,12 +94,13 @@ class StagedRun:
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
         self._state = {"token": uuid.uuid4().hex, "files": {}}
-        if not self.store.list(""):
+        listing = self.store.list("")
+        if not listing:
             self.store.write_bytes(STATE, json.dumps({"token": self._state["token"]}).encode())
             self._save_state()
             return "new"
         journals: set[str] = set()
-        for rel in self.store.list(""):
+        for rel in listing:
             if LOG + "/" in rel:
                 journals.add(rel.split(LOG + "/", 1)[0])
             elif mirrored(rel) and not rel.startswith("usage/"):
